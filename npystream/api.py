@@ -1,0 +1,81 @@
+"""The public entry point :func:`open`: look at what a file is, hand it to the right reader.
+
+Dispatch (by content, never by suffix alone):
+
+* a directory -> a ragged store, :class:`npystream.RaggedArray`;
+* zip magic ``PK`` -> a lazy ``.npz`` archive, :class:`npystream.NpzArchive`;
+* ``.npy`` magic with a pickled dtype -> :class:`npystream.ObjectArray`;
+* ``.npy`` magic with a fixed dtype -> an ``np.memmap`` (or, for streams that
+  cannot be mapped, a clear error pointing at :func:`npystream.iter_batches`).
+
+Readers are imported lazily so ``import npystream`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from typing import Any
+
+from npystream.errors import FormatError
+from npystream.formats.npy import MAGIC, read_header
+from npystream.sources import GZIP_MAGIC, open_source
+
+__all__ = ["open"]
+
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _sniff_path(path: str) -> bytes:
+    with builtins.open(path, "rb") as f:
+        return f.read(6)
+
+
+def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.load-like API
+    """Open a ``.npy``, ``.npz`` or ragged store for lazy, memory-bounded access.
+
+    ``mode`` is ``np.memmap``'s (``'r'``, ``'r+'``, ``'c'``) for fixed-dtype
+    ``.npy`` files; stores and archives are read-only.  Keyword ``options`` go
+    to the reader: the safety options (``trusted``, ``allowed_globals``,
+    ``encoding``, ``fix_imports``) and ``zero_copy`` for object arrays,
+    ``max_header_size`` for headers.
+    """
+    if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
+        from npystream.formats.ragged import RaggedArray
+
+        if mode != "r":
+            raise ValueError(f"ragged stores open read-only (mode='r'), got mode={mode!r}; "
+                             "use npystream.RaggedWriter(path, mode='a') to append")
+        return RaggedArray(file, **options)
+    if isinstance(file, (str, os.PathLike)) and os.fspath(file) != "-" and os.path.isfile(file):
+        magic = _sniff_path(os.fspath(file))
+        if magic[:4] in _ZIP_MAGICS:
+            from npystream.formats.npz import NpzArchive
+
+            if mode != "r":
+                raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")
+            return NpzArchive(file, **options)
+        if magic[:2] != GZIP_MAGIC and not MAGIC.startswith(magic[: len(MAGIC)]):
+            raise FormatError(
+                f"not a .npy, .npz or gzip file: starts with {magic!r}, expected {MAGIC!r} "
+                "(.npy), b'PK' (.npz) or b'\\x1f\\x8b' (gzip)",
+                path=os.fspath(file),
+                offset=0,
+            )
+    max_header_size = options.pop("max_header_size", None)
+    src = open_source(file)
+    try:
+        header = (
+            read_header(src) if max_header_size is None else read_header(src, max_header_size=max_header_size)
+        )
+        if header.pickled:
+            from npystream.object_array import ObjectArray
+
+            return ObjectArray(src, header=header, **options)
+        from npystream.formats.fixed import open_npy
+
+        return open_npy(src, header, mode=mode, **options)
+    except BaseException:
+        if src is not file:
+            src.close()
+        raise
