@@ -74,7 +74,10 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
             return ObjectArray(src, header=header, **options)
         from npystream.formats.fixed import open_npy
 
-        return open_npy(src, header, mode=mode, **options)
+        arr = open_npy(src, header, mode=mode, **options)
+        if src is not file:  # the memmap holds its own mapping; release our file handle
+            src.close()
+        return arr
     except BaseException:
         if src is not file:
             src.close()

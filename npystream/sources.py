@@ -394,16 +394,18 @@ class WindowSource(_MapMixin, ByteSource):
         self._f.close()
 
 
-def _is_gzip_file(f: IO[bytes]) -> bool:
-    if isinstance(f, gzip.GzipFile):
-        return True
-    peek = getattr(f, "peek", None)
-    if peek is not None and not (hasattr(f, "seekable") and f.seekable()):
-        try:
-            return peek(2)[:2] == GZIP_MAGIC
-        except (OSError, ValueError):
-            return False
-    return False
+def _has_gzip_magic(f: IO[bytes]) -> bool:
+    """True when the next bytes of ``f`` are the gzip magic; never consumes them."""
+    try:
+        if _is_seekable(f):
+            pos = f.tell()
+            head = f.read(2)
+            f.seek(pos)
+            return head == GZIP_MAGIC
+        peek = getattr(f, "peek", None)
+        return peek is not None and peek(2)[:2] == GZIP_MAGIC
+    except (OSError, ValueError):
+        return False
 
 
 def _is_seekable(f: IO[bytes]) -> bool:
@@ -437,9 +439,7 @@ def open_source(obj: Any, *, name: str | None = None) -> ByteSource:
             f = open(path, "rb")  # noqa: SIM115 - owned by the source
         except FileNotFoundError:
             raise StoreNotFoundError("no such file", path=path) from None
-        head = f.read(2)
-        f.seek(0)
-        if head == GZIP_MAGIC:
+        if _has_gzip_magic(f):
             return StreamSource(
                 gzip.GzipFile(fileobj=f, mode="rb"), name or path, owned=True, also_close=f
             )
@@ -450,7 +450,11 @@ def open_source(obj: Any, *, name: str | None = None) -> ByteSource:
         return StreamSource(obj, name or source_name(obj), owned=False)
     if hasattr(obj, "read"):
         label = name or source_name(obj)
-        if _is_gzip_file(obj) or not _is_seekable(obj):
+        if isinstance(obj, gzip.GzipFile):
+            return StreamSource(obj, label, owned=False)
+        if _has_gzip_magic(obj):  # raw gzip bytes: decompress (closing the wrapper keeps obj open)
+            return StreamSource(gzip.GzipFile(fileobj=obj, mode="rb"), label, owned=True)
+        if not _is_seekable(obj):
             return StreamSource(obj, label, owned=False)
         return FileSource(obj, label, owned=False)
     raise TypeError(

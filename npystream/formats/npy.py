@@ -137,6 +137,12 @@ def parse_header(
         raise _fail(f"header 'shape' is {shape!r}, expected a tuple of ints", path, offset)
     if any(x < 0 for x in shape):
         raise _fail(f"header 'shape' {shape!r} has a negative dimension", path, offset)
+    if any(x > _INT64_MAX for x in shape):
+        raise _fail(
+            f"header 'shape' {shape!r} has a dimension over 2**63 - 1, which no array can have",
+            path,
+            offset,
+        )
     fortran = d["fortran_order"]
     if not isinstance(fortran, bool):
         raise _fail(f"header 'fortran_order' is {fortran!r}, expected True or False", path, offset)
@@ -248,22 +254,24 @@ def encode_header(
     fortran_order: bool = False,
     *,
     version: tuple[int, int] | None = None,
-    grow: bool = False,
+    grow: bool = True,
 ) -> bytes:
     """The full preamble (magic, version, length, dict, padding, newline) for an array.
 
-    The result's length is a multiple of 64 so the data that follows is
-    aligned.  ``grow=True`` leaves room for the shape's first dimension to be
-    rewritten in place with up to 21 digits (for writers that learn the
-    element count at the end).  ``version=None`` picks the oldest version
-    that can hold the header, as numpy does.
+    Byte-identical to what ``np.save`` writes.  The result's length is a
+    multiple of 64 so the data that follows is aligned.  ``grow=True`` (the
+    default, as numpy does) pads the dict so the growing axis (first, or last
+    when ``fortran_order``) can be rewritten in place with up to 21 digits and
+    the header keeps its length (for writers that learn the count at the
+    end); ``grow=False`` omits that padding.  ``version=None`` picks the
+    oldest version that can hold the header, as numpy does.
     """
     dtype = np.dtype(dtype)
     shape = tuple(int(x) for x in shape)
     descr = np.lib.format.dtype_to_descr(dtype)
     text = f"{{'descr': {descr!r}, 'fortran_order': {bool(fortran_order)!r}, 'shape': {shape!r}, }}"
-    if grow:
-        text += " " * GROWTH_DIGITS
+    if grow and shape:
+        text += " " * max(0, GROWTH_DIGITS - len(repr(shape[-1 if fortran_order else 0])))
     versions = [version] if version is not None else [(1, 0), (2, 0), (3, 0)]
     for ver in versions:
         if ver not in _VERSIONS:
@@ -277,7 +285,7 @@ def encode_header(
             continue
         prefix = 8 + length_struct.size
         total = prefix + len(body) + 1
-        pad = (-total) % ARRAY_ALIGN
+        pad = ARRAY_ALIGN - total % ARRAY_ALIGN  # 1..64, exactly numpy's rule
         hlen = len(body) + pad + 1
         if hlen >= 1 << (8 * length_struct.size):
             if version is not None:

@@ -1,0 +1,329 @@
+"""Lazy ``.npz`` archives: a read-only mapping whose stored members are ``np.memmap`` views.
+
+Byte layout (PKWARE APPNOTE; what ``np.savez`` / ``np.savez_compressed`` write)::
+
+    for each member:
+      local file header   b"PK\\x03\\x04", 26 fixed bytes; at +26 the file-name
+                          length n (uint16 LE), at +28 the extra-field length m
+                          (uint16 LE); then the name (n bytes) and extra (m bytes,
+                          ZIP64 sizes live here: numpy always writes force_zip64)
+      member data         at header_offset + 30 + n + m: a whole .npy file,
+                          stored (method 0) or deflated (method 8)
+    central directory     one record per member: name, method, sizes, CRC,
+                          header_offset (ZIP64 extra when >= 4 GiB)
+    [ZIP64 end record + locator]   when offsets/sizes/count overflow 32/16 bits
+    end of central dir    b"PK\\x05\\x06" ...
+
+Opening an archive reads only the end record and the central directory (via
+:mod:`zipfile`).  A stored member's ``.npy`` bytes are contiguous in the zip
+file, so after reading its 30-byte local header and its ``.npy`` header the
+array is an ``np.memmap`` at ``data start + data_offset``: no copy, no
+extraction.  The local header's extra length MUST be read from the local
+header (it may differ from the central directory's).  Deflated members cannot
+be mapped; they are read with :meth:`NpzArchive.load` (into memory) or
+streamed with :meth:`NpzArchive.iter_batches`.  CRCs are not checked for
+memory-mapped members (that would read the whole member); streamed members
+are checked by :mod:`zipfile` when they are read to the end.
+
+Member names follow numpy: ``arr_0.npy`` is available as ``'arr_0'`` (the
+full file name works too).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from npystream.errors import (
+    FormatError,
+    NotSeekableError,
+    StoreNotFoundError,
+    TruncatedError,
+    UnsupportedError,
+)
+from npystream.formats.fixed import BatchIterator, batches_from_source, open_npy, read_array
+from npystream.formats.npy import MAX_HEADER_SIZE, NpyHeader, read_header
+from npystream.sources import ByteSource, StreamSource, WindowSource
+
+__all__ = ["NpzArchive", "NpzMember"]
+
+_LOCAL = struct.Struct("<4s22xHH")  # signature, (skipped fixed fields), name length, extra length
+_LOCAL_MAGIC = b"PK\x03\x04"
+_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflated",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """What the zip directory and the member's ``.npy`` header say about one member."""
+
+    name: str
+    filename: str
+    compression: str
+    file_size: int
+    compress_size: int
+    header: NpyHeader | None
+    error: str | None
+    data_offset: int | None
+
+    @property
+    def can_memmap(self) -> bool:
+        """True when ``archive[name]`` returns an ``np.memmap`` (stored, fixed dtype)."""
+        return (
+            self.compression == "stored"
+            and self.header is not None
+            and not self.header.pickled
+            and self.data_offset is not None
+        )
+
+
+class NpzArchive(Mapping[str, np.ndarray]):
+    """A ``.npz`` opened lazily: ``archive[name]`` maps a stored member, nothing is extracted.
+
+    Works as a context manager; :meth:`close` releases the zip file (arrays
+    already returned stay valid: each ``np.memmap`` holds its own mapping).
+
+    >>> import io, os, tempfile, numpy as np
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "x.npz")
+    >>> np.savez(p, x=np.arange(3), w=np.ones((2, 2)))
+    >>> with NpzArchive(p) as z:
+    ...     (list(z), type(z["w"]).__name__, z["x"].tolist())
+    (['x', 'w'], 'memmap', [0, 1, 2])
+    """
+
+    def __init__(self, file: Any, *, max_header_size: int = MAX_HEADER_SIZE) -> None:
+        if not isinstance(file, (str, os.PathLike)):
+            raise TypeError(
+                f"NpzArchive needs a path to a .npz file (stored members are memory-mapped "
+                f"from it), got {type(file).__name__}"
+            )
+        path = os.fspath(file)
+        self.path: str = path.decode() if isinstance(path, bytes) else path
+        self._max_header_size = max_header_size
+        try:
+            self._zip: zipfile.ZipFile | None = zipfile.ZipFile(self.path)
+        except FileNotFoundError:
+            raise StoreNotFoundError("no such file", path=self.path) from None
+        except zipfile.BadZipFile as exc:
+            raise FormatError(
+                f"not a valid .npz (zip) archive: {exc}; expected a file written by np.savez "
+                "or np.savez_compressed",
+                path=self.path,
+            ) from None
+        self._size = os.path.getsize(self.path)
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        for info in self._zip.infolist():
+            if info.is_dir():
+                continue
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            self._infos[key] = info
+        self._starts: dict[str, int] = {}
+
+    # -- mapping protocol --------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        """Member names as numpy's ``NpzFile.files`` gives them (``.npy`` stripped)."""
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._key(name) is not None
+
+    def _key(self, name: str) -> str | None:
+        if name in self._infos:
+            return name
+        if name.endswith(".npy") and name[:-4] in self._infos:
+            return name[:-4]
+        return None
+
+    def _info(self, name: str) -> tuple[str, zipfile.ZipInfo]:
+        if self._zip is None:
+            raise ValueError(f"{self.path}: the archive is closed")
+        key = self._key(name) if isinstance(name, str) else None
+        if key is None:
+            names = ", ".join(repr(k) for k in list(self._infos)[:20])
+            more = "" if len(self._infos) <= 20 else f" and {len(self._infos) - 20} more"
+            raise KeyError(f"{name!r} is not a member of {self.path}; members: {names}{more}")
+        return key, self._infos[key]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The member as a read-only ``np.memmap`` (stored members only; see the class doc)."""
+        key, info = self._info(name)
+        src = self.member_source(key)
+        try:
+            header = read_header(src, max_header_size=self._max_header_size)
+            if header.pickled:
+                return self._object_member(key, header)
+            if info.compress_type != zipfile.ZIP_STORED:
+                method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
+                raise NotSeekableError(
+                    f"member {key!r} is compressed ({method}, as np.savez_compressed writes) and "
+                    f"cannot be memory-mapped; read it into memory with archive.load({key!r}) or "
+                    f"stream it with bounded memory with archive.iter_batches({key!r}, batch_size)",
+                    path=self.path,
+                )
+            return open_npy(src, header, mode="r")
+        finally:
+            src.close()
+
+    def _object_member(self, key: str, header: NpyHeader) -> Any:
+        """Hook for object-dtype members: issue 3 returns an ObjectArray over
+        ``self.member_source(key)`` here (the caller's source is closed after this returns)."""
+        raise UnsupportedError(
+            f"member {key!r} holds Python objects (dtype {header.dtype}, {header.count} elements, "
+            "pickled); object members of .npz archives are not yet supported by "
+            "NpzArchive: use np.load(path, allow_pickle=True) on a file you trust",
+            path=self.path,
+        )
+
+    # -- explicit access -----------------------------------------------------
+    def load(self, name: str) -> np.ndarray:
+        """Read a member into a fresh in-memory array (works for stored and deflated members)."""
+        key, _ = self._info(name)
+        with self.member_source(key) as src:
+            header = read_header(src, max_header_size=self._max_header_size)
+            if header.pickled:
+                return self._object_member(key, header)
+            return read_array(src, header)
+
+    def iter_batches(
+        self,
+        name: str,
+        batch_size: int | None = None,
+        *,
+        batch_bytes: int | None = None,
+        axis: int = 0,
+    ) -> BatchIterator:
+        """Blocks of a member along ``axis`` (see :func:`npystream.iter_batches`).
+
+        Stored members give memmap views; deflated members are decompressed one
+        block at a time (memory stays at about one block).
+        """
+        key, _ = self._info(name)
+        return batches_from_source(
+            self.member_source(key),
+            batch_size,
+            batch_bytes=batch_bytes,
+            axis=axis,
+            owned=True,
+            max_header_size=self._max_header_size,
+        )
+
+    def _data_start(self, key: str, info: zipfile.ZipInfo) -> int:
+        start = self._starts.get(key)
+        if start is not None:
+            return start
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            raw = f.read(_LOCAL.size)
+        if len(raw) < _LOCAL.size:
+            raise TruncatedError(
+                f"the local header of member {key!r} is cut short ({len(raw)} of {_LOCAL.size} bytes)",
+                path=self.path,
+                offset=info.header_offset + len(raw),
+            )
+        magic, name_len, extra_len = _LOCAL.unpack(raw)
+        if magic != _LOCAL_MAGIC:
+            raise FormatError(
+                f"member {key!r}: expected a local file header {_LOCAL_MAGIC!r}, found {magic!r}; "
+                "the central directory points to the wrong place (corrupt archive)",
+                path=self.path,
+                offset=info.header_offset,
+            )
+        start = info.header_offset + _LOCAL.size + name_len + extra_len
+        end = start + info.compress_size
+        if end > self._size:
+            raise TruncatedError(
+                f"member {key!r} needs bytes up to {end} but the archive is {self._size} bytes",
+                path=self.path,
+                offset=self._size,
+            )
+        self._starts[key] = start
+        return start
+
+    def member_source(self, name: str) -> ByteSource:
+        """A byte source over a member's ``.npy`` bytes (the caller closes it).
+
+        Stored members give a seekable, mappable
+        :class:`~npystream.sources.WindowSource` into the zip file; other
+        members a forward-only :class:`~npystream.sources.StreamSource` that
+        decompresses as it is read.
+        """
+        key, info = self._info(name)
+        if info.flag_bits & 0x1:
+            raise UnsupportedError(
+                f"member {key!r} is encrypted; decrypt the archive first", path=self.path
+            )
+        label = f"{self.path}[{key}]"
+        if info.compress_type == zipfile.ZIP_STORED:
+            start = self._data_start(key, info)
+            return WindowSource(self.path, start, info.file_size, label)
+        try:
+            stream = self.zipfile.open(info)
+        except NotImplementedError as exc:
+            raise UnsupportedError(f"member {key!r}: {exc}", path=self.path) from None
+        return StreamSource(stream, label, owned=True, size=info.file_size)
+
+    def member_info(self, name: str) -> NpzMember:
+        """Compression, sizes and the ``.npy`` header of one member (reads only its header)."""
+        key, info = self._info(name)
+        compression = _METHODS.get(info.compress_type, f"method {info.compress_type}")
+        header = None
+        error = None
+        data_offset = None
+        try:
+            with self.member_source(key) as src:
+                header = read_header(src, max_header_size=self._max_header_size)
+                if info.compress_type == zipfile.ZIP_STORED:
+                    data_offset = self._data_start(key, info) + header.data_offset
+        except (FormatError, UnsupportedError) as exc:
+            error = str(exc)
+        return NpzMember(
+            name=key,
+            filename=info.filename,
+            compression=compression,
+            file_size=info.file_size,
+            compress_size=info.compress_size,
+            header=header,
+            error=error,
+            data_offset=data_offset,
+        )
+
+    @property
+    def zipfile(self) -> zipfile.ZipFile:
+        """The underlying :class:`zipfile.ZipFile` (like numpy's ``NpzFile.zip``)."""
+        if self._zip is None:
+            raise ValueError(f"{self.path}: the archive is closed")
+        return self._zip
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        """Close the zip file; arrays already returned stay valid."""
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self) -> NpzArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._zip is None else f"{len(self)} members"
+        return f"<NpzArchive {self.path!r} {state}>"
