@@ -850,16 +850,24 @@ def _reopen(path: str, safe: bool, rng: range) -> RaggedArray:
     return r if rng == r._rng else r._view(r._rng[rng.start : rng.stop : rng.step])
 
 
+def _as_memmap(arr: np.ndarray, mm: mmap.mmap | None, path: str, offset: int) -> np.ndarray:
+    """A ``np.memmap`` over the reader's own mapping (no second mmap of the file)."""
+    m = arr.view(np.memmap)
+    m._mmap = mm
+    m.filename = os.path.abspath(path)
+    m.offset = offset
+    m.mode = "r"
+    return m
+
+
 def _values_memmap(st: _Store) -> np.ndarray:
-    if st.nitems == 0 or st.dtype.itemsize == 0:
-        return st.values
-    return np.memmap(os.path.join(st.path, VALUES), dtype=st.dtype, mode="r",
-                     offset=st.parts[VALUES].data_offset, shape=(st.nitems,))
+    return _as_memmap(st.values, st.maps[0], os.path.join(st.path, VALUES),
+                      st.parts[VALUES].data_offset)
 
 
 def _offsets_memmap(st: _Store) -> np.ndarray:
-    return np.memmap(os.path.join(st.path, OFFSETS), dtype=_I8, mode="r",
-                     offset=st.parts[OFFSETS].data_offset, shape=(st.count + 1,))
+    return _as_memmap(st.offsets_np, st.maps[1], os.path.join(st.path, OFFSETS),
+                      st.parts[OFFSETS].data_offset)
 
 
 class _Ragged1D(RaggedArray):
