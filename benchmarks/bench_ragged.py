@@ -4,6 +4,7 @@ All peers run in one process, one after another, on the same seeded data
 (default: 200,000 float32 arrays of 10-2,000 items, 766 MiB), page cache warm:
 
 * ``npystream``  - ``save_ragged(..., durable=False)`` / ``RaggedArray``
+  (and a write-only row with ``durable=True``: fsync at every commit)
 * ``list``       - an in-memory Python list of arrays (reads only)
 * ``pyarrow``    - IPC file of one ``large_list<float32>`` column written with
   ``ipc.new_file``; read with ``pa.memory_map`` + ``ipc.open_file`` as numpy
@@ -141,6 +142,12 @@ def np_write(gen: Iterator[np.ndarray], path: str) -> None:
     save_ragged(path, gen, durable=False)
 
 
+def np_write_durable(gen: Iterator[np.ndarray], path: str) -> None:
+    from npystream import save_ragged
+
+    save_ragged(path, gen, durable=True)
+
+
 def np_open(path: str) -> tuple[Callable[[int], np.ndarray], Callable[[], Iterator[np.ndarray]]]:
     from npystream import RaggedArray
 
@@ -267,6 +274,7 @@ def h5_open(path: str) -> tuple[Callable[[int], np.ndarray], Callable[[], Iterat
 
 PEERS: dict[str, tuple[Callable[..., None], Callable[..., Any], str]] = {
     "npystream": (np_write, np_open, "x.ragged"),
+    "npystream durable=True": (np_write_durable, np_open, "x-durable.ragged"),
     "pyarrow": (pa_write, pa_open, "x.arrow"),
     "npy-append-array": (naa_write, naa_open, "x.naa"),
     "mmap_ninja": (ninja_write, ninja_open, "x.ninja"),
@@ -326,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{name}: element {i} differs from the source")
         reads = idx if name != "h5py" else idx[: max(1, len(idx) // 20)]
         rows[name] = row = {"write": t_write, "mem": mem.peak}
+        if name == "npystream durable=True":  # same reader as npystream: write only
+            print(f"  {name}: done", flush=True)
+            continue
         row["random"] = best(lambda get=get, reads=reads: [get(i).sum() for i in reads],
                              args.repeat) / len(reads)
         row["seq"] = best(lambda iterate=iterate: [x.sum() for x in iterate()],

@@ -540,3 +540,19 @@ def test_uncommitted_tail_is_dropped_on_resume(tmp_path):
     assert [x.tolist() for x in r] == [[0.0, 1.0, 2.0], [0.0, 1.0]]
     assert np.load(p / "values.npy").tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
     assert np.load(p / "offsets.npy").tolist() == [0, 3, 5]
+
+
+def test_commits_are_visible_to_readers_before_close(tmp_path):
+    p = tmp_path / "f.ragged"
+    with RaggedWriter(p, dtype="<i2", durable=False, buffer_size=256, commit_bytes=1024) as w:
+        for i in range(100):
+            w.append(np.full(20, i, "<i2"))  # 40 bytes each
+        seen = len(RaggedArray(p))
+        assert w.committed == seen and 0 < seen < 100  # committed every ~1 KiB, not at the end
+        assert len(w) == 100
+        w.flush()
+        assert w.committed == 100 and len(RaggedArray(p)) == 100
+        w.append(np.zeros(3, "<i2"))
+        assert len(RaggedArray(p)) == 100  # buffered, not yet committed
+    r = RaggedArray(p)
+    assert len(r) == 101 and r[57].tolist() == [57] * 20

@@ -35,7 +35,8 @@ EXP_VALS = np.concatenate([_elem(i) for i in range(TARGET)])
 
 
 def _write(path: str, mode: str, buffer_size: int, pause_every: int = 0) -> None:
-    with RaggedWriter(path, mode=mode, dtype="<i4", durable=False, buffer_size=buffer_size) as w:
+    with RaggedWriter(path, mode=mode, dtype="<i4", durable=False, buffer_size=buffer_size,
+                      commit_bytes=buffer_size) as w:
         for i in range(len(w), TARGET):
             w.append(_elem(i))
             if pause_every and i % pause_every == 0:
@@ -114,7 +115,8 @@ def test_sigkill_real_subprocesses(tmp_path):
     code = (
         "import sys, numpy as np\n"
         "from npystream.formats.ragged import RaggedWriter\n"
-        "with RaggedWriter(sys.argv[1], mode='a', dtype='<i4', durable=False, buffer_size=256) as w:\n"
+        "with RaggedWriter(sys.argv[1], mode='a', dtype='<i4', durable=False, buffer_size=256,\n"
+        "                  commit_bytes=256) as w:\n"
         "    print('ready', flush=True)\n"
         f"    for i in range(len(w), {TARGET}):\n"
         "        w.append(np.arange(i % 53, dtype='<i4') + i)\n"
@@ -141,7 +143,8 @@ def test_durable_writer_survives_kill_too(tmp_path):
     pid = os.fork()
     if pid == 0:
         try:
-            with RaggedWriter(path, mode="a", dtype="<i4", durable=True, buffer_size=2048) as w:
+            with RaggedWriter(path, mode="a", dtype="<i4", durable=True, buffer_size=2048,
+                              commit_bytes=2048) as w:
                 for i in range(len(w), TARGET):
                     w.append(_elem(i))
         finally:

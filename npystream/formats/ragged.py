@@ -60,8 +60,10 @@ then maps exactly ``(count + 1) * 8`` bytes of offsets and ``nitems`` values.
 Commit protocol (crash safety)
 ==============================
 
-A writer appends elements to a buffer of a few MiB.  When the buffer is full
-(or on ``flush()``/``close()``), it commits:
+A writer copies elements into a buffer of a few MiB (``buffer_size``, 4 MiB)
+and writes it to ``values.npy`` when full.  It commits once ``commit_bytes``
+(64 MiB) of values or 65,536 elements are uncommitted, and on ``flush()`` and
+``close()``:
 
 1. write the buffered values, then the new offsets (and shapes) after the
    committed end of each part (``pwrite``; nothing committed is rewritten);
@@ -146,6 +148,8 @@ _MAX_META = 1 << 20
 # a concurrent in-place rewrite (which lasts microseconds).
 _HEADER_RETRIES = 3
 _CASTINGS = ("no", "equiv", "safe", "same_kind", "unsafe")
+# Elements buffered before a commit at the latest: bounds the pending offsets list.
+_MAX_PENDING = 65536
 
 
 # --------------------------------------------------------------------------- #
@@ -979,8 +983,10 @@ class RaggedWriter:
     naming its index, unless ``cast`` (numpy's casting names: ``'equiv'``,
     ``'safe'``, ``'same_kind'``, ``'unsafe'``) allows converting it.
     ``durable=False`` skips ``fsync`` (still safe against a killed process,
-    not against power loss).  See the module docstring for the layout and
-    commit protocol.
+    not against power loss).  Memory is one ``buffer_size`` buffer plus the
+    pending offsets; a commit (what readers and a crash see) happens every
+    ``commit_bytes`` of values, every 65,536 elements, and on ``flush()`` /
+    ``close()``.  See the module docstring for the layout and commit protocol.
 
     >>> import tempfile, os, numpy as np
     >>> p = os.path.join(tempfile.mkdtemp(), "w.ragged")
@@ -1000,6 +1006,7 @@ class RaggedWriter:
         cast: str | None = None,
         durable: bool = True,
         buffer_size: int = 4 << 20,
+        commit_bytes: int = 64 << 20,
     ) -> None:
         self._path = os.path.abspath(os.fspath(path))
         if mode not in ("w", "a", "x"):
@@ -1009,6 +1016,7 @@ class RaggedWriter:
         if cast is not None and cast not in _CASTINGS:
             raise ValueError(f"cast must be None or one of {_CASTINGS}, got {cast!r}")
         buffer_size = operator.index(buffer_size)
+        commit_bytes = operator.index(commit_bytes)
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         self._mode = mode
@@ -1029,6 +1037,10 @@ class RaggedWriter:
         self._pend_items = 0
         self._pos = 0  # bytes used in the buffer
         self._buf: bytearray | None = None
+        self._cap = 0
+        self._isz = 1
+        self._fast: np.dtype | None = None  # set when the hot path of append() applies
+        self._commit_bytes = max(buffer_size, commit_bytes)
         if dtype is not None:
             dt = np.dtype(dtype)
             if kind is None:
@@ -1146,6 +1158,9 @@ class RaggedWriter:
         self._buf = bytearray(size)
         self._mv = memoryview(self._buf)
         self._nbuf = np.frombuffer(self._buf, dtype=self._dtype) if self._kind == "array" else None
+        self._cap = size
+        self._isz = isz
+        self._fast = self._dtype if self._kind == "array" and self._ndim == 1 else None
 
     def _meta(self, count: int, nitems: int) -> bytes:
         assert self._dtype is not None
@@ -1277,7 +1292,26 @@ class RaggedWriter:
         return CastError(what, path=self._path, index=index)
 
     def append(self, x: Any) -> None:
-        """Append one element (copied into the buffer; committed when the buffer fills)."""
+        """Append one element (copied into the buffer, so ``x`` may be reused at once)."""
+        fast = self._fast
+        if fast is not None and type(x) is np.ndarray and x.ndim == 1:
+            dt = x.dtype
+            if dt is fast or dt == fast:
+                # hot path: a 1-D array of the store's dtype into the buffer
+                pos = self._pos
+                end = pos + x.nbytes
+                if end <= self._cap:
+                    isz = self._isz
+                    self._nbuf[pos // isz : end // isz] = x
+                    self._pos = end
+                    lens = self._pend_lens
+                    lens.append(x.size)
+                    if len(lens) >= _MAX_PENDING:
+                        self._commit()
+                    return
+        self._append_slow(x)
+
+    def _append_slow(self, x: Any) -> None:
         if self._closed:
             raise ValueError("append to a closed RaggedWriter")
         if self._buf is None:
@@ -1302,18 +1336,15 @@ class RaggedWriter:
                     index,
                 )
             n = arr.size
-            isz = self._dtype.itemsize
+            isz = self._isz
             nbytes = n * isz
-            if self._pos + nbytes > len(self._buf):
-                self._commit()
-                if nbytes > len(self._buf):
-                    self._write_direct(arr, index)
+            if self._pos + nbytes > self._cap:
+                self._spill()
+                if nbytes > self._cap:
+                    self._write_direct(arr)
                     return
             p = self._pos // isz
-            if arr.ndim == 1:
-                self._nbuf[p : p + n] = arr
-            else:
-                self._nbuf[p : p + n] = arr.reshape(-1)
+            self._nbuf[p : p + n] = arr if arr.ndim == 1 else arr.reshape(-1)
             self._pos += nbytes
             self._pend_lens.append(n)
             if self._ndim >= 2:
@@ -1321,17 +1352,17 @@ class RaggedWriter:
         else:
             data = self._encode(x, index)
             nbytes = len(data)
-            if self._pos + nbytes > len(self._buf):
-                self._commit()
-                if nbytes > len(self._buf):
+            if self._pos + nbytes > self._cap:
+                self._spill()
+                if nbytes > self._cap:
                     self._write_bytes(data)
                     self._pend_lens.append(nbytes)
-                    self._commit()
+                    self._maybe_commit()
                     return
             self._mv[self._pos : self._pos + nbytes] = data
             self._pos += nbytes
             self._pend_lens.append(nbytes)
-        if len(self._pend_lens) >= 65536:
+        if len(self._pend_lens) >= _MAX_PENDING:
             self._commit()
 
     def _encode(self, x: Any, index: int) -> bytes:
@@ -1360,7 +1391,7 @@ class RaggedWriter:
         _pwrite_all(self._fds[VALUES], data, off)
         self._pend_items += memoryview(data).nbytes // self._dtype.itemsize
 
-    def _write_direct(self, arr: np.ndarray, index: int) -> None:
+    def _write_direct(self, arr: np.ndarray) -> None:
         if arr.dtype != self._dtype or not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr, dtype=self._dtype)
         flat = arr.reshape(-1)
@@ -1370,7 +1401,7 @@ class RaggedWriter:
         self._pend_lens.append(arr.size)
         if self._ndim >= 2:
             self._pend_shapes.extend(arr.shape)
-        self._commit()
+        self._maybe_commit()
 
     def extend(self, iterable: Iterable[Any]) -> None:
         """Append every element of ``iterable`` (also a RaggedArray, pyarrow or awkward array)."""
@@ -1408,7 +1439,7 @@ class RaggedWriter:
         if self._buf is None:
             self._create()
         for values, offsets, shapes in it:
-            self._commit()
+            self._spill()
             if values.dtype != self._dtype:
                 values = values.astype(self._dtype)
             values = np.ascontiguousarray(values)
@@ -1419,13 +1450,24 @@ class RaggedWriter:
             self._pend_lens.extend(lens.tolist())
             if self._ndim >= 2 and shapes is not None:
                 self._pend_shapes.extend(np.asarray(shapes, dtype=np.int64).reshape(-1).tolist())
-            self._commit()
+            self._maybe_commit()
 
     def flush(self) -> None:
         """Commit everything appended so far (readers and crashes see it afterwards)."""
         if self._closed:
             raise ValueError("flush a closed RaggedWriter")
         if self._buf is not None:
+            self._commit()
+
+    def _spill(self) -> None:
+        """Write the buffer to values.npy (not yet committed); commit every commit_bytes."""
+        if self._pos:
+            self._write_bytes(self._mv[: self._pos])
+            self._pos = 0
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> None:
+        if self._pend_items * self._isz >= self._commit_bytes or len(self._pend_lens) >= _MAX_PENDING:
             self._commit()
 
     def _commit(self) -> None:
@@ -1506,6 +1548,7 @@ class RaggedWriter:
                 self._dir_fd = None
             self._buf = None
             self._nbuf = None
+            self._fast = None
 
     def __enter__(self) -> RaggedWriter:
         return self
