@@ -50,6 +50,7 @@ __all__ = ["open_npy", "iter_batches", "batches_from_source", "read_array", "Bat
            "DEFAULT_BATCH_BYTES"]
 
 DEFAULT_BATCH_BYTES = 8 << 20  # 8 MiB: large enough to amortise per-block cost, small next to RAM
+_READ_CHUNK = 256 << 10  # bytes per readinto call when filling a block from a stream
 _MODES = {"r": "r", "readonly": "r", "r+": "r+", "readwrite": "r+", "c": "c", "copyonwrite": "c"}
 _ZIP_MAGIC = b"PK"
 
@@ -172,7 +173,15 @@ def _read_block(
         return np.zeros(shape, dtype=dtype, order=order)
     start = src.tell()
     buf = np.empty(nbytes, dtype=np.uint8)
-    got = src.readinto(buf)
+    # Fill in slices: some streams (zip members) serve readinto through read(n) and
+    # bytes concatenation, so one big call would hold a few block-sized temporaries.
+    got = 0
+    while got < nbytes:
+        want = min(_READ_CHUNK, nbytes - got)
+        n = src.readinto(buf[got : got + want])
+        got += n
+        if n < want:
+            break
     if got < nbytes:
         raise TruncatedError(
             f"data ends {nbytes - got} bytes early: the block of shape {shape} starting at "

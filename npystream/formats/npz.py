@@ -228,6 +228,12 @@ class NpzArchive(Mapping[str, np.ndarray]):
         start = self._starts.get(key)
         if start is not None:
             return start
+        if not 0 <= info.header_offset <= self._size - _LOCAL.size:
+            raise FormatError(
+                f"member {key!r}: its local header offset {info.header_offset} lies outside the "
+                f"{self._size}-byte archive (corrupt or cut archive); re-create it",
+                path=self.path,
+            )
         with open(self.path, "rb") as f:
             f.seek(info.header_offset)
             raw = f.read(_LOCAL.size)
