@@ -19,7 +19,7 @@ from npystream.errors import NpyStreamError
 __all__ = ["main", "COMMANDS"]
 
 # Explicit, ordered list (no plugin registry): module names under npystream.cli.
-COMMANDS: tuple[str, ...] = ("info",)
+COMMANDS: tuple[str, ...] = ("info", "convert", "verify", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

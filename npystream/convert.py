@@ -1,0 +1,645 @@
+"""One-shot conversion between npystream's formats, with bounded memory and atomic output.
+
+Directions (the direction follows from what SRC is and DST's suffix;
+``to=`` overrides)::
+
+    object .npy | ARCHIVE.npz:MEMBER | object .npy.gz | "-" (stdin)  -> ragged store   (to="ragged")
+    ragged store                                                     -> object .npy    (to="npy")
+    .npz                                                             -> directory of .npy files (to="npz-dir")
+    fixed-dtype .npy.gz | "-" (stdin)                                -> .npy           (to="npy")
+
+Memory: one element at a time (object streams) or one copy buffer (byte
+streams) plus the ragged writer's buffer, whatever the input size.
+
+Atomic output: DST is built under a hidden temporary name beside it
+(``.NAME.<tag>.npystream-tmp``) and renamed into place only when complete.
+On any error, Ctrl-C or SIGTERM (the CLI turns SIGTERM into an exception)
+the temporary is removed and nothing appears at DST.  An existing DST is
+refused unless ``overwrite=True``.
+
+Resume (ragged targets): the store is built at the fixed temporary name
+``.NAME.partial.npystream-tmp`` with a sidecar ``.json`` naming the source
+(path, size, mtime).  The ragged writer commits a consistent prefix of
+elements every few MB, so after a crash (even SIGKILL) or an interrupted
+``resume=True`` run (which keeps its partial store instead of removing it),
+``resume=True`` reopens the partial store in append mode, skips the
+committed elements of the source and continues.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import IO, Any
+
+from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
+from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
+from npystream.formats.npy import read_header
+from npystream.sources import GZIP_MAGIC
+
+__all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
+
+TARGETS = ("ragged", "npy", "npz-dir")
+SUPPORTED = (
+    "object .npy, ARCHIVE.npz:MEMBER, object .npy.gz or - (stdin) -> ragged store (--to ragged); "
+    "ragged store -> object .npy (--to npy); .npz -> directory of .npy files (--to npz-dir); "
+    "fixed-dtype .npy.gz or - (stdin) -> .npy (--to npy)"
+)
+_COPY_CHUNK = 1 << 20
+_PARTIAL_TAG = "partial"
+
+
+# --------------------------------------------------------------------------- #
+# streams that remember or replay what was read (for sniffing stdin / gzip)
+# --------------------------------------------------------------------------- #
+
+
+class _Replay(io.RawIOBase):
+    """Replay ``head`` then read the rest of ``f``; counts bytes delivered."""
+
+    def __init__(self, head: bytes, f: Any) -> None:
+        self._head = memoryview(head)
+        self._f = f
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if len(self._head):
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            self.count += n
+            return n
+        readinto = getattr(self._f, "readinto", None)
+        if readinto is not None:
+            n = readinto(view) or 0
+        else:
+            data = self._f.read(len(view))
+            n = len(data)
+            view[:n] = data
+        self.count += n
+        return n
+
+
+class _Recorder(io.RawIOBase):
+    """Read from ``f`` and keep a copy of everything read (used for small headers only)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.seen = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        data = self._f.read(len(view))
+        view[: len(data)] = data
+        self.seen += data
+        return len(data)
+
+
+def _read_upto(f: Any, n: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        chunk = f.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _peek_header(f: Any, name: str) -> tuple[Any, Any]:
+    """Read the .npy header from stream ``f``; return (header, a stream replaying from byte 0)."""
+    rec = _Recorder(f)
+    header = read_header(io.BufferedReader(rec, buffer_size=1), max_header_size=10_000)
+    return header, io.BufferedReader(_Replay(bytes(rec.seen), f), buffer_size=_COPY_CHUNK)
+
+
+# --------------------------------------------------------------------------- #
+# what a source is
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class SourceInfo:
+    """What SRC turned out to be: ``kind`` is 'object', 'fixed', 'ragged' or 'npz'."""
+
+    spec: str
+    kind: str
+    label: str
+    header: Any = None
+    count: int | None = None
+    size: int | None = None  # bytes on disk (compressed size for gzip / zip members)
+    path: str | None = None
+    member: str | None = None
+    compressed: bool = False
+    stream: Any = None  # stdin only: a replaying stream (can be consumed once)
+    counter: Any = None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def open_stream(self) -> Any:
+        """A fresh binary stream of the (decompressed) .npy bytes, from byte 0."""
+        if self.stream is not None:
+            s, self.stream = self.stream, None
+            return s
+        if self.member is not None:
+            zf = zipfile.ZipFile(self.path)
+            return _ZipMemberStream(zf, self.member)
+        if self.compressed:
+            return gzip.open(self.path, "rb")
+        return open(self.path, "rb")  # noqa: SIM115 - returned to the caller
+
+
+class _ZipMemberStream(io.RawIOBase):
+    """A zip member's decompressed bytes; closes the archive with it."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: str) -> None:
+        self._zf = zf
+        self._m = zf.open(member)
+        self.name = f"{zf.filename}:{member}"
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        return self._m.readinto(buf)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._m.close()
+            self._zf.close()
+        super().close()
+
+
+def _is_ragged_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json"))
+
+
+def _zip_member_name(zf: zipfile.ZipFile, name: str, archive: str) -> str:
+    names = zf.namelist()
+    for cand in (name, name + ".npy"):
+        if cand in names:
+            return cand
+    shown = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names[:20])
+    raise FormatError(
+        f"no member {name!r} in the archive; it has: {shown}{' ...' if len(names) > 20 else ''}",
+        path=archive,
+    )
+
+
+def describe_source(spec: str) -> SourceInfo:
+    """Open ``spec`` just enough to know what it is (reads at most a header)."""
+    spec = os.fspath(spec)
+    if spec == "-":
+        raw = sys.stdin.buffer
+        head = _read_upto(raw, 2)
+        replay = _Replay(head, raw)
+        stream: Any = io.BufferedReader(replay, buffer_size=_COPY_CHUNK)
+        compressed = head == GZIP_MAGIC
+        if compressed:
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        header, stream = _peek_header(stream, "<stdin>")
+        return SourceInfo(spec, "object" if header.pickled else "fixed", "<stdin>", header=header,
+                          count=header.count, stream=stream, compressed=compressed, counter=replay)
+    if os.path.isdir(spec):
+        if not _is_ragged_dir(spec):
+            raise FormatError("a directory but not a ragged store (no meta.json)", path=spec)
+        from npystream.formats.ragged import RaggedArray
+
+        count = len(RaggedArray(spec))
+        size = sum(e.stat().st_size for e in os.scandir(spec) if e.is_file())
+        return SourceInfo(spec, "ragged", spec, count=count, size=size, path=spec)
+    member = None
+    path = spec
+    if not os.path.exists(spec) and ":" in spec:
+        path, member = spec.rsplit(":", 1)
+    if not os.path.exists(path):
+        from npystream.errors import StoreNotFoundError
+
+        raise StoreNotFoundError("no such file or store", path=spec)
+    st = os.stat(path)
+    identity = {"path": os.path.abspath(path), "member": member, "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK":
+        with zipfile.ZipFile(path) as zf:
+            if member is None:
+                return SourceInfo(spec, "npz", path, size=st.st_size, path=path, identity=identity)
+            name = _zip_member_name(zf, member, path)
+            info = zf.getinfo(name)
+            with zf.open(name) as m:
+                header = read_header(m)
+        label = f"{path}:{name}"
+        return SourceInfo(spec, "object" if header.pickled else "fixed", label, header=header,
+                          count=header.count, size=info.compress_size, path=path, member=name,
+                          compressed=info.compress_type != zipfile.ZIP_STORED, identity=identity)
+    if member is not None:
+        raise FormatError(f"{path} is not a .npz archive, so {spec!r} names no member", path=path)
+    compressed = magic[:2] == GZIP_MAGIC
+    if compressed:
+        with gzip.open(path, "rb") as g:
+            header = read_header(g)
+    else:
+        header = read_header(path)
+    return SourceInfo(spec, "object" if header.pickled else "fixed", path, header=header,
+                      count=header.count, size=st.st_size, path=path, compressed=compressed,
+                      identity=identity)
+
+
+def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
+    """Iterate the elements of an object or ragged source (one at a time)."""
+    if src.kind == "ragged":
+        from npystream.formats.ragged import RaggedArray
+
+        return iter(RaggedArray(src.path, safe=not trusted))
+    if src.kind != "object":
+        raise UnsupportedError(f"{src.label} holds a fixed dtype, not objects")
+    from npystream.objects import iter_objects
+
+    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
+    if src.stream is None and src.member is None and not src.compressed:
+        return iter_objects(src.path, **opts)  # a plain file: the reader may map it
+    return iter_objects(src.open_stream(), **opts)
+
+
+# --------------------------------------------------------------------------- #
+# progress and the result
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did (the CLI prints :meth:`summary`)."""
+
+    src: str
+    dst: str
+    direction: str
+    elements: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: elements, bytes in/out, seconds, MB/s."""
+        mbs = self.bytes_in / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+        resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
+        return (
+            f"converted {self.src} -> {self.dst} [{self.direction}]: {self.elements} elements{resumed}, "
+            f"{self.bytes_in / 1e6:.1f} MB in, {self.bytes_out / 1e6:.1f} MB out, "
+            f"{self.seconds:.2f} s, {mbs:.0f} MB/s"
+        )
+
+
+class _Progress:
+    """A tqdm bar on stderr (elements, MB/s, ETA), updated in chunks; a no-op when disabled."""
+
+    def __init__(self, total: int | None, show: bool, desc: str) -> None:
+        self.bar = None
+        self.pending = 0
+        self.nbytes = 0
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=" el", unit_scale=True, file=sys.stderr, desc=desc,
+                            dynamic_ncols=True, mininterval=0.25, leave=True)
+
+    def add(self, n: int, nbytes: int) -> None:
+        if self.bar is None:
+            return
+        self.pending += n
+        self.nbytes += nbytes
+        if self.pending >= 64 or n == 0:
+            now = time.perf_counter()
+            if now - self.last >= 0.25:
+                self.last = now
+                self.bar.set_postfix_str(f"{self.nbytes / 1e6 / (now - self.t0):.0f} MB/s", refresh=False)
+            self.bar.update(self.pending)
+            self.pending = 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.pending)
+            self.pending = 0
+            self.bar.close()
+
+
+def _nbytes(x: Any) -> int:
+    n = getattr(x, "nbytes", None)
+    if isinstance(n, int):
+        return n
+    if isinstance(x, (bytes, bytearray, str)):
+        return len(x)
+    return 0
+
+
+def _tree_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+# --------------------------------------------------------------------------- #
+# directions
+# --------------------------------------------------------------------------- #
+
+
+def _pick_target(src: SourceInfo, dst: str, to: str | None) -> str:
+    if to is not None:
+        if to not in TARGETS:
+            raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
+        return to
+    low = dst.lower().rstrip("/\\")
+    if low.endswith(".ragged") or _is_ragged_dir(dst):
+        return "ragged"
+    if low.endswith(".npy"):
+        return "npy"
+    return {"object": "ragged", "ragged": "npy", "npz": "npz-dir", "fixed": "npy"}[src.kind]
+
+
+def _refuse(src: SourceInfo, target: str) -> UnsupportedError:
+    what = {"object": "an object-dtype .npy", "fixed": "a fixed-dtype .npy", "ragged": "a ragged store",
+            "npz": "a whole .npz archive"}[src.kind]
+    if src.kind == "fixed" and src.compressed is False and src.stream is None and src.member is None:
+        what = "a fixed-dtype .npy (already memory-mappable: npystream.open() it directly)"
+    return UnsupportedError(f"cannot convert {what} to {target}; supported: {SUPPORTED}", path=src.label)
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    trusted: bool = False,
+    allowed_globals: Any = (),
+    kind: str | None = None,
+    cast: str | None = None,
+    durable: bool = False,
+    progress: bool | None = None,
+    verify: bool = False,
+) -> ConvertResult:
+    """Convert ``src`` to ``dst`` (see the module docstring for the directions); return what was done.
+
+    ``trusted``/``allowed_globals`` are the object stream's safety options;
+    ``kind``/``cast`` go to the ragged writer (``kind='object'`` pickles each
+    element, ``cast='same_kind'`` unifies dtypes; nothing is cast silently).
+    ``durable=True`` fsyncs at every commit of a ragged store (by default
+    only once, before the final rename).  ``progress``: None = a bar when
+    stderr is a terminal.  ``verify=True`` compares DST with SRC afterwards
+    and raises :class:`~npystream.errors.FormatError` on a difference.
+    """
+    src_s, dst_s = os.fspath(src), os.fspath(dst)
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    info = describe_source(src_s)
+    target = _pick_target(info, dst_s, to)
+    if resume and target != "ragged":
+        raise UnsupportedError(f"resume works for ragged store targets only, not {target}", path=dst_s)
+    if (kind is not None or cast is not None) and target != "ragged":
+        raise ValueError(f"kind= and cast= apply to ragged store targets, not {target}")
+    if verify and src_s == "-":
+        raise ValueError("verify needs to read SRC twice; it cannot be stdin")
+    t0 = time.perf_counter()
+    if info.kind == "object" and target == "ragged":
+        res = _object_to_ragged(info, dst_s, overwrite=overwrite, resume=resume, trusted=trusted,
+                                allowed_globals=allowed_globals, kind=kind, cast=cast,
+                                durable=durable, show=show)
+    elif info.kind == "ragged" and target == "npy":
+        res = _ragged_to_npy(info, dst_s, overwrite=overwrite, trusted=trusted, show=show)
+    elif info.kind == "npz" and target == "npz-dir":
+        res = _npz_to_dir(info, dst_s, overwrite=overwrite, show=show)
+    elif info.kind in ("fixed", "object") and target == "npy" and (
+        info.compressed or info.stream is not None or info.member is not None
+    ):
+        res = _stream_to_npy(info, dst_s, overwrite=overwrite, show=show)
+    else:
+        raise _refuse(info, target)
+    res.seconds = time.perf_counter() - t0
+    if info.counter is not None:
+        res.bytes_in = info.counter.count
+    if verify:
+        from npystream.verify import verify as run_verify
+
+        outcome = run_verify(src_s, dst_s, trusted=trusted, allowed_globals=allowed_globals)
+        if not outcome.equal:
+            raise FormatError(f"verification failed: {outcome.message}", path=dst_s)
+        res.notes.append(f"verified: {outcome.count} elements equal")
+    return res
+
+
+def _partial_paths(dst: str) -> tuple[str, str]:
+    tmp = temp_name(dst, _PARTIAL_TAG)
+    return tmp, tmp + ".json"
+
+
+def _object_to_ragged(
+    info: SourceInfo, dst: str, *, overwrite: bool, resume: bool, trusted: bool,
+    allowed_globals: Any, kind: str | None, cast: str | None, durable: bool, show: bool,
+) -> ConvertResult:
+    from npystream.formats.ragged import RaggedWriter
+
+    refuse_existing(dst, overwrite)
+    tmp, sidecar = _partial_paths(dst)
+    identity = dict(info.identity, kind=kind, cast=cast)
+    mode = "w"
+    notes: list[str] = []
+    if os.path.lexists(tmp):
+        if resume and info.stream is None:
+            try:
+                with open(sidecar, encoding="utf-8") as fh:
+                    old = json.load(fh)
+            except (OSError, ValueError):
+                old = None
+            if old != identity:
+                raise FormatError(
+                    f"the partial conversion at {tmp} was made from a different source or with other "
+                    "options (or its record is missing); remove it, or drop --resume to start over",
+                    path=dst,
+                )
+            mode = "a"
+        else:
+            if resume:
+                raise UnsupportedError("cannot resume from stdin (the input cannot be skipped "
+                                       "reliably); convert from a file", path=dst)
+            remove_path(tmp)
+            remove_path(sidecar)
+            notes.append("removed a stale partial conversion (pass --resume to continue one)")
+    if mode == "w" and info.stream is None:
+        with open(sidecar, "w", encoding="utf-8") as fh:
+            json.dump(identity, fh)
+    bar = _Progress(info.count, show, "convert")
+    count = start = 0
+    try:
+        elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals)
+        with RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
+                          buffer_size=16 << 20) as writer:
+            start = count = len(writer)
+            if start:
+                for _ in islice(elements, start):
+                    pass
+                bar.add(start, 0)
+            append = writer.append
+            add = bar.add
+            try:
+                for x in elements:
+                    append(x)
+                    count += 1
+                    add(1, _nbytes(x))
+            except CastError as exc:
+                raise CastError(
+                    f"{exc.message}; in `npystream convert` pass --kind object to store each element "
+                    "pickled, or --cast same_kind to unify dtypes",
+                    path=info.label, index=exc.index,
+                ) from None
+        bar.close()
+        if info.header is not None and count != info.count:  # pragma: no cover - reader checks this
+            raise FormatError(f"read {count} elements, the header says {info.count}", path=info.label)
+        if not durable:
+            _fsync_tree(tmp)
+        commit(tmp, dst, overwrite=overwrite)
+        remove_path(sidecar)
+    except BaseException:
+        bar.close()
+        if resume and info.stream is None:
+            notes.append(f"partial store kept at {tmp}: rerun with --resume to continue")
+            print(f"npystream convert: partial store kept at {tmp}; rerun with --resume to continue",
+                  file=sys.stderr)
+        else:
+            remove_path(tmp)
+            remove_path(sidecar)
+        raise
+    return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0,
+                         _tree_size(dst), 0.0, resumed_from=start, notes=notes)
+
+
+def _fsync_tree(path: str) -> None:
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool,
+                   show: bool) -> ConvertResult:
+    from npystream.formats.objwriter import save_objects
+
+    refuse_existing(dst, overwrite)
+    bar = _Progress(info.count, show, "convert")
+
+    def gen() -> Iterator[Any]:
+        for x in open_elements(info, trusted=trusted):
+            bar.add(1, _nbytes(x))
+            yield x
+
+    try:
+        count = save_objects(dst, gen(), length=info.count, overwrite=overwrite)
+    finally:
+        bar.close()
+    return ConvertResult(info.label, dst, "ragged -> object .npy", count, info.size or 0,
+                         os.path.getsize(dst), 0.0)
+
+
+def _copy_npy(stream: Any, out: IO[bytes], label: str, bar: _Progress) -> tuple[Any, int]:
+    """Copy one .npy from ``stream`` to ``out``, checking its length against its header."""
+    header, replay = _peek_header(stream, label)
+    total = 0
+    while True:
+        chunk = replay.read(_COPY_CHUNK)
+        if not chunk:
+            break
+        out.write(chunk)
+        total += len(chunk)
+        bar.add(0, len(chunk))
+    expected = header.expected_size
+    if expected is not None and total < expected:
+        raise TruncatedError(
+            f"data ends after {total} bytes, the header promises {expected}", path=label, offset=total
+        )
+    if expected is not None and total > expected:
+        raise FormatError(
+            f"{total - expected} bytes follow the {expected} bytes the header describes", path=label,
+            offset=expected,
+        )
+    return header, total
+
+
+def _stream_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -> ConvertResult:
+    bar = _Progress(None, show, "decompress")
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        stream = info.open_stream()
+        try:
+            with open(tmp, "wb") as out:
+                header, total = _copy_npy(stream, out, info.label, bar)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            stream.close()
+            bar.close()
+    return ConvertResult(info.label, dst, f"{'gzip' if info.compressed else 'stream'} -> .npy",
+                         header.count, info.size or total, total, 0.0)
+
+
+def _safe_member_file(name: str, archive: str) -> str:
+    base = name[:-4] if name.endswith(".npy") else name
+    parts = base.replace("\\", "/").split("/")
+    if not base or base.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise FormatError(f"member name {name!r} is not a safe file name; refusing to extract it",
+                          path=archive)
+    return os.path.join(*parts) + ".npy"
+
+
+def _npz_to_dir(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -> ConvertResult:
+    notes: list[str] = []
+    count = 0
+    total = 0
+    bar = _Progress(None, show, "extract")
+    try:
+        with atomic_output(dst, overwrite=overwrite) as tmp, zipfile.ZipFile(info.path) as zf:
+            os.mkdir(tmp)
+            for zi in zf.infolist():
+                if zi.is_dir():
+                    continue
+                rel = _safe_member_file(zi.filename, info.path)
+                out_path = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(out_path), exist_ok=True)
+                with zf.open(zi) as m, open(out_path, "wb") as out:
+                    header, n = _copy_npy(m, out, f"{info.path}:{zi.filename}", bar)
+                    out.flush()
+                    os.fsync(out.fileno())
+                total += n
+                count += 1
+                if header.pickled:
+                    notes.append(f"{rel} holds Python objects: not memory-mappable; convert it with "
+                                 f"`npystream convert {info.path}:{zi.filename} NAME.ragged`")
+    finally:
+        bar.close()
+    return ConvertResult(info.label, dst, ".npz -> directory of .npy", count, info.size or 0, total,
+                         0.0, notes=notes)

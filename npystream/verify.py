@@ -1,0 +1,142 @@
+"""Compare two sources element by element, streaming, and report the first difference.
+
+Sources are anything npystream reads as a sequence of elements: an object
+``.npy`` (path, ``.npy.gz``, ``ARCHIVE.npz:MEMBER``), a ragged store
+directory, or a fixed-dtype ``.npy`` (its rows along axis 0; a 0-d array
+is one element).  Memory: one element of each side at a time (fixed-dtype
+files are read in blocks of about 8 MiB).
+
+Equality is strict: same type; ndarrays have the same dtype (byte order
+included), shape and values (NaN equals NaN); containers compare
+recursively.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from npystream.errors import UnsupportedError
+
+__all__ = ["verify", "VerifyResult", "iter_elements", "describe", "equal"]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome: ``equal``, elements compared, and where/how they first differ."""
+
+    equal: bool
+    count: int
+    index: int | None = None
+    message: str = ""
+
+    def __bool__(self) -> bool:
+        return self.equal
+
+
+def describe(x: Any) -> str:
+    """A short description of a value for difference reports: type, shape, dtype."""
+    if isinstance(x, np.ndarray):
+        return f"ndarray shape={x.shape} dtype={x.dtype.str}"
+    if isinstance(x, np.generic):
+        return f"{type(x).__name__} {x}"
+    r = repr(x)
+    if len(r) > 60:
+        r = r[:57] + "..."
+    size = f" len={len(x)}" if isinstance(x, (list, tuple, dict, set, frozenset, str, bytes)) else ""
+    return f"{type(x).__name__}{size} {r}"
+
+
+def equal(a: Any, b: Any) -> bool:
+    """Strict element equality (types, dtypes, shapes, values; NaN == NaN)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        if type(a) is not type(b) and not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.dtype.hasobject:
+            return all(equal(x, y) for x, y in zip(a.flat, b.flat))
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        if a.dtype.kind == "V" or a.dtype.kind in "mM":
+            return a.tobytes() == b.tobytes() if a.flags.c_contiguous and b.flags.c_contiguous else \
+                np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        return bool(np.array_equal(a, b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (float, np.floating)):
+        return bool(a == b or (math.isnan(a) and math.isnan(b)))
+    if isinstance(a, (complex, np.complexfloating)):
+        return equal(a.real, b.real) and equal(a.imag, b.imag)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):
+        return False
+
+
+def _fixed_rows(spec: Any) -> Iterator[Any]:
+    from npystream.formats.fixed import iter_batches
+    from npystream.formats.npy import read_header
+
+    header = read_header(spec) if not hasattr(spec, "read") else None
+    if header is not None and header.shape == ():
+        yield from iter_batches(spec)  # a 0-d array yields itself once
+        return
+    for block in iter_batches(spec):
+        yield from block
+
+
+def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
+    """Elements of a source, one at a time (see the module docstring for what counts as one)."""
+    from npystream.convert import describe_source, open_elements
+
+    info = describe_source(spec)
+    if info.kind in ("object", "ragged"):
+        return open_elements(info, trusted=trusted, allowed_globals=allowed_globals)
+    if info.kind == "fixed":
+        if info.member is not None:
+            return _fixed_rows(info.open_stream())
+        return _fixed_rows(info.spec if info.stream is None else info.stream)
+    raise UnsupportedError(
+        "a whole .npz has no single element sequence; name a member as ARCHIVE.npz:MEMBER",
+        path=info.label,
+    )
+
+
+_END = object()
+
+
+def verify(a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> VerifyResult:
+    """Compare sources ``a`` and ``b`` element by element; stop at the first difference.
+
+    >>> import numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp(); x, y = os.path.join(d, "x.npy"), os.path.join(d, "y.npy")
+    >>> np.save(x, np.arange(4)); np.save(y, np.array([0, 1, 5, 3]))
+    >>> verify(x, y).message
+    'element 2 differs: A int64 2 vs B int64 5'
+    """
+    ia = iter_elements(a, trusted=trusted, allowed_globals=allowed_globals)
+    ib = iter_elements(b, trusted=trusted, allowed_globals=allowed_globals)
+    i = 0
+    while True:
+        x = next(ia, _END)
+        y = next(ib, _END)
+        if x is _END and y is _END:
+            return VerifyResult(True, i, None, f"{i} elements equal")
+        if x is _END or y is _END:
+            short, other = ("A", "B") if x is _END else ("B", "A")
+            return VerifyResult(
+                False, i, i, f"{short} ends after {i} elements, {other} has more (element {i}: "
+                f"{describe(y if x is _END else x)})",
+            )
+        if not equal(x, y):
+            return VerifyResult(False, i, i, f"element {i} differs: A {describe(x)} vs B {describe(y)}")
+        i += 1
