@@ -1,0 +1,747 @@
+"""``ObjectArray``: an object-dtype ``.npy`` opened lazily -- streamed in order, or read at random.
+
+What :func:`npystream.open` returns for a pickled ``.npy`` (object dtype, or a
+structured dtype with object fields) and for such members of an ``.npz``.
+Nothing is unpickled when it is opened: the ``.npy`` header gives ``shape``,
+``dtype`` and ``len``.
+
+Two ways in
+-----------
+* **Iteration** (``for x in arr``) streams the elements in C order with
+  bounded memory (:func:`npystream.formats.pickle_walk.iter_elements`, the
+  same engine as :func:`npystream.iter_objects`).  Works on every source,
+  pipes and compressed streams included; a forward-only source can be
+  iterated once.
+* **Indexing** (``arr[i]``, ``arr[i, j]``, ``arr[-1]``, ``arr[a:b]``,
+  ``arr[[i, j]]``, ``arr[mask]``) goes through an *offset index*: one pass
+  over the pickle that reads only opcode bytes and seeks over payloads,
+  recording where each element starts and which memo entries later elements
+  read.  It is built on first use (or by :meth:`ObjectArray.build_index`)
+  and needs a seekable source; forward-only sources raise
+  :class:`~npystream.errors.NotSeekableError` saying so.  Indexing follows
+  numpy's rules (negative indices, ``IndexError`` with numpy's messages);
+  a key that selects one element returns the element, any other key returns
+  a list of elements (nested lists for multi-dimensional results).
+
+The saved index (``FILE.npy.nsidx``)
+-----------------------------------
+For sources opened from a path, the index is saved beside the file as
+``FILE.npy.nsidx`` and reused by later opens.  It is itself an uncompressed
+``.npz`` (``np.savez``; read back with ``allow_pickle=False``) holding:
+
+=================  ======================================================
+``nsidx_meta``      int64[6]: layout version, file size, file mtime (ns),
+                    data offset, element count, header length
+``nsidx_header``    uint8[...]: the ``.npy`` header bytes of the file
+``nsidx_kind``      str: the pickle index's own format tag
+``i_<name>``        the arrays of the pickle index (its ``to_arrays()``)
+=================  ======================================================
+
+It is used only if the size, mtime, header bytes, element count and both
+format tags still match; otherwise it is ignored and rebuilt.  It is written
+to a temporary name in the same directory and renamed into place (atomic);
+if the directory is read-only (or the disk full), the index simply stays in
+memory and reading carries on.  A damaged or foreign ``.nsidx`` is treated
+like a missing one.  The index holds positions only; every element decoded
+through it is still checked by the safety policy.
+
+Zero-copy
+---------
+With ``zero_copy=True`` (the default for seekable, memory-mappable files)
+an element that is a plain numeric ndarray whose raw bytes lie contiguously
+in the file is returned by indexing as a **read-only** view onto the
+memory-mapped file (``arr[i].flags.writeable`` is False; ``np.array(x)``
+makes a writable copy).  Everything else is a fresh object, as ``np.load``
+would give.  See ``docs/object_array.md`` for the exact list.  Iteration
+always returns copies (it streams; there is no mapping to point into).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from npystream.errors import FormatError, NotSeekableError, TruncatedError
+from npystream.formats.npy import NpyHeader, read_header
+from npystream.sources import (
+    ByteSource,
+    FileSource,
+    MemorySource,
+    WindowSource,
+    open_source,
+)
+
+__all__ = ["ObjectArray", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for"]
+
+NSIDX_SUFFIX = ".nsidx"
+NSIDX_VERSION = 1
+_META_FIELDS = ("version", "size", "mtime_ns", "data_offset", "count", "header_len")
+_MAX_NSIDX_BYTES = 1 << 34  # an index larger than 16 GiB is not ours (sanity bound before loading)
+
+
+def index_path_for(path: str | os.PathLike[str]) -> str:
+    """Where the saved index of ``path`` lives: ``path + '.nsidx'``."""
+    return os.fspath(path) + NSIDX_SUFFIX
+
+
+def _engine() -> Any:
+    """The pickle engine (issue 3, "stream"): imported on first use, keeps ``import npystream`` cheap."""
+    from npystream.formats import pickle_walk
+
+    return pickle_walk
+
+
+# ---------------------------------------------------------------------------
+# numpy-style index resolution, without materialising an index the size of the array
+
+
+def _index_error_type(key: Any) -> bool:
+    return isinstance(key, (bool, np.bool_))
+
+
+def _coordinate_views(shape: tuple[int, ...]) -> list[np.ndarray]:
+    """One broadcast view per axis whose value at each position is that axis' C-order flat stride times the coordinate.
+
+    Views cost O(shape[k]) memory each; indexing them with any numpy key gives
+    the result's flat positions (summed over axes) with numpy's own rules and
+    error messages, at a cost proportional to the result.
+    """
+    views = []
+    stride = 1
+    strides = []
+    for n in reversed(shape):
+        strides.append(stride)
+        stride *= n
+    strides.reverse()
+    ndim = len(shape)
+    for axis, (n, st) in enumerate(zip(shape, strides)):
+        shaped = [1] * ndim
+        shaped[axis] = n
+        coords = (np.arange(n, dtype=np.intp) * st).reshape(shaped)
+        views.append(np.broadcast_to(coords, shape))
+    return views
+
+
+def resolve_key(key: Any, shape: tuple[int, ...]) -> tuple[int | None, np.ndarray | None]:
+    """``(flat, None)`` when ``key`` selects one element of an array of ``shape``, else ``(None, positions)``.
+
+    ``positions`` is an intp array shaped like numpy's result of ``a[key]``,
+    holding C-order flat element numbers.  Raises ``IndexError`` exactly where
+    numpy would.
+    """
+    ndim = len(shape)
+    # fast paths: one integer on 1-D, a tuple of integers on N-D
+    if ndim == 1 and not _index_error_type(key):
+        try:
+            i = operator.index(key)
+        except TypeError:
+            pass
+        else:
+            n = shape[0]
+            if i < 0:
+                i += n
+            if not 0 <= i < n:
+                raise IndexError(f"index {operator.index(key)} is out of bounds for axis 0 with size {n}")
+            return i, None
+    if isinstance(key, tuple) and len(key) == ndim and ndim > 0:
+        flat = 0
+        ok = True
+        for axis, (k, n) in enumerate(zip(key, shape)):
+            if _index_error_type(k):
+                ok = False
+                break
+            try:
+                i = operator.index(k)
+            except TypeError:
+                ok = False
+                break
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n}")
+            flat = flat * n + j
+        if ok:
+            return flat, None
+    if ndim == 1:
+        positions = _resolve_1d(key, shape[0])
+        if positions is not None:
+            return None, positions
+    positions = _resolve_basic(key, shape)
+    if positions is not None:
+        if positions.ndim == 0:
+            return int(positions), None
+        return None, positions
+    # general case: let numpy interpret the key on broadcast coordinate views
+    if ndim == 0:
+        result = np.broadcast_to(np.intp(0), ())[key]
+    else:
+        views = _coordinate_views(shape)
+        result = views[0][key]
+        for view in views[1:]:
+            result = result + view[key]
+    result = np.asarray(result, dtype=np.intp)
+    if result.ndim == 0:
+        return int(result), None
+    return None, result
+
+
+def _resolve_1d(key: Any, n: int) -> np.ndarray | None:
+    """Slices, integer lists/arrays and boolean masks on a 1-D array (memory ~ the result), else None."""
+    if isinstance(key, slice):
+        return np.arange(*key.indices(n), dtype=np.intp)
+    if isinstance(key, (list, np.ndarray)):
+        arr = np.asarray(key)
+        if arr.dtype == bool:
+            if arr.ndim != 1:
+                return None
+            if arr.shape[0] != n:
+                raise IndexError(
+                    "boolean index did not match indexed array along axis 0; size of axis is "
+                    f"{n} but size of corresponding boolean axis is {arr.shape[0]}"
+                )
+            return np.flatnonzero(arr).astype(np.intp, copy=False)
+        if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+            return None  # let numpy raise its own error
+        arr = arr.astype(np.intp)
+        bad = (arr < -n) | (arr >= n)
+        if bad.any():
+            raise IndexError(f"index {int(arr[bad][0])} is out of bounds for axis 0 with size {n}")
+        return np.where(arr < 0, arr + n, arr)
+    return None
+
+
+def _resolve_basic(key: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Tuples of integers, slices and at most one ``...`` (memory ~ the result), else None."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if not all(
+        isinstance(k, slice) or k is Ellipsis or (not _index_error_type(k) and _is_intlike(k)) for k in parts
+    ):
+        return None
+    if sum(1 for k in parts if k is Ellipsis) > 1:
+        return None
+    ndim = len(shape)
+    n_real = sum(1 for k in parts if k is not Ellipsis)
+    if n_real > ndim:
+        return None  # numpy's "too many indices" error
+    if Ellipsis in parts:
+        at = next(i for i, k in enumerate(parts) if k is Ellipsis)
+        parts = parts[:at] + (slice(None),) * (ndim - n_real) + parts[at + 1 :]
+    else:
+        parts = parts + (slice(None),) * (ndim - len(parts))
+    axes: list[np.ndarray] = []
+    offset = 0
+    stride = 1
+    strides = [0] * ndim
+    for axis in range(ndim - 1, -1, -1):
+        strides[axis] = stride
+        stride *= shape[axis]
+    for axis, (k, n) in enumerate(zip(parts, shape)):
+        if isinstance(k, slice):
+            axes.append(np.arange(*k.indices(n), dtype=np.intp) * strides[axis])
+        else:
+            i = operator.index(k)
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n}")
+            offset += j * strides[axis]
+    if not axes:
+        return np.asarray(offset, dtype=np.intp)
+    result = np.asarray(offset, dtype=np.intp)
+    for axis_pos in np.ix_(*axes):
+        result = result + axis_pos
+    return result
+
+
+def _is_intlike(k: Any) -> bool:
+    try:
+        operator.index(k)
+    except TypeError:
+        return False
+    return True
+
+
+def _nest(items: list[Any], shape: tuple[int, ...]) -> list[Any]:
+    """Items (in C order) as nested lists of ``shape`` (like ``ndarray.tolist`` without converting)."""
+    if len(shape) <= 1:
+        return items
+    step = len(items) // shape[0] if shape[0] else 0
+    return [_nest(items[k * step : (k + 1) * step], shape[1:]) for k in range(shape[0])]
+
+
+# ---------------------------------------------------------------------------
+# the saved index
+
+
+def _file_stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _header_bytes(src: ByteSource, header: NpyHeader) -> bytes | None:
+    """The raw ``.npy`` header bytes (magic to data offset), read at their offsets."""
+    if not src.seekable:
+        return None
+    here = src.tell()
+    try:
+        raw = src.read_at(0, header.data_offset)
+    finally:
+        src.seek(here)
+    return raw if len(raw) == header.data_offset else None
+
+
+def load_saved_index(
+    path: str, header: NpyHeader, header_raw: bytes, kind: str
+) -> dict[str, np.ndarray] | None:
+    """The pickle-index arrays saved for ``path`` if the ``.nsidx`` is present, intact and fresh; else None."""
+    ipath = index_path_for(path)
+    stat = _file_stat(path)
+    try:
+        isize = os.path.getsize(ipath)
+    except OSError:
+        return None
+    if stat is None or isize > _MAX_NSIDX_BYTES:
+        return None
+    try:
+        with np.load(ipath, allow_pickle=False) as z:
+            meta = z["nsidx_meta"]
+            if meta.shape != (len(_META_FIELDS),) or meta.dtype.kind not in "iu":
+                return None
+            want = (NSIDX_VERSION, stat[0], stat[1], header.data_offset, header.count, len(header_raw))
+            if tuple(int(x) for x in meta) != want:
+                return None
+            if bytes(z["nsidx_header"].tobytes()) != header_raw:
+                return None
+            if str(z["nsidx_kind"][()]) != kind:
+                return None
+            return {name[2:]: z[name] for name in z.files if name.startswith("i_")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError):
+        return None
+
+
+def save_index(
+    path: str, header: NpyHeader, header_raw: bytes, kind: str, arrays: dict[str, np.ndarray]
+) -> str | None:
+    """Write ``path + '.nsidx'`` atomically; return its path, or None when it could not be written.
+
+    Read-only directories, full disks and files that changed while the index
+    was being built are not errors: the index stays in memory.
+    """
+    stat = _file_stat(path)
+    if stat is None:
+        return None
+    ipath = index_path_for(path)
+    folder = os.path.dirname(os.path.abspath(ipath))
+    meta = np.array(
+        [NSIDX_VERSION, stat[0], stat[1], header.data_offset, header.count, len(header_raw)], dtype=np.int64
+    )
+    payload = {
+        "nsidx_meta": meta,
+        "nsidx_header": np.frombuffer(header_raw, dtype=np.uint8),
+        "nsidx_kind": np.array(kind),
+    }
+    for name, value in arrays.items():
+        payload["i_" + name] = np.asarray(value)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(ipath) + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if _file_stat(path) != stat:  # the file changed under us: this index would be stale
+            os.unlink(tmp)
+            return None
+        os.replace(tmp, ipath)
+        tmp = None
+        return ipath
+    except OSError:
+        return None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+
+
+class ObjectArray:
+    """A pickled (object-dtype) ``.npy`` opened lazily: stream it, or index it like a numpy array.
+
+    ``source`` is a path, binary file object, bytes or
+    :class:`~npystream.sources.ByteSource`; ``header`` may be passed when the
+    caller already read it (the source is then positioned at the data).
+    Safety options (``trusted``, ``allowed_globals``, ``encoding``,
+    ``fix_imports``) are those of :func:`npystream.iter_objects`.
+    ``zero_copy`` (default: True when the source can be memory-mapped) makes
+    indexing return read-only views for plain ndarray elements.  ``nsidx``
+    (default True) reads and writes the saved index ``FILE.npy.nsidx``
+    beside path sources.
+
+    >>> import os, tempfile, numpy as np
+    >>> p = os.path.join(tempfile.mkdtemp(), "o.npy")
+    >>> a = np.empty(3, dtype=object); a[:] = [np.arange(3.0), "two", {"three": 3}]
+    >>> np.save(p, a)
+    >>> with ObjectArray(p) as arr:
+    ...     (len(arr), arr.shape, arr[1], arr[-1], arr[0].flags.writeable)
+    (3, (3,), 'two', {'three': 3}, False)
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        header: NpyHeader | None = None,
+        trusted: bool = False,
+        allowed_globals: Any = (),
+        encoding: str = "ASCII",
+        fix_imports: bool = True,
+        zero_copy: bool | None = None,
+        nsidx: bool = True,
+        max_header_size: int | None = None,
+    ) -> None:
+        if not isinstance(trusted, bool):
+            raise TypeError(f"trusted must be True or False, got {trusted!r}")
+        if zero_copy is not None and not isinstance(zero_copy, bool):
+            raise TypeError(f"zero_copy must be True, False or None, got {zero_copy!r}")
+        src = open_source(source)
+        self._owns_source = src is not source
+        self._src: ByteSource | None = src
+        try:
+            if header is None:
+                header = read_header(src) if max_header_size is None else read_header(src, max_header_size=max_header_size)
+            if not header.pickled:
+                raise FormatError(
+                    f"this .npy holds dtype {header.dtype} (fixed-size, not pickled); ObjectArray "
+                    "is for object dtypes: use npystream.open(path) to memory-map it",
+                    path=src.name,
+                )
+            self._policy = _engine().SafetyPolicy.make(
+                trusted=trusted, allowed_globals=allowed_globals, encoding=encoding, fix_imports=fix_imports
+            )
+            if zero_copy is None:
+                zero_copy = bool(src.seekable and src.mappable)
+            elif zero_copy and not (src.seekable and src.mappable):
+                raise NotSeekableError(
+                    "zero_copy=True needs a memory-mappable file (a path or a real file object); "
+                    "this source is a stream or in memory: pass zero_copy=False",
+                    path=src.name,
+                )
+        except BaseException:
+            if self._owns_source:
+                src.close()
+            raise
+        self._header = header
+        self._zero_copy = zero_copy
+        self._nsidx = bool(nsidx)
+        self._index: Any = None
+        self._decoder: Any = None
+        self._index_origin = "not built"
+        self._index_file: str | None = None
+        self._consumed = False  # a forward-only source can be iterated once
+        # where the pickle starts in the source: right after the header we (or open()) just read
+        pos = src.tell()
+        self._data_start = pos if pos >= header.data_offset else header.data_offset
+        self._path = self._disk_path(src)
+
+    # -- description -------------------------------------------------------
+    @property
+    def header(self) -> NpyHeader:
+        """The parsed ``.npy`` header (shape, dtype, fortran_order, data_offset, version)."""
+        return self._header
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape (from the header)."""
+        return self._header.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """``dtype('O')``, or the structured dtype with object fields."""
+        return self._header.dtype
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self._header.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of elements (1 for a 0-d array)."""
+        return self._header.count
+
+    @property
+    def fortran_order(self) -> bool:
+        """Whether numpy will give the loaded array Fortran order (elements are still streamed in C order)."""
+        return self._header.fortran_order
+
+    @property
+    def name(self) -> str:
+        """The source's name (path) for messages."""
+        return self._src.name if self._src is not None else "<closed>"
+
+    @property
+    def seekable(self) -> bool:
+        """True when random access (indexing, zero-copy) is possible."""
+        return self._src is not None and self._src.seekable
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether indexing returns read-only views for plain ndarray elements."""
+        return self._zero_copy
+
+    @property
+    def index_built(self) -> bool:
+        """Whether the offset index is ready (built, or loaded from ``.nsidx``)."""
+        return self._index is not None
+
+    @property
+    def index_path(self) -> str | None:
+        """Where the saved index lives (or would), for path sources; None otherwise."""
+        return index_path_for(self._path) if self._path is not None and self._nsidx else None
+
+    def __len__(self) -> int:
+        if not self._header.shape:
+            raise TypeError("len() of unsized object (a 0-d object array; use arr[()] or iterate)")
+        return self._header.shape[0]
+
+    def __repr__(self) -> str:
+        if self._src is None:
+            return f"<ObjectArray {self._closed_name!r} closed>"
+        mode = "random access" if self.seekable else "stream only"
+        zc = ", zero-copy" if self._zero_copy else ""
+        idx = self._index_origin
+        return (
+            f"<ObjectArray {self._src.name!r} shape={self.shape} dtype={self.dtype} "
+            f"({mode}{zc}; index: {idx})>"
+        )
+
+    _closed_name = "<closed>"
+
+    # -- lifetime ------------------------------------------------------------
+    def close(self) -> None:
+        """Release the file (if this object opened it).  Views already returned stay valid."""
+        if self._src is None:
+            return
+        self._closed_name = self._src.name
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None and hasattr(decoder, "close"):
+            decoder.close()
+        if self._owns_source:
+            self._src.close()
+        self._src = None
+
+    def __enter__(self) -> ObjectArray:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _live(self) -> ByteSource:
+        if self._src is None:
+            raise ValueError(f"{self._closed_name}: I/O operation on a closed ObjectArray")
+        return self._src
+
+    # -- streaming -------------------------------------------------------------
+    def _disk_path(self, src: ByteSource) -> str | None:
+        """The file on disk this array *is* (not a zip member), when known: for the saved index."""
+        if isinstance(src, FileSource) and src.path is not None and os.path.isfile(src.path):
+            return src.path
+        return None
+
+    def _fresh_source(self) -> tuple[ByteSource, bool]:
+        """An independent reader positioned at the pickle, and whether the caller must close it.
+
+        Path-backed and in-memory sources get their own handle, so several
+        iterations (and indexing) can interleave; a caller's file object is
+        shared (seeked to the data); a forward-only stream is used as is, once.
+        """
+        src = self._live()
+        if isinstance(src, FileSource) and src.path is not None:
+            fresh: ByteSource = FileSource(open(src.path, "rb"), src.name, owned=True)  # noqa: SIM115
+        elif isinstance(src, WindowSource):
+            fresh = WindowSource(src.mmap_target()[0], src.mmap_target()[1], src.size or 0, src.name)
+        elif isinstance(src, MemorySource):
+            fresh = MemorySource(src.map(), src.name)
+        else:
+            fresh = src
+        if fresh.seekable:
+            fresh.seek(self._data_start)
+        elif fresh.tell() != self._data_start:
+            raise NotSeekableError(
+                f"this stream was already read past the start of the data (at byte {fresh.tell()}, "
+                f"data starts at byte {self._data_start}); a pipe, stdin or compressed stream can "
+                "be iterated only once: open it again, or save it to a file for repeated or random access",
+                path=src.name,
+            )
+        return fresh, fresh is not src
+
+    def __iter__(self) -> Iterator[Any]:
+        """Stream the elements in C order with bounded memory (copies, never views)."""
+        src = self._live()
+        if not src.seekable:
+            if self._consumed:
+                raise NotSeekableError(
+                    "this stream has already been iterated; a pipe, stdin or compressed stream can "
+                    "be read only once: open it again, or save it to a file for repeated access",
+                    path=src.name,
+                )
+            self._consumed = True
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        fresh, owned = self._fresh_source()
+        try:
+            yield from _engine().iter_elements(fresh, self._header, self._policy, index=self._index)
+        finally:
+            if owned:
+                fresh.close()
+
+    # -- the offset index ------------------------------------------------------
+    def _require_seekable(self, what: str) -> ByteSource:
+        src = self._live()
+        if not src.seekable:
+            raise NotSeekableError(
+                f"{what} needs random access, but this source can only be read forward (a pipe, "
+                "stdin, gzip or a deflated .npz member); iterate over it instead (for x in arr), "
+                "or save it to an uncompressed file first",
+                path=src.name,
+            )
+        return src
+
+    def build_index(self, *, save: bool | None = None, rebuild: bool = False) -> ObjectArray:
+        """Build (or load from ``FILE.npy.nsidx``) the offset index now; returns ``self``.
+
+        ``save`` (default: the ``nsidx`` option) writes the index beside a path
+        source; ``rebuild=True`` ignores a saved index.  Raises
+        :class:`~npystream.errors.NotSeekableError` on forward-only sources and
+        the scan's errors (:class:`~npystream.errors.FormatError`,
+        :class:`~npystream.errors.UnsafePickleError`) on damaged files.
+        """
+        src = self._require_seekable("building the offset index")
+        if self._index is not None and not rebuild:
+            if save and self._path is not None and self._index_file is None:
+                self._save_index()
+            return self
+        engine = _engine()
+        kind = self._index_kind()
+        header_raw = _header_bytes(src, self._header) if self._path is not None else None
+        index = None
+        if not rebuild and self._nsidx and self._path is not None and header_raw is not None:
+            arrays = load_saved_index(self._path, self._header, header_raw, kind)
+            if arrays is not None:
+                try:
+                    index = engine.PickleIndex.from_arrays(arrays, self._header)
+                    if index.count != self._header.count or (
+                        index.count and (src.size is None or int(index.ends[-1]) > src.size)
+                    ):
+                        index = None
+                except (FormatError, ValueError, KeyError, TypeError, IndexError):
+                    index = None
+                if index is not None:
+                    self._index_origin = f"loaded from {index_path_for(self._path)}"
+                    self._index_file = index_path_for(self._path)
+        if index is None:
+            fresh, owned = self._fresh_source()
+            try:
+                index = engine.scan_index(fresh, self._header, self._policy)
+            finally:
+                if owned:
+                    fresh.close()
+            self._index_origin = "built"
+        self._index = index
+        self._decoder = None
+        want_save = self._nsidx if save is None else bool(save)
+        if want_save and self._index_file is None:
+            self._save_index()
+        return self
+
+    def _index_kind(self) -> str:
+        # PickleIndex carries its own layout version in its "meta" array and
+        # from_arrays() refuses other versions; this tag names the producer.
+        return "npystream.pickle_walk"
+
+    def _save_index(self) -> None:
+        if self._path is None or self._index is None:
+            return
+        src = self._live()
+        header_raw = _header_bytes(src, self._header)
+        if header_raw is None:
+            return
+        written = save_index(self._path, self._header, header_raw, self._index_kind(), self._index.to_arrays())
+        if written is not None:
+            self._index_file = written
+            self._index_origin = f"built, saved to {written}"
+        else:
+            self._index_origin = "built (in memory; the .nsidx could not be written)"
+
+    def _get_decoder(self) -> Any:
+        decoder = self._decoder
+        if decoder is None:
+            src = self._require_seekable("indexing (arr[i])")
+            if self._index is None:
+                self.build_index()
+            decoder = _engine().ElementDecoder(
+                src, self._header, self._policy, self._index, zero_copy=self._zero_copy
+            )
+            self._decoder = decoder
+        return decoder
+
+    # -- random access -----------------------------------------------------------
+    def __getitem__(self, key: Any) -> Any:
+        """``arr[i]``, ``arr[i, j]``, ``arr[-1]`` -> the element; slices, lists, masks -> lists of elements."""
+        decoder = self._decoder
+        shape = self._header.shape
+        if decoder is not None and type(key) is int and len(shape) == 1:  # hot path
+            n = shape[0]
+            i = key + n if key < 0 else key
+            if 0 <= i < n:
+                return decoder.decode(i)
+        flat, positions = resolve_key(key, shape)
+        decoder = self._get_decoder()
+        if flat is not None:
+            return decoder.decode(flat)
+        assert positions is not None
+        if positions.ndim == 0:
+            return decoder.decode(int(positions))
+        items = list(decoder.decode_many(positions.ravel()))
+        return _nest(items, positions.shape)
+
+    def get(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
+        """The elements at C-order flat ``indices`` (any order, repeats allowed), as a list."""
+        positions = np.asarray(indices)
+        if positions.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got dtype {positions.dtype}")
+        _, resolved = resolve_key(positions.ravel(), (self.size,))
+        decoder = self._get_decoder()
+        return list(decoder.decode_many(resolved))
+
+    def tolist(self) -> list[Any]:
+        """All elements as (nested) lists, read by streaming: materialises every element."""
+        items = list(self)
+        if not self.shape:
+            return items[0]
+        return _nest(items, self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Materialise as a real numpy array (reads everything; what ``np.load`` would return)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        flat = out.reshape(-1)
+        n = 0
+        for n, item in enumerate(self, 1):
+            flat[n - 1] = item
+        if n != self.size:  # pragma: no cover - the engine checks the count
+            raise TruncatedError(f"got {n} of {self.size} elements", path=self.name)
+        if self.fortran_order:
+            out = np.asfortranarray(out)
+        return out if dtype is None else out.astype(dtype)
