@@ -49,7 +49,7 @@ def source_name(obj: object) -> str:
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj) if not isinstance(obj, bytes) else obj.decode(errors="replace")
     name = getattr(obj, "name", None)
-    if isinstance(name, (str, bytes, os.PathLike)) and not isinstance(name, int):
+    if isinstance(name, (str, bytes, os.PathLike)) and name:
         return str(os.fspath(name)) if not isinstance(name, bytes) else name.decode(errors="replace")
     return f"<{type(obj).__name__}>"
 
@@ -103,7 +103,14 @@ class ByteSource:
     def skip(self, n: int) -> None:
         """Move forward ``n`` bytes (seek when possible, else read and discard)."""
         if self.seekable:
-            self.seek(self.tell() + n)
+            target = self.tell() + n
+            if self.size is not None and target > self.size:
+                raise TruncatedError(
+                    f"file ends {target - self.size} bytes before the end of a {n}-byte skip",
+                    path=self.name,
+                    offset=self.size,
+                )
+            self.seek(target)
             return
         left = n
         while left > 0:
