@@ -403,8 +403,9 @@ def convert(
     ``trusted``/``allowed_globals`` are the object stream's safety options;
     ``kind``/``cast`` go to the ragged writer (``kind='object'`` pickles each
     element, ``cast='same_kind'`` unifies dtypes; nothing is cast silently).
-    ``durable=True`` fsyncs at every commit of a ragged store (by default
-    only once, before the final rename).  ``progress``: None = a bar when
+    ``durable=True`` fsyncs the ragged store at every commit (the default,
+    like ``cp``, leaves flushing to the OS: safe against a killed process,
+    not against a power loss).  ``progress``: None = a bar when
     stderr is a terminal.  ``verify=True`` compares DST with SRC afterwards
     and raises :class:`~npystream.errors.FormatError` on a difference.
     """
@@ -513,8 +514,6 @@ def _object_to_ragged(
         bar.close()
         if info.header is not None and count != info.count:  # pragma: no cover - reader checks this
             raise FormatError(f"read {count} elements, the header says {info.count}", path=info.label)
-        if not durable:
-            _fsync_tree(tmp)
         commit(tmp, dst, overwrite=overwrite)
         remove_path(sidecar)
     except BaseException:
@@ -529,22 +528,6 @@ def _object_to_ragged(
         raise
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0,
                          _tree_size(dst), 0.0, resumed_from=start, notes=notes)
-
-
-def _fsync_tree(path: str) -> None:
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool,
