@@ -403,9 +403,10 @@ def convert(
     ``trusted``/``allowed_globals`` are the object stream's safety options;
     ``kind``/``cast`` go to the ragged writer (``kind='object'`` pickles each
     element, ``cast='same_kind'`` unifies dtypes; nothing is cast silently).
-    ``durable=True`` fsyncs the ragged store at every commit (the default,
-    like ``cp``, leaves flushing to the OS: safe against a killed process,
-    not against a power loss).  ``progress``: None = a bar when
+    ``durable=True`` fsyncs the output before renaming it into place (and a
+    ragged store at every commit); the default, like ``cp`` and ``np.save``,
+    leaves flushing to the OS: safe against a killed process, not against a
+    power loss.  ``progress``: None = a bar when
     stderr is a terminal.  ``verify=True`` compares DST with SRC afterwards
     and raises :class:`~npystream.errors.FormatError` on a difference.
     """
@@ -425,13 +426,14 @@ def convert(
                                 allowed_globals=allowed_globals, kind=kind, cast=cast,
                                 durable=durable, show=show)
     elif info.kind == "ragged" and target == "npy":
-        res = _ragged_to_npy(info, dst_s, overwrite=overwrite, trusted=trusted, show=show)
+        res = _ragged_to_npy(info, dst_s, overwrite=overwrite, trusted=trusted, show=show,
+                             durable=durable)
     elif info.kind == "npz" and target == "npz-dir":
-        res = _npz_to_dir(info, dst_s, overwrite=overwrite, show=show)
+        res = _npz_to_dir(info, dst_s, overwrite=overwrite, show=show, durable=durable)
     elif info.kind in ("fixed", "object") and target == "npy" and (
         info.compressed or info.stream is not None or info.member is not None
     ):
-        res = _stream_to_npy(info, dst_s, overwrite=overwrite, show=show)
+        res = _stream_to_npy(info, dst_s, overwrite=overwrite, show=show, durable=durable)
     else:
         raise _refuse(info, target)
     res.seconds = time.perf_counter() - t0
@@ -531,7 +533,7 @@ def _object_to_ragged(
 
 
 def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool,
-                   show: bool) -> ConvertResult:
+                   show: bool, durable: bool) -> ConvertResult:
     from npystream.formats.objwriter import save_objects
 
     refuse_existing(dst, overwrite)
@@ -543,7 +545,7 @@ def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool
             yield x
 
     try:
-        count = save_objects(dst, gen(), length=info.count, overwrite=overwrite)
+        count = save_objects(dst, gen(), length=info.count, overwrite=overwrite, durable=durable)
     finally:
         bar.close()
     return ConvertResult(info.label, dst, "ragged -> object .npy", count, info.size or 0,
@@ -574,7 +576,8 @@ def _copy_npy(stream: Any, out: IO[bytes], label: str, bar: _Progress) -> tuple[
     return header, total
 
 
-def _stream_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -> ConvertResult:
+def _stream_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, show: bool,
+                   durable: bool) -> ConvertResult:
     bar = _Progress(None, show, "decompress")
     with atomic_output(dst, overwrite=overwrite) as tmp:
         stream = info.open_stream()
@@ -582,7 +585,8 @@ def _stream_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -
             with open(tmp, "wb") as out:
                 header, total = _copy_npy(stream, out, info.label, bar)
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
         finally:
             stream.close()
             bar.close()
@@ -599,7 +603,8 @@ def _safe_member_file(name: str, archive: str) -> str:
     return os.path.join(*parts) + ".npy"
 
 
-def _npz_to_dir(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -> ConvertResult:
+def _npz_to_dir(info: SourceInfo, dst: str, *, overwrite: bool, show: bool,
+                durable: bool) -> ConvertResult:
     notes: list[str] = []
     count = 0
     total = 0
@@ -616,7 +621,8 @@ def _npz_to_dir(info: SourceInfo, dst: str, *, overwrite: bool, show: bool) -> C
                 with zf.open(zi) as m, open(out_path, "wb") as out:
                     header, n = _copy_npy(m, out, f"{info.path}:{zi.filename}", bar)
                     out.flush()
-                    os.fsync(out.fileno())
+                    if durable:
+                        os.fsync(out.fileno())
                 total += n
                 count += 1
                 if header.pickled:

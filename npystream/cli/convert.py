@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
                    help="ragged element kind (default: from the first element); 'object' pickles each element")
     p.add_argument("--cast", choices=("equiv", "safe", "same_kind", "unsafe"),
                    help="allow elements of other dtypes to be cast to the store's dtype under this numpy casting rule")
-    p.add_argument("--durable", action="store_true", help="fsync the ragged store at every commit (slower)")
+    p.add_argument("--durable", action="store_true", help="fsync the output before renaming it into place (and a ragged store at every commit); slower")
     p.add_argument("--verify", action="store_true", help="compare DST with SRC element by element afterwards")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")

@@ -292,6 +292,7 @@ def save_objects(
     length: int | None = None,
     protocol: int | None = None,
     overwrite: bool = True,
+    durable: bool = False,
 ) -> int:
     """Write the items of ``iterable`` as a 1-D object ``.npy`` that ``np.load(allow_pickle=True)`` reads.
 
@@ -300,8 +301,10 @@ def save_objects(
     byte-identical to ``np.save(path, arr)`` for an object array of the same
     elements; with ``length=None`` the count is patched in at the end.
     ``protocol`` is the pickle protocol (default 4, what numpy 2 writes;
-    2 to 5 accepted).  Written atomically (temporary file, then rename).
-    Returns the number of elements written.
+    2 to 5 accepted).  Written atomically (temporary file, then rename);
+    ``durable=True`` also fsyncs the file before the rename (like ``np.save``,
+    the default leaves flushing to the OS).  Returns the number of elements
+    written.
 
     >>> import numpy as np, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "x.npy")
@@ -320,7 +323,8 @@ def save_objects(
     with atomic_output(dst, overwrite=overwrite) as tmp, open(tmp, "w+b", buffering=1 << 20) as f:
         count = _write(f, it, length, proto)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     return count
 
 
