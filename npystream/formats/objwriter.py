@@ -134,6 +134,21 @@ class _StreamPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         self.reduce_value: Any = None
         self._tell: Any = None
 
+    # -- a leaner save() for the common cases ---------------------------------
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        """``pickle._Pickler.save`` without the persistent-id and reducer-override lookups
+        (neither is used here) for objects seen before or with a dispatch entry."""
+        self.framer.commit_frame()
+        x = self.memo.get(id(obj))
+        if x is not None:
+            self.write(self.get(x[0]))
+            return
+        f = self.dispatch.get(type(obj))
+        if f is not None:
+            f(self, obj)
+            return
+        super().save(obj, save_persistent_id)
+
     # -- memo with a counter (so entries can be dropped) -------------------
     def memoize(self, obj: Any) -> None:
         if self.fast:
