@@ -556,3 +556,14 @@ def test_commits_are_visible_to_readers_before_close(tmp_path):
         assert len(RaggedArray(p)) == 100  # buffered, not yet committed
     r = RaggedArray(p)
     assert len(r) == 101 and r[57].tolist() == [57] * 20
+
+
+def test_docs_carry_the_layout_spec_verbatim():
+    import npystream.formats.ragged as mod
+
+    doc = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "ragged.md")
+    if not os.path.exists(doc):  # pragma: no cover - docs are not shipped in sdists
+        pytest.skip("docs/ragged.md not present")
+    with open(doc, encoding="utf-8") as fh:
+        text = fh.read()
+    assert mod.__doc__.strip() in text

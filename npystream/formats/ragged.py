@@ -895,10 +895,9 @@ class _Ragged1D(RaggedArray):
         vals = self._vals
         n = len(self._rng)
         step = 1 << 16
+        starts, ends = self._starts, self._ends
         for lo in range(0, n, step):
-            s = self._starts[lo : lo + step].tolist()
-            e = self._ends[lo : lo + step].tolist()
-            for a, b in zip(s, e):
+            for a, b in zip(starts[lo : lo + step], ends[lo : lo + step]):
                 yield vals[a:b]
 
 
