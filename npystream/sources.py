@@ -25,9 +25,10 @@ import mmap
 import os
 import sys
 import zipfile
+import zlib
 from typing import IO, Any, BinaryIO
 
-from npystream.errors import NotSeekableError, StoreNotFoundError, TruncatedError
+from npystream.errors import FormatError, NotSeekableError, StoreNotFoundError, TruncatedError
 
 __all__ = [
     "ByteSource",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
+# What gzip/zlib/zipfile raise on cut or corrupt compressed data (EOFError: cut gzip).
+_DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile)
 _SKIP_CHUNK = 1 << 20
 
 
@@ -288,7 +291,37 @@ class StreamSource(ByteSource):
         self._pos = 0
         self.size = size
 
+    def _bad_data(self, exc: Exception) -> FormatError:
+        """Decompressor errors (cut or corrupt gzip/zip data) as our errors, with name and offset."""
+        if isinstance(exc, EOFError):
+            return TruncatedError(
+                f"the compressed stream ends early ({exc}); the file is truncated",
+                path=self.name,
+                offset=self._pos,
+            )
+        return FormatError(
+            f"the compressed data is corrupt ({type(exc).__name__}: {exc})",
+            path=self.name,
+            offset=self._pos,
+        )
+
     def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except TruncatedError:
+            raise
+        except _DECOMPRESS_ERRORS as exc:
+            raise self._bad_data(exc) from None
+
+    def readinto(self, buf: Any) -> int:
+        try:
+            return self._readinto(buf)
+        except TruncatedError:
+            raise
+        except _DECOMPRESS_ERRORS as exc:
+            raise self._bad_data(exc) from None
+
+    def _read(self, n: int) -> bytes:
         if n <= 0:
             return b""
         # io.RawIOBase.read may return short counts on pipes: loop until n or EOF.
@@ -308,7 +341,7 @@ class StreamSource(ByteSource):
         self._pos += len(chunk)
         return chunk
 
-    def readinto(self, buf: Any) -> int:
+    def _readinto(self, buf: Any) -> int:
         readinto = getattr(self._f, "readinto", None)
         if readinto is None:
             got = super().readinto(buf)

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from npystream.errors import NotSeekableError, StoreNotFoundError, TruncatedError
+from npystream.errors import FormatError, NotSeekableError, StoreNotFoundError, TruncatedError
 from npystream.sources import (
     ByteSource,
     FileSource,
@@ -270,3 +270,23 @@ def test_gzip_detected_by_content_not_suffix(tmp_path):
     path.write_bytes(b"hello")
     with open_source(path) as src:
         assert isinstance(src, FileSource) and src.read(10) == b"hello"
+
+
+def test_cut_or_corrupt_compressed_data_raises_our_errors(tmp_path):
+    data = bytes(range(256)) * 4000
+    gz = gzip.compress(data)
+    with open_source(io.BytesIO(gz[: len(gz) // 2])) as src, pytest.raises(TruncatedError) as info:
+        src.read(len(data))
+    assert "compressed stream ends early" in str(info.value)
+    corrupt = gz[:20] + bytes(40) + gz[60:]
+    with open_source(io.BytesIO(corrupt)) as src, pytest.raises(FormatError, match="corrupt"):
+        src.readinto(bytearray(len(data)))
+    zpath = tmp_path / "c.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("m", data)
+    raw = bytearray(zpath.read_bytes())
+    raw[100:110] = bytes(10)
+    zpath.write_bytes(bytes(raw))
+    with zipfile.ZipFile(zpath) as zf, zf.open("m") as member, open_source(member) as src:
+        with pytest.raises(FormatError):
+            src.read(len(data))
