@@ -39,7 +39,8 @@ For sources opened from a path, the index is saved beside the file as
 
 It is used only if the size, mtime, header bytes, element count and both
 format tags still match; otherwise it is ignored and rebuilt.  It is written
-to a temporary name in the same directory and renamed into place (atomic);
+to a temporary name in the same directory and renamed into place (atomic; not
+fsynced: an index cut short by a crash fails validation and is rebuilt);
 if the directory is read-only (or the disk full), the index simply stays in
 memory and reading carries on.  A damaged or foreign ``.nsidx`` is treated
 like a missing one.  The index holds positions only; every element decoded
@@ -353,9 +354,8 @@ def save_index(
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(ipath) + ".", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
+            # no fsync: after a crash a short or empty .nsidx fails validation and is rebuilt
             np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
         if _file_stat(path) != stat:  # the file changed under us: this index would be stale
             os.unlink(tmp)
             return None
@@ -415,7 +415,9 @@ class ObjectArray:
         if zero_copy is not None and not isinstance(zero_copy, bool):
             raise TypeError(f"zero_copy must be True, False or None, got {zero_copy!r}")
         src = open_source(source)
-        self._owns_source = src is not source
+        # A ByteSource handed over (by npystream.open, NpzArchive) becomes ours to close;
+        # closing one that wraps a caller's file object leaves that file open.
+        self._owns_source = True
         self._src: ByteSource | None = src
         try:
             if header is None:
@@ -446,7 +448,7 @@ class ObjectArray:
         self._nsidx = bool(nsidx)
         self._index: Any = None
         self._decoder: Any = None
-        self._index_origin = "not built"
+        self._index_state = "not built"  # not built | built | loaded | saved | unsaved
         self._index_file: str | None = None
         self._consumed = False  # a forward-only source can be iterated once
         # where the pickle starts in the source: right after the header we (or open()) just read
@@ -506,6 +508,11 @@ class ObjectArray:
         return self._index is not None
 
     @property
+    def index_state(self) -> str:
+        """``'not built'``, ``'built'`` (in memory), ``'loaded'`` (from .nsidx), ``'saved'`` or ``'unsaved'`` (write failed)."""
+        return self._index_state
+
+    @property
     def index_path(self) -> str | None:
         """Where the saved index lives (or would), for path sources; None otherwise."""
         return index_path_for(self._path) if self._path is not None and self._nsidx else None
@@ -520,7 +527,13 @@ class ObjectArray:
             return f"<ObjectArray {self._closed_name!r} closed>"
         mode = "random access" if self.seekable else "stream only"
         zc = ", zero-copy" if self._zero_copy else ""
-        idx = self._index_origin
+        idx = {
+            "not built": "not built",
+            "built": "built (in memory)",
+            "loaded": f"loaded from {self._index_file}",
+            "saved": f"built, saved to {self._index_file}",
+            "unsaved": "built (in memory; the .nsidx could not be written)",
+        }[self._index_state]
         return (
             f"<ObjectArray {self._src.name!r} shape={self.shape} dtype={self.dtype} "
             f"({mode}{zc}; index: {idx})>"
@@ -649,7 +662,7 @@ class ObjectArray:
                 except (FormatError, ValueError, KeyError, TypeError, IndexError):
                     index = None
                 if index is not None:
-                    self._index_origin = f"loaded from {index_path_for(self._path)}"
+                    self._index_state = "loaded"
                     self._index_file = index_path_for(self._path)
         if index is None:
             fresh, owned = self._fresh_source()
@@ -658,7 +671,8 @@ class ObjectArray:
             finally:
                 if owned:
                     fresh.close()
-            self._index_origin = "built"
+            self._index_state = "built"
+            self._index_file = None
         self._index = index
         self._decoder = None
         want_save = self._nsidx if save is None else bool(save)
@@ -681,9 +695,9 @@ class ObjectArray:
         written = save_index(self._path, self._header, header_raw, self._index_kind(), self._index.to_arrays())
         if written is not None:
             self._index_file = written
-            self._index_origin = f"built, saved to {written}"
+            self._index_state = "saved"
         else:
-            self._index_origin = "built (in memory; the .nsidx could not be written)"
+            self._index_state = "unsaved"
 
     def _get_decoder(self) -> Any:
         decoder = self._decoder

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 
 import numpy as np
 import pytest
+from hostile_pickles import (
+    array_elem,
+    envelope,
+    integer,
+    npy_file,
+    object_array_elem,
+    short_uni,
+    stack_glob,
+    uni,
+)
 from objcases import (
     CASE_NAMES,
     CASES,
@@ -107,3 +119,36 @@ def test_assert_same_elements_counts():
     with pytest.raises(AssertionError, match="element 1"):
         assert_same_elements([1, 3], [1, 2])
     assert_same_elements(iter([np.nan, "x"]), [np.nan, "x"])
+
+
+# the assembler is right: benign versions load with numpy
+
+
+def test_assembler_builds_what_numpy_reads():
+    els = [
+        integer(1),
+        uni("a"),
+        array_elem("f4", "<", (3,), struct.pack("<3f", 1, 2, 3)),
+        object_array_elem((2,), [b"N", integer(300)]),
+        array_elem("i2", ">", (2, 2), bytes(range(8)), fortran=True),
+    ]
+    data = npy_file(envelope(els), (5,))
+    loaded = np.load(io.BytesIO(data), allow_pickle=True)
+    expected = [
+        1,
+        "a",
+        np.array([1, 2, 3], "<f4"),
+        obj_array([None, 300]),
+        # numpy unpickles non-native byte orders (protocols 2-4) into native ones
+        np.asfortranarray(np.frombuffer(bytes(range(8)), ">i2").reshape(2, 2, order="F").astype("<i2")),
+    ]
+    assert_same_elements(list(loaded.flat), expected)
+    data = npy_file(envelope(els[:4], (2, 2), fortran=True), (2, 2), fortran=True)
+    loaded = np.load(io.BytesIO(data), allow_pickle=True)
+    assert loaded.flags.f_contiguous and not loaded.flags.c_contiguous
+    assert_same_element(loaded[0, 1], "a")
+
+
+def test_short_binunicode_helper_is_protocol4():
+    assert short_uni("ab") == b"\x8c\x02ab"
+    assert stack_glob("a", "b") == b"\x8c\x01a\x8c\x01b\x93"

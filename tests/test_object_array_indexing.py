@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from npystream.object_array import _nest, resolve_key
+from npystream import FormatError
+from npystream.object_array import ObjectArray, _nest, resolve_key
 
 SHAPES = [(), (0,), (1,), (7,), (3, 4), (2, 0, 3), (2, 3, 4), (1, 1, 1, 5)]
 
@@ -106,3 +107,10 @@ def test_nest():
     assert _nest(list(range(8)), (2, 2, 2)) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
     assert _nest([], (0, 3)) == []
     assert _nest([], (2, 0)) == [[], []]
+
+
+def test_fixed_dtype_npy_is_not_an_object_array(tmp_path):
+    path = tmp_path / "f.npy"
+    np.save(path, np.arange(3))
+    with pytest.raises(FormatError, match="ObjectArray"):
+        ObjectArray(path)

@@ -1,0 +1,101 @@
+"""``npystream index FILE...``: build the offset index of object .npy files and save it as FILE.nsidx.
+
+One pass per file over the pickle's opcodes (payloads are skipped), the same
+index ``ObjectArray`` builds on first random access, written atomically
+beside the file as ``FILE.npy.nsidx``.  An index that is already up to date
+(same size, mtime and header) is reported and kept unless ``--force``.
+Prints one summary per file; exit 1 if a file is damaged, refused, not
+seekable (gzip, stdin) or its index could not be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``index`` subcommand."""
+    p = subparsers.add_parser(
+        "index",
+        help="build the offset index of object .npy files and save it beside them (FILE.nsidx)",
+        description="Build the offset index of object-dtype .npy files (one pass over the pickle "
+        "opcodes, payloads skipped) and save it atomically as FILE.nsidx, so that later "
+        "random access (npystream.open(FILE)[i]) starts at once.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="an object-dtype .npy file")
+    p.add_argument("--force", action="store_true", help="rebuild even if a saved index is up to date")
+    p.add_argument("--encoding", default="ASCII", help="for Python 2 pickles: 'latin1' or 'bytes'")
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="MODULE.NAME",
+        help="also allow this global while scanning (repeatable)",
+    )
+    p.add_argument("--trusted", action="store_true", help="no allow-list: only for files you trust")
+    p.set_defaults(func=run)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _one(path: str, args: argparse.Namespace) -> bool:
+    from npystream.errors import FormatError
+    from npystream.formats.npy import read_header
+    from npystream.object_array import ObjectArray
+    from npystream.sources import open_source
+
+    src = open_source(path)
+    try:
+        header = read_header(src)
+    except BaseException:
+        src.close()
+        raise
+    if not header.pickled:
+        src.close()
+        raise FormatError(
+            f"holds dtype {header.dtype} (fixed size, no pickle): it needs no index, "
+            "npystream.open() memory-maps it",
+            path=path,
+        )
+    opts = {"trusted": bool(args.trusted), "allowed_globals": tuple(args.allow), "encoding": args.encoding}
+    with ObjectArray(src, header=header, zero_copy=False, **opts) as arr:
+        t0 = time.perf_counter()
+        arr.build_index(save=True, rebuild=bool(args.force))
+        seconds = time.perf_counter() - t0
+        state = arr.index_state
+        size = src.size or 0
+        print(
+            f"{path}: {arr.size} elements, shape {arr.shape}, dtype {arr.dtype}, "
+            f"{_human(size)} of pickle"
+        )
+        ipath = arr.index_path
+        nbytes = os.path.getsize(ipath) if ipath and os.path.exists(ipath) else None
+        if state == "loaded":
+            print(f"  index: up to date, {ipath} ({_human(nbytes or 0)}), loaded in {seconds:.3f} s")
+            return True
+        if state == "saved":
+            print(f"  index: built in {seconds:.3f} s, saved to {ipath} ({_human(nbytes or 0)})")
+            return True
+        print(
+            f"npystream index: error: {path}: index built in {seconds:.3f} s but {ipath} could not be "
+            "written (read-only directory or disk full); random access will rebuild it in memory",
+            file=sys.stderr,
+        )
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Index every file; 0 if all were indexed and saved, else 1 (errors via main for the first bad file)."""
+    ok = True
+    for path in args.files:
+        ok = _one(path, args) and ok
+    return 0 if ok else 1

@@ -1,0 +1,544 @@
+"""ObjectArray: random access equals iteration equals np.load, zero-copy views, the saved .nsidx, streams."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import stat
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from objcases import (
+    CASE_NAMES,
+    assert_same_element,
+    assert_same_elements,
+    case,
+    case_bytes,
+    expected_elements,
+    obj_array,
+    write_case,
+)
+
+import npystream
+from npystream import FormatError, NotSeekableError
+from npystream.object_array import ObjectArray, index_path_for
+
+ZERO_COPY_KINDS = set("biufcmMSV")
+
+try:
+    import npystream.objects  # noqa: F401
+
+    from npystream.formats import pickle_walk  # noqa: F401
+except ImportError:  # remove once issue 3's engine ("stream") has landed
+    pytestmark = pytest.mark.xfail(
+        reason="npystream.objects / formats.pickle_walk (issue 3, engineer 'stream') have not landed yet",
+        strict=True,
+    )
+
+
+
+def _is_plain_array(x) -> bool:
+    return type(x) is np.ndarray and not x.dtype.hasobject
+
+
+# ---------------------------------------------------------------------------
+# the whole corpus: iteration == random access == np.load
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_corpus_iteration_and_random_access(tmp_path, name):
+    c = case(name)
+    path = tmp_path / f"{name}.npy"
+    loaded = write_case(c, path)
+    expected = expected_elements(loaded)
+    with npystream.open(path) as arr:
+        assert isinstance(arr, ObjectArray)
+        assert arr.shape == loaded.shape
+        assert arr.dtype == loaded.dtype
+        assert arr.size == loaded.size
+        assert arr.fortran_order == bool(loaded.flags.f_contiguous and not loaded.flags.c_contiguous)
+        if loaded.ndim:
+            assert len(arr) == len(loaded)
+        else:
+            with pytest.raises(TypeError):
+                len(arr)
+        assert_same_elements(iter(arr), expected)
+        order = list(range(loaded.size))
+        random.Random(name).shuffle(order)
+        originals = expected_elements(c.make())  # seeded: the arrays as saved, before numpy's unpickling
+        for i in order:
+            idx = np.unravel_index(i, loaded.shape) if loaded.ndim else ()
+            got = arr[tuple(int(k) for k in idx)]
+            assert_same_element(got, expected[i])
+            orig = originals[i]
+            if (
+                _is_plain_array(got)
+                and got.nbytes
+                and got.dtype.kind in ZERO_COPY_KINDS
+                and orig.dtype.isnative
+                and c.protocol in (None, 3, 4)
+            ):
+                # zero-copy default on a file: plain native array payloads are read-only views
+                assert not got.flags.writeable, f"element {i} should be a read-only view"
+                assert not got.flags.owndata
+        # iteration again (a file can be iterated many times) equals the first
+        assert_same_elements(list(arr), expected)
+
+
+@pytest.mark.parametrize("name", ["many_2500", "nd_fortran_3d", "structured_nested_object", "memo_backrefs"])
+def test_slices_lists_masks_return_lists(tmp_path, name):
+    path = tmp_path / "a.npy"
+    loaded = write_case(case(name), path)
+    positions = np.arange(loaded.size).reshape(loaded.shape)
+    expected = expected_elements(loaded)
+    rng = np.random.default_rng(7)
+
+    def check(key):
+        want = positions[key]
+        got = arr[key]
+        if np.ndim(want) == 0:
+            assert_same_element(got, expected[int(want)])
+            return
+        assert isinstance(got, list)
+        flat_got = np.asarray(got, dtype=object).reshape(-1) if want.ndim > 1 else got
+        assert len(flat_got) == want.size
+        for g, w in zip(flat_got, want.reshape(-1)):
+            assert_same_element(g, expected[int(w)])
+
+    with npystream.open(path) as arr:
+        n0 = loaded.shape[0]
+        for key in [
+            slice(None),
+            slice(1, 5),
+            slice(None, None, -3),
+            slice(-2, None),
+            [0, -1, 0],
+            list(rng.integers(-n0, n0, 10)),
+            rng.random(n0) < 0.3,
+            -1,
+            Ellipsis,
+        ]:
+            check(key)
+        if loaded.ndim > 1:
+            check((0, slice(None)))
+            check((slice(None), -1))
+            check((Ellipsis, 0))
+            check(rng.random(loaded.shape) < 0.5)
+
+
+def test_nd_index_and_errors_like_numpy(tmp_path):
+    path = tmp_path / "nd.npy"
+    loaded = write_case(case("nd_fortran"), path)
+    with npystream.open(path) as arr:
+        assert arr.ndim == 2 and arr.shape == (3, 4)
+        assert_same_element(arr[2, 3], loaded[2, 3])
+        assert_same_element(arr[-1, -4], loaded[-1, -4])
+        assert_same_element(arr[np.int64(1), np.uint8(2)], loaded[1, 2])
+        for key in [(3, 0), (0, 4), (-4, 0), (0, 0, 0), 5, "x", 1.5]:
+            with pytest.raises(IndexError) as want:
+                loaded[key]
+            with pytest.raises(IndexError) as got:
+                arr[key]
+            assert str(got.value) == str(want.value)
+        row = arr[1]
+        assert isinstance(row, list) and len(row) == 4
+        for j in range(4):
+            assert_same_element(row[j], loaded[1, j])
+
+
+def test_zero_d(tmp_path):
+    path = tmp_path / "d.npy"
+    loaded = write_case(case("zero_d_dict"), path)
+    with npystream.open(path) as arr:
+        assert arr.shape == () and arr.size == 1 and arr.ndim == 0
+        assert_same_element(arr[()], loaded[()])
+        assert_same_element(arr[...], loaded[()])
+        with pytest.raises(IndexError, match="0-dimensional"):
+            arr[0]
+        assert_same_elements(arr, [loaded[()]])
+        assert_same_element(arr.tolist(), loaded[()])
+
+
+def test_empty(tmp_path):
+    path = tmp_path / "e.npy"
+    write_case(case("empty_2d"), path)
+    with npystream.open(path) as arr:
+        assert arr.shape == (0, 3) and len(arr) == 0
+        assert list(arr) == []
+        assert arr[:] == []
+        with pytest.raises(IndexError):
+            arr[0]
+        arr.build_index()
+        assert arr.index_built
+
+
+# ---------------------------------------------------------------------------
+# zero-copy
+
+
+def test_zero_copy_views_read_only_and_correct(tmp_path):
+    rng = np.random.default_rng(0)
+    items = [rng.standard_normal(n).astype(dt) for n, dt in [(10, "<f4"), (100_000, "<f8"), (7, ">i4"), (0, "<f4")]]
+    items += [np.asfortranarray(rng.standard_normal((30, 20))), "not an array", obj_array([np.arange(3)])]
+    arr_in = obj_array(items)
+    path = tmp_path / "z.npy"
+    np.save(path, arr_in)
+    loaded = np.load(path, allow_pickle=True)
+    # numpy unpickles the big-endian element into native order: a copy, not a view
+    assert loaded[2].dtype.isnative
+    with npystream.open(path) as arr:
+        assert arr.zero_copy
+        assert_same_element(arr[2], loaded[2])
+        for i in (1, 0, 4):
+            view = arr[i]
+            assert_same_element(view, items[i])
+            assert not view.flags.writeable and not view.flags.owndata
+            with pytest.raises(ValueError):
+                view[...] = 0
+            # a writable copy is one call away and independent
+            copy = np.array(view)
+            assert copy.flags.writeable
+            copy[...] = 0
+            assert_same_element(arr[i], items[i])
+        kept = arr[1]
+    # views outlive the ObjectArray (they keep the mapping alive)
+    assert_same_element(kept, items[1])
+    with npystream.open(path, zero_copy=False) as arr:
+        assert not arr.zero_copy
+        for i in (0, 1, 2, 4):
+            got = arr[i]
+            assert_same_element(got, loaded[i])
+            assert got.flags.writeable
+        # iteration yields copies, like np.load
+        for got, exp in zip(arr, loaded):
+            assert_same_element(got, exp)
+            if _is_plain_array(got):
+                assert got.flags.writeable
+
+
+def test_zero_copy_refused_on_streams_and_memory(tmp_path):
+    data = case_bytes(case("float32_arrays"))
+    with pytest.raises(NotSeekableError, match="zero_copy"):
+        ObjectArray(io.BytesIO(data), zero_copy=True)
+    with ObjectArray(io.BytesIO(data)) as arr:
+        assert not arr.zero_copy and arr.seekable
+        assert arr[3].flags.writeable
+
+
+# ---------------------------------------------------------------------------
+# sources
+
+
+def test_file_object_and_bytes_sources(tmp_path):
+    path = tmp_path / "f.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    with open(path, "rb") as f, ObjectArray(f) as arr:
+        assert_same_element(arr[2499], expected[2499])
+        assert_same_elements(arr, expected)
+        assert_same_element(arr[-2], expected[-2])
+    assert not f.closed or True
+    with ObjectArray(path.read_bytes()) as arr:
+        assert_same_element(arr[1234], expected[1234])
+        assert_same_elements(arr[10:20], expected[10:20])
+
+
+def test_iterations_and_indexing_interleave(tmp_path):
+    path = tmp_path / "i.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    with npystream.open(path) as arr:
+        it1, it2 = iter(arr), iter(arr)
+        for k in range(1500):
+            assert_same_element(next(it1), expected[k])
+            if k % 3 == 0:
+                assert_same_element(next(it2), expected[k // 3])
+            if k % 100 == 0:
+                assert_same_element(arr[-k - 1], expected[-k - 1])
+
+
+def _gzip_file(tmp_path, name="many_2500"):
+    data = case_bytes(case(name))
+    path = tmp_path / "g.npy.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+def test_gzip_streams_only(tmp_path):
+    path, data = _gzip_file(tmp_path)
+    expected = expected_elements(np.load(io.BytesIO(data), allow_pickle=True))
+    arr = npystream.open(path)
+    try:
+        assert isinstance(arr, ObjectArray)
+        assert arr.shape == (2500,) and len(arr) == 2500 and not arr.seekable and not arr.zero_copy
+        assert "stream only" in repr(arr)
+        for key in (0, -1, slice(0, 3), [1, 2]):
+            with pytest.raises(NotSeekableError, match=r"read forward.*iterate"):
+                arr[key]
+        with pytest.raises(NotSeekableError, match="index"):
+            arr.build_index()
+        assert_same_elements(arr, expected)
+        with pytest.raises(NotSeekableError, match="only once"):
+            iter(arr)
+    finally:
+        arr.close()
+    with pytest.raises(NotSeekableError):
+        npystream.open(path, zero_copy=True)
+
+
+def test_pipe_streams_only(tmp_path):
+    data = case_bytes(case("large_payloads"))
+    expected = expected_elements(np.load(io.BytesIO(data), allow_pickle=True))
+    rfd, wfd = os.pipe()
+
+    def feed():
+        with os.fdopen(wfd, "wb") as w:
+            w.write(data)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        with os.fdopen(rfd, "rb") as r, ObjectArray(r) as arr:
+            assert not arr.seekable
+            with pytest.raises(NotSeekableError):
+                arr[0]
+            assert_same_elements(arr, expected)
+    finally:
+        t.join()
+
+
+# ---------------------------------------------------------------------------
+# the saved index
+
+
+def test_nsidx_saved_reused_and_invalidated(tmp_path):
+    path = tmp_path / "n.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    ipath = index_path_for(path)
+    with npystream.open(path) as arr:
+        assert not arr.index_built and not os.path.exists(ipath)
+        assert_same_element(arr[5], expected[5])  # builds lazily, saves
+        assert arr.index_built and os.path.exists(ipath)
+        assert arr.index_path == ipath
+    with np.load(ipath, allow_pickle=False) as z:  # a plain .npz, no pickles
+        assert "nsidx_meta" in z.files and any(f.startswith("i_") for f in z.files)
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" in repr(arr)
+        assert_same_element(arr[2000], expected[2000])
+    # same path, different content (different size): the old index is ignored
+    other = obj_array([f"other-{i}" for i in range(3000)])
+    np.save(path, other)
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" not in repr(arr)
+        assert arr[2999] == "other-2999"
+    # same size, new mtime: rebuilt too
+    np.save(path, obj_array([f"OTHER-{i}" for i in range(3000)]))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" not in repr(arr)
+        assert arr[2999] == "OTHER-2999"
+    # and the fresh index is reused
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" in repr(arr)
+
+
+def test_nsidx_same_size_and_mtime_but_different_header_is_rebuilt(tmp_path):
+    path = tmp_path / "h.npy"
+    np.save(path, obj_array(["ab", "cd"]))
+    with npystream.open(path) as arr:
+        arr.build_index()
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    # the same pickle under a (2,) -> (2,) header whose text differs: fortran_order True
+    data[: data.index(b"\n") + 1] = data[: data.index(b"\n") + 1].replace(b"'fortran_order': False", b"'fortran_order':  True")
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" not in repr(arr)
+        assert arr[1] == "cd"
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a zip", b"PK\x03\x04" + b"\x00" * 50], ids=["empty", "text", "badzip"])
+def test_nsidx_garbage_is_ignored(tmp_path, garbage):
+    path = tmp_path / "g.npy"
+    loaded = write_case(case("exactly_1001"), path)
+    with open(index_path_for(path), "wb") as f:
+        f.write(garbage)
+    with npystream.open(path) as arr:
+        assert_same_element(arr[1000], expected_elements(loaded)[1000])
+        assert "loaded" not in repr(arr)
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert "loaded" in repr(arr)  # replaced by a good one
+
+
+def test_nsidx_forged_offsets_do_not_give_garbage(tmp_path):
+    """An index whose metadata matches but whose offsets were tampered with: an error or the right answer."""
+    path = tmp_path / "t.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    with npystream.open(path) as arr:
+        arr.build_index()
+    ipath = index_path_for(path)
+    with np.load(ipath) as z:
+        arrays = {k: z[k] for k in z.files}
+    starts = arrays["i_starts"].copy()
+    starts[10:20] += 1  # shifted element starts
+    arrays["i_starts"] = starts
+    np.savez(ipath, **arrays)
+    with npystream.open(path) as arr:
+        for i in range(5, 25):
+            try:
+                got = arr[i]
+            except (FormatError, npystream.UnsafePickleError):
+                continue
+            assert_same_element(got, expected[i])
+
+
+def test_nsidx_read_only_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "r.npy"
+    loaded = write_case(case("exactly_1000"), path)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(folder, os.W_OK):  # running as root: simulate the refusal instead
+            import tempfile
+
+            def refuse(*a, **k):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        with npystream.open(path) as arr:
+            assert_same_element(arr[999], expected_elements(loaded)[999])
+            assert "in memory" in repr(arr)
+        assert sorted(os.listdir(folder)) == ["r.npy"]
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+def test_nsidx_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "w.npy"
+    loaded = write_case(case("exactly_1000"), path)
+
+    def broken_savez(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with npystream.open(path) as arr:
+        assert_same_element(arr[3], expected_elements(loaded)[3])
+    assert sorted(os.listdir(tmp_path)) == ["w.npy"]
+
+
+def test_nsidx_disabled(tmp_path):
+    path = tmp_path / "x.npy"
+    write_case(case("exactly_1000"), path)
+    with npystream.open(path, nsidx=False) as arr:
+        arr.build_index()
+        assert arr.index_path is None
+    assert not os.path.exists(index_path_for(path))
+    with npystream.open(path) as arr:
+        arr.build_index(save=False)
+    assert not os.path.exists(index_path_for(path))
+    with npystream.open(path) as arr:
+        arr.build_index(save=True)
+    assert os.path.exists(index_path_for(path))
+
+
+# ---------------------------------------------------------------------------
+# lifetime, repr, safety options
+
+
+def test_close_and_repr(tmp_path):
+    path = tmp_path / "c.npy"
+    write_case(case("exactly_1001"), path)
+    arr = npystream.open(path)
+    first = arr[0]
+    text = repr(arr)
+    assert "c.npy" in text and "(1001,)" in text and "object" in text and "random access" in text
+    arr.close()
+    arr.close()  # idempotent
+    assert "closed" in repr(arr)
+    assert first == 0
+    with pytest.raises(ValueError, match="closed"):
+        arr[0]
+    with pytest.raises(ValueError, match="closed"):
+        iter(arr)
+
+
+def test_safety_options_reach_the_engine(tmp_path):
+    from hostile_pickles import envelope, glob, integer, npy_file
+
+    path = tmp_path / "od.npy"
+    path.write_bytes(npy_file(envelope([integer(1), glob("collections", "OrderedDict") + b")R"]), (2,)))
+    with npystream.open(path) as arr:
+        assert arr[0] == 1
+        with pytest.raises(npystream.UnsafePickleError, match="OrderedDict"):
+            arr[1]
+    with npystream.open(path, allowed_globals=[("collections", "OrderedDict")]) as arr:
+        assert type(arr[1]).__name__ == "OrderedDict"
+    with npystream.open(path, trusted=True) as arr:
+        assert list(arr)[1] == {}
+    with pytest.raises(TypeError):
+        npystream.open(path, trusted="yes")
+
+
+def test_array_protocol_materialises_like_np_load(tmp_path):
+    for name in ("nd_fortran", "structured_object_fields", "zero_d_dict"):
+        path = tmp_path / f"{name}.npy"
+        loaded = write_case(case(name), path)
+        with npystream.open(path) as arr:
+            got = np.asarray(arr)
+        assert_same_element(got, loaded)
+
+
+# ---------------------------------------------------------------------------
+# .npz object members
+
+
+def _npz(tmp_path, compressed: bool):
+    items = {"obj": obj_array([np.arange(5.0), "s", {"k": [1]}, None] * 300), "num": np.arange(4)}
+    path = tmp_path / ("c.npz" if compressed else "s.npz")
+    (np.savez_compressed if compressed else np.savez)(path, **items)
+    return path, items
+
+
+def test_npz_stored_object_member_random_access(tmp_path):
+    path, items = _npz(tmp_path, compressed=False)
+    expected = list(items["obj"].flat)
+    with npystream.open(path) as z:
+        member = z["obj"]
+        assert isinstance(member, ObjectArray) and member.seekable
+        assert_same_element(member[1199], expected[1199])
+        assert_same_element(member[0], expected[0])
+        assert not member[0].flags.writeable  # zero-copy into the .npz
+        assert_same_elements(member, expected)
+        assert_same_element(z["num"], np.arange(4))
+        member.close()
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"]  # no index files beside archives
+
+
+def test_npz_deflated_object_member_streams(tmp_path):
+    path, items = _npz(tmp_path, compressed=True)
+    expected = list(items["obj"].flat)
+    with npystream.open(path) as z:
+        with zipfile.ZipFile(path) as raw:
+            assert raw.getinfo("obj.npy").compress_type == zipfile.ZIP_DEFLATED
+        member = z["obj"]
+        assert isinstance(member, ObjectArray) and not member.seekable
+        with pytest.raises(NotSeekableError):
+            member[0]
+        assert_same_elements(member, expected)
+        member.close()
