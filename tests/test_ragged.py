@@ -567,3 +567,55 @@ def test_docs_carry_the_layout_spec_verbatim():
     with open(doc, encoding="utf-8") as fh:
         text = fh.read()
     assert mod.__doc__.strip() in text
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    hst.integers(0, 3),
+    hst.sampled_from(["<f8", ">i2", "|u1", "<c8"]),
+    hst.lists(hst.lists(hst.integers(0, 3), min_size=3, max_size=3), max_size=25),
+    hst.sampled_from([8, 64, 1 << 20]),
+    hst.tuples(hst.none() | hst.integers(-30, 30), hst.none() | hst.integers(-30, 30),
+               hst.none() | hst.integers(-4, 4).filter(lambda k: k != 0)),
+)
+def test_hypothesis_nd_views(tmp_path_factory, ndim, dtype, dims, buffer_size, sl):
+    dt = np.dtype(dtype)
+    elems = [np.arange(int(np.prod(d[:ndim])), dtype=dt).reshape(tuple(d[:ndim])) for d in dims]
+    p = tmp_path_factory.mktemp("hn") / "h.ragged"
+    with RaggedWriter(p, dtype=dt, durable=False, buffer_size=buffer_size,
+                      commit_bytes=buffer_size) as w:
+        for e in elems:
+            w.append(e)
+    r = RaggedArray(p)
+    view, exp = r[slice(*sl)], elems[slice(*sl)]
+    assert len(view) == len(exp)
+    for a, b in zip(exp, view):
+        _same(a, b)
+    assert [tuple(s) for s in view.shapes] == [a.shape for a in exp]
+    assert view.lengths.tolist() == [a.size for a in exp]
+    copy = save_ragged(p.parent / "copy.ragged", view, durable=False)  # bulk path
+    assert copy.ndim == r.ndim and len(copy) == len(exp)
+    assert r.ndim == (ndim if elems else 1)  # an empty store has nothing to learn ndim from
+    for a, b in zip(exp, copy):
+        _same(a, b)
+
+
+def test_bulk_and_single_appends_keep_order(tmp_path):
+    src = save_ragged(tmp_path / "src.ragged", [np.arange(k, dtype="<i4") for k in range(10)])
+    p = tmp_path / "mix.ragged"
+    with RaggedWriter(p, durable=False, buffer_size=64, commit_bytes=64) as w:
+        w.append(np.array([100, 101], "<i4"))  # buffered
+        w.extend(src[3:7])  # bulk: must land after the buffered element
+        w.append(np.array([200], "<i4"))
+        w.extend(src[::-3])
+    r = RaggedArray(p)
+    expect = [[100, 101]] + [list(range(k)) for k in range(3, 7)] + [[200]] + \
+        [list(range(k)) for k in range(9, -1, -3)]
+    assert [x.tolist() for x in r] == expect
+    with pytest.raises(CastError):
+        with RaggedWriter(p, mode="a") as w:
+            w.extend(save_ragged(tmp_path / "f.ragged", [np.ones(2)]))
+    with pytest.raises(CastError):
+        with RaggedWriter(p, mode="a") as w:
+            w.extend(save_ragged(tmp_path / "s.ragged", ["a"]))
+    assert len(RaggedArray(p)) == len(expect)

@@ -55,7 +55,9 @@ the shape to grow in place: writers rewrite it with the same length.
 it says (data of an interrupted write; the header shape may then exceed
 ``count``), never shorter.  A reader takes ``count`` and ``nitems`` from
 ``meta.json``, checks each part's header (magic, dtype, order) and size,
-then maps exactly ``(count + 1) * 8`` bytes of offsets and ``nitems`` values.
+maps exactly ``(count + 1) * 8`` bytes of offsets and ``nitems`` values, and
+checks that the offsets start at 0, never decrease and end at ``nitems``
+(and that each shape's product is its element's length).
 
 Commit protocol (crash safety)
 ==============================
@@ -731,6 +733,8 @@ class RaggedArray:
         """Each element's shape, an int64 array of shape (len, ndim)."""
         if self._st.shapes_np is not None:
             rng = self._rng
+            if not len(rng):
+                return self._st.shapes_np[:0]
             return self._st.shapes_np[rng.start : rng.stop if rng.stop >= 0 else None : rng.step]
         if self._nd == 0:
             return np.zeros((len(self), 0), dtype=np.int64)
