@@ -1,0 +1,668 @@
+"""The safety layer of the object reader: policy, allow-listed globals, checked callables, placeholders.
+
+``np.save`` of an object array writes a pickle that calls only a handful of
+callables.  In safe mode (the default) :class:`SafeUnpickler` resolves
+globals from an allow-list sufficient for everything ``np.save`` writes and
+never hands numpy's dangerous entry points to the pickle directly:
+
+* ``numpy.(_)core.multiarray._reconstruct`` -> :func:`_reconstruct_checked`:
+  only as numpy writes it, ``_reconstruct(ndarray, (0,), b'b')``; it returns
+  an :class:`ArrayProto` placeholder whose ``__setstate__`` only *records*
+  the state.  After each ``load()`` the placeholders are finalised
+  (:func:`finalize`): the state is validated (version, shape of non-negative
+  ints, a dtype that passes :func:`check_dtype`, a 0/1 Fortran flag, a list
+  whose length equals the element count for object dtypes, raw data whose
+  size equals the array's bytes otherwise -- numpy segfaults on the last
+  two) and the real array is built with numpy's own ``ndarray.__setstate__``
+  on the validated state, or, for zero-copy, as a read-only ``np.frombuffer``
+  view of the mapped file.  One placeholder gives one array (memo aliasing
+  survives).
+* ``numpy.ndarray`` -> a token that ``_reconstruct`` accepts and that raises
+  when called (``ndarray(shape)`` from a pickle could allocate without bound).
+* ``numpy.dtype`` -> a checked constructor (a type-code string, 0/1 flags).
+  ``BUILD`` then runs numpy's ``dtype.__setstate__``; every dtype made during
+  a load is checked afterwards by :func:`check_dtype` (rebuilt through numpy's
+  validating constructor and compared, flags included), before any array is
+  made from it.  Callables that use a dtype *during* the load (``scalar``,
+  ``_frombuffer``) check it first.
+* ``scalar``, ``_frombuffer`` (protocol 5), ``_codecs.encode`` (protocol 2
+  bytes), ``bytearray``, ``bytes``: checked wrappers (sizes, types, no
+  integer-size allocations).
+* harmless builtins are returned as themselves: ``complex``, ``set``,
+  ``frozenset``, ``range`` (Python 2 ``xrange`` after ``fix_imports``) and
+  ``slice``.
+
+Anything else raises :class:`~npystream.errors.UnsafePickleError` naming the
+global before anything is called; ``allowed_globals`` extends the list
+(resolved with the normal ``find_class``), ``trusted=True`` resolves every
+global like ``np.load(allow_pickle=True)``.  Persistent ids and extension
+codes are refused by the scanner in both modes.
+
+A wrapper returned for a global that is itself an element (an object array
+holding the class ``bytearray``, say) is mapped back to the real object when
+it is a whole element; nested inside a container it stays the wrapper
+(documented limitation of safe mode).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import importlib
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from npystream.errors import FormatError, UnsafePickleError
+
+__all__ = [
+    "SafetyPolicy",
+    "SafeUnpickler",
+    "ArrayProto",
+    "PickleDecodeError",
+    "check_dtype",
+    "finalize",
+    "MAX_NESTING",
+]
+
+MAX_NESTING = 1000  # containers holding arrays nested deeper than this are refused
+_INT64_MAX = 2**63 - 1
+
+
+class PickleDecodeError(FormatError, UnicodeError):
+    """A Python-2 string in the pickle cannot be decoded with the chosen ``encoding``."""
+
+
+def _core_module(name: str) -> Any:
+    for base in ("numpy._core", "numpy.core"):
+        try:
+            return importlib.import_module(f"{base}.{name}")
+        except ImportError:
+            continue
+    raise ImportError(f"numpy has neither numpy._core.{name} nor numpy.core.{name}")  # pragma: no cover
+
+
+_multiarray = _core_module("multiarray")
+_numeric = _core_module("numeric")
+_real_reconstruct = _multiarray._reconstruct
+_real_scalar = _multiarray.scalar
+_real_frombuffer = getattr(_numeric, "_frombuffer", None)
+
+
+# ---------------------------------------------------------------------------
+# policy
+
+
+def _norm_global(item: Any) -> str:
+    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return f"{item[0]}:{item[1]}"
+    if isinstance(item, str) and item:
+        if ":" in item:
+            return item
+        module, dot, name = item.rpartition(".")
+        if dot and module and name:
+            return f"{module}:{name}"
+    raise ValueError(
+        f"allowed_globals entries must be 'module.name', 'module:qualname' or (module, qualname) "
+        f"pairs, got {item!r}"
+    )
+
+
+@dataclass(frozen=True)
+class SafetyPolicy:
+    """How much of a pickle to trust: the arguments ``iter_objects``/``open`` take, validated."""
+
+    trusted: bool = False
+    allowed_globals: frozenset[str] = field(default_factory=frozenset)
+    encoding: str = "ASCII"
+    fix_imports: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trusted, bool):
+            raise TypeError(f"trusted must be True or False, got {self.trusted!r}")
+        if not isinstance(self.fix_imports, bool):
+            raise TypeError(f"fix_imports must be True or False, got {self.fix_imports!r}")
+        if not isinstance(self.encoding, str):
+            raise TypeError(f"encoding must be a str such as 'ASCII', 'latin1' or 'bytes', got {self.encoding!r}")
+        if self.encoding != "bytes":
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(
+                    f"encoding {self.encoding!r} is not a known codec; use 'ASCII' (default), "
+                    "'latin1' or 'bytes' like np.load"
+                ) from None
+        if not isinstance(self.allowed_globals, frozenset) or not all(
+            isinstance(x, str) and ":" in x for x in self.allowed_globals
+        ):
+            raise TypeError("allowed_globals must be built with SafetyPolicy.make()")
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        trusted: bool = False,
+        allowed_globals: Any = (),
+        encoding: str = "ASCII",
+        fix_imports: bool = True,
+    ) -> SafetyPolicy:
+        """Validate user arguments (eagerly) and build a policy."""
+        if isinstance(allowed_globals, (str, bytes)):
+            raise TypeError(
+                "allowed_globals must be an iterable of names such as ['collections.OrderedDict'], "
+                f"not a single string {allowed_globals!r}"
+            )
+        try:
+            items = list(allowed_globals or ())
+        except TypeError:
+            raise TypeError(f"allowed_globals must be an iterable of names, got {allowed_globals!r}") from None
+        return cls(
+            trusted=trusted,
+            allowed_globals=frozenset(_norm_global(x) for x in items),
+            encoding=encoding,
+            fix_imports=fix_imports,
+        )
+
+
+# ---------------------------------------------------------------------------
+# dtype checks
+
+
+def _shape_count(shape: Any, what: str) -> int:
+    if not isinstance(shape, tuple) or not all(type(x) is int for x in shape):
+        raise FormatError(f"{what} shape is {shape!r}, expected a tuple of ints")
+    n = 1
+    for dim in shape:
+        if dim < 0:
+            raise FormatError(f"{what} shape {shape!r} has a negative dimension")
+        n *= dim
+    if n > _INT64_MAX:
+        raise FormatError(f"{what} shape {shape!r} overflows 64 bits")
+    return n
+
+
+def _rebuild_dtype(d: np.dtype, depth: int = 0) -> np.dtype:
+    """Rebuild ``d`` through numpy's validating constructors (which refuse overlapping objects)."""
+    if depth > 64:
+        raise UnsafePickleError("dtype nested more than 64 levels deep")
+    if d.subdtype is not None:
+        base, shape = d.subdtype
+        return np.dtype((_rebuild_dtype(base, depth + 1), shape))
+    if d.fields is not None and d.names is not None:
+        names = list(d.names)
+        formats, offsets, titles = [], [], []
+        for name in names:
+            entry = d.fields[name]
+            formats.append(_rebuild_dtype(entry[0], depth + 1))
+            offsets.append(entry[1])
+            titles.append(entry[2] if len(entry) > 2 else None)
+        spec: dict[str, Any] = {"names": names, "formats": formats, "offsets": offsets, "itemsize": d.itemsize}
+        if any(t is not None for t in titles):
+            spec["titles"] = titles
+        return np.dtype(spec, align=d.isalignedstruct)
+    return np.dtype(d.str)
+
+
+def check_dtype(d: Any) -> np.dtype:
+    """Refuse a dtype whose state was forged (flags, sizes, overlapping object fields)."""
+    if not isinstance(d, np.dtype):
+        raise UnsafePickleError(f"expected a numpy dtype, got {type(d).__name__}")
+    try:
+        canon = _rebuild_dtype(d)
+    except UnsafePickleError:
+        raise
+    except Exception as exc:
+        raise UnsafePickleError(
+            f"dtype {d!r} does not pass numpy's own constructor ({type(exc).__name__}: {exc}); "
+            "its pickled state was forged"
+        ) from None
+    if (
+        canon != d
+        or canon.itemsize != d.itemsize
+        or canon.flags != d.flags
+        or canon.hasobject != d.hasobject
+        or canon.alignment > max(d.alignment, 1) * 64
+    ):
+        raise UnsafePickleError(
+            f"dtype state was forged: got {d!r} (itemsize {d.itemsize}, flags {d.flags}), numpy builds "
+            f"{canon!r} (itemsize {canon.itemsize}, flags {canon.flags}) from the same description"
+        )
+    return d
+
+
+# ---------------------------------------------------------------------------
+# placeholders and checked callables
+
+
+class ArrayProto:
+    """Placeholder for an ndarray under construction: records ``__setstate__``'s state only."""
+
+    __slots__ = ("state", "result", "view")
+
+    def __init__(self, view: Any = None) -> None:
+        self.state: Any = None
+        self.result: Any = None
+        self.view = view
+
+    def __setstate__(self, state: Any) -> None:
+        if self.state is not None:
+            raise UnsafePickleError("BUILD applied twice to one array")
+        self.state = state
+
+    def __hash__(self) -> int:
+        raise TypeError("unhashable type: 'numpy.ndarray'")
+
+    def __reduce__(self) -> Any:  # pragma: no cover - never pickled
+        raise TypeError("placeholder")
+
+
+class _Refusing:
+    """Base of the wrapper objects handed to the pickle: no state, no attributes to overwrite."""
+
+    __slots__ = ()
+    real: Any = None
+    label = "?"
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafePickleError(f"BUILD on the global {self.label} is not something numpy writes")
+
+    def __reduce__(self) -> Any:  # pragma: no cover
+        raise TypeError("not picklable")
+
+    def __repr__(self) -> str:
+        return f"<npystream safe {self.label}>"
+
+
+class _NdarrayToken(_Refusing):
+    __slots__ = ()
+    real = np.ndarray
+    label = "numpy.ndarray"
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        raise UnsafePickleError("numpy.ndarray called directly (allocates from pickled sizes); numpy never writes that")
+
+
+NDARRAY_TOKEN = _NdarrayToken()
+
+
+class _Checked(_Refusing):
+    """A checked stand-in for a numpy/builtin callable, bound to one unpickler's load context."""
+
+    __slots__ = ("_fn", "_ctx", "_real", "_label")
+
+    def __init__(self, fn: Any, ctx: LoadContext, real: Any, label: str) -> None:
+        self._fn = fn
+        self._ctx = ctx
+        self._real = real
+        self._label = label
+
+    @property
+    def real(self) -> Any:  # type: ignore[override]
+        return self._real
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return self._label
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(self._ctx, *args)
+
+
+def _flag01(x: Any) -> bool:
+    return type(x) in (bool, int) and x in (0, 1)
+
+
+def _as_text(x: Any) -> str | None:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bytes):
+        try:
+            return x.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: Any) -> Any:
+    if subtype is NDARRAY_TOKEN or subtype is np.ndarray:
+        if shape != (0,) or typecode not in (b"b", "b"):
+            raise UnsafePickleError(
+                f"_reconstruct called with ({shape!r}, {typecode!r}); numpy writes ((0,), b'b')"
+            )
+        ctx.protos += 1
+        return ArrayProto()
+    if ctx.trusted:
+        return _real_reconstruct(subtype, shape, typecode)
+    raise UnsafePickleError(
+        f"_reconstruct of {getattr(subtype, '__name__', subtype)!r}: only plain numpy.ndarray is allowed "
+        "in safe mode; pass trusted=True for ndarray subclasses"
+    )
+
+
+def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    text = _as_text(obj)
+    if text is None or len(text) > 64 or not _flag01(align) or not _flag01(copy):
+        raise UnsafePickleError(
+            f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string, 0|1, 0|1)"
+        )
+    try:
+        d = np.dtype(text, align=bool(align), copy=bool(copy))
+    except Exception as exc:
+        raise FormatError(f"bad dtype code {text!r} in pickle ({type(exc).__name__}: {exc})") from None
+    ctx.dtypes.append(d)
+    return d
+
+
+def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
+    d = check_dtype(dtype)
+    if d.hasobject:
+        if d.fields is not None:
+            raise UnsafePickleError("numpy scalar of a structured dtype with objects; numpy never writes that")
+        return _real_scalar(d, obj)
+    if isinstance(obj, str):  # Python-2 string decoded with latin1
+        size = len(obj)
+    elif isinstance(obj, bytes):
+        size = len(obj)
+    else:
+        raise UnsafePickleError(f"numpy scalar from {type(obj).__name__}; numpy writes bytes")
+    if size != d.itemsize:
+        raise FormatError(f"numpy scalar of dtype {d} needs {d.itemsize} bytes, pickle gives {size}")
+    return _real_scalar(d, obj)
+
+
+def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, order: Any) -> Any:
+    d = check_dtype(dtype)
+    if d.hasobject:
+        raise UnsafePickleError("_frombuffer with an object dtype")
+    n = _shape_count(shape, "_frombuffer")
+    try:
+        size = memoryview(buf).nbytes
+    except TypeError:
+        raise UnsafePickleError(f"_frombuffer of {type(buf).__name__}") from None
+    if size != n * d.itemsize or order not in ("C", "F", "A", "K"):
+        raise FormatError(f"_frombuffer: {size} bytes for shape {shape!r} of {d} ({n * d.itemsize} bytes expected)")
+    return _real_frombuffer(buf, d, shape, order)
+
+
+def _encode_checked(ctx: LoadContext, obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "iso-8859-1") or errors != "strict":
+        raise UnsafePickleError(f"_codecs.encode({type(obj).__name__}, {encoding!r}); numpy writes (str, 'latin1')")
+    return obj.encode("latin1")
+
+
+def _bytearray_checked(ctx: LoadContext, *args: Any) -> bytearray:
+    if not args:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return bytearray(args[0], "latin1")
+    raise UnsafePickleError(f"bytearray called with {tuple(type(a).__name__ for a in args)}; pickle writes bytes")
+
+
+def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
+    if not args:
+        return b""
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytes(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return args[0].encode("latin1")
+    raise UnsafePickleError(f"bytes called with {tuple(type(a).__name__ for a in args)}")
+
+
+_CHECKED: dict[tuple[str, str], tuple[Any, Any]] = {}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _CHECKED[(_mod, "_reconstruct")] = (_reconstruct_checked, _real_reconstruct)
+    _CHECKED[(_mod, "scalar")] = (_scalar_checked, _real_scalar)
+for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _CHECKED[(_mod, "_frombuffer")] = (_frombuffer_checked, _real_frombuffer)
+_CHECKED[("numpy", "dtype")] = (_dtype_checked, np.dtype)
+_CHECKED[("_codecs", "encode")] = (_encode_checked, codecs.encode)
+_CHECKED[("builtins", "bytearray")] = (_bytearray_checked, bytearray)
+_CHECKED[("builtins", "bytes")] = (_bytes_checked, bytes)
+
+_HARMLESS: dict[tuple[str, str], Any] = {
+    ("builtins", "complex"): complex,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "range"): range,
+    ("builtins", "slice"): slice,
+    ("numpy", "ndarray"): NDARRAY_TOKEN,
+}
+
+
+def _numpy_alias(module: str) -> str:
+    """Map numpy.core.* <-> numpy._core.* to whichever the installed numpy has."""
+    if module.startswith("numpy.core") and _multiarray.__name__.startswith("numpy._core"):
+        return "numpy._core" + module[len("numpy.core") :]
+    if module.startswith("numpy._core") and _multiarray.__name__.startswith("numpy.core"):
+        return "numpy.core" + module[len("numpy._core") :]
+    return module
+
+
+# ---------------------------------------------------------------------------
+# the unpickler
+
+
+class LoadContext:
+    """Per-unpickler bookkeeping for one ``load()``: dtypes to check, placeholders made."""
+
+    __slots__ = ("trusted", "dtypes", "protos", "view")
+
+    def __init__(self, trusted: bool) -> None:
+        self.trusted = trusted
+        self.dtypes: list[np.dtype] = []
+        self.protos = 0
+        self.view: Any = None
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """The C unpickler with the policy's ``find_class`` and our zero-copy ``persistent_load``."""
+
+    def __init__(self, feed: Any, policy: SafetyPolicy, *, zero_copy_view: Any = None) -> None:
+        super().__init__(feed, fix_imports=policy.fix_imports, encoding=policy.encoding, errors="strict")
+        self.policy = policy
+        self.ctx = LoadContext(policy.trusted)
+        self.ctx.view = zero_copy_view
+        self.use_protos = (not policy.trusted) or zero_copy_view is not None
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        key = (module, name)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        value = self._resolve(module, name)
+        self._cache[key] = value
+        return value
+
+    def _resolve(self, module: str, name: str) -> Any:
+        policy = self.policy
+        mmod, mname = module, name
+        if policy.fix_imports:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                mmod, mname = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                mmod = _compat_pickle.IMPORT_MAPPING[module]
+        elif module in ("__builtin__", "copy_reg"):
+            raise ModuleNotFoundError(
+                f"No module named {module!r} (a Python 2 pickle: pass fix_imports=True, as np.load does by default)"
+            )
+        key = (mmod, mname)
+        if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] == "_reconstruct"):
+            fn, real = _CHECKED[key]
+            return _Checked(fn, self.ctx, real, f"{mmod}.{mname}")
+        if policy.trusted:
+            return super().find_class(_numpy_alias(module), name)
+        if key in _HARMLESS:
+            return _HARMLESS[key]
+        if f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals:
+            return super().find_class(_numpy_alias(module), name)
+        raise UnsafePickleError(
+            f"refused global {mmod}.{mname}: not on the allow-list of what np.save writes; "
+            f"pass allowed_globals=['{mmod}.{mname}'] if you trust it, or trusted=True for a file you wrote"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        view = self.ctx.view
+        if view is not None and type(pid) is tuple and len(pid) == 2:
+            off, n = pid
+            return view[off : off + n]
+        raise UnsafePickleError("persistent id in the pickle; numpy never writes one")
+
+
+# ---------------------------------------------------------------------------
+# finalisation
+
+
+def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
+    if proto.result is not None:
+        return proto.result
+    state = proto.state
+    if state is None:
+        raise FormatError("array placeholder never received its state (no BUILD after _reconstruct)")
+    if type(state) is not tuple or len(state) not in (4, 5):
+        raise FormatError(f"ndarray state is {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
+    if len(state) == 5:
+        version, shape, dtype, fortran, raw = state
+        if type(version) is not int or version != 1:
+            raise FormatError(f"ndarray state version {version!r}, expected 1")
+    else:
+        shape, dtype, fortran, raw = state
+    n = _shape_count(shape, "ndarray")
+    d = check_dtype(dtype)
+    if not _flag01(fortran):
+        raise FormatError(f"ndarray Fortran flag is {fortran!r}, expected True or False")
+    if d.hasobject:
+        if type(raw) is not list:
+            raise FormatError(f"object ndarray state holds {type(raw).__name__}, expected a list")
+        if len(raw) != n:
+            raise FormatError(f"object ndarray of shape {shape} needs {n} items, state list has {len(raw)}")
+        for i, item in enumerate(raw):
+            if type(item) in _WALK:
+                raw[i] = _walk(item, ctx, seen, depth + 1)
+        arr = _real_reconstruct(np.ndarray, (0,), b"b")
+        arr.__setstate__((1, shape, d, bool(fortran), raw))
+    else:
+        if isinstance(raw, memoryview):
+            size = raw.nbytes
+        elif isinstance(raw, (bytes, str)):
+            size = len(raw)
+        else:
+            raise FormatError(f"ndarray raw data is {type(raw).__name__}, expected bytes")
+        if size != n * d.itemsize:
+            raise FormatError(
+                f"ndarray of shape {shape} and dtype {d} needs {n * d.itemsize} bytes, state has {size}"
+            )
+        if isinstance(raw, memoryview):
+            if d.itemsize:
+                arr = np.frombuffer(raw, dtype=d, count=n).reshape(shape, order="F" if fortran else "C")
+            else:
+                raw = bytes(raw)
+        if not isinstance(raw, memoryview):
+            arr = _real_reconstruct(np.ndarray, (0,), b"b")
+            arr.__setstate__((1, shape, d, bool(fortran), raw))
+    proto.result = arr
+    proto.state = None
+    return arr
+
+
+def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
+    """Replace placeholders inside ``obj`` (lists and dicts in place, tuples rebuilt)."""
+    t = type(obj)
+    if t is ArrayProto:
+        return _build_array(obj, ctx, seen, depth)
+    if depth > MAX_NESTING:
+        raise FormatError(f"containers nested more than {MAX_NESTING} deep around arrays")
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    if t is list:
+        seen[key] = obj
+        for i, item in enumerate(obj):
+            if type(item) in _WALK:
+                obj[i] = _walk(item, ctx, seen, depth + 1)
+        return obj
+    if t is dict:
+        seen[key] = obj
+        for k, v in obj.items():
+            if type(v) in _WALK:
+                obj[k] = _walk(v, ctx, seen, depth + 1)
+        return obj
+    if t is tuple:
+        seen[key] = obj
+        items = [(_walk(x, ctx, seen, depth + 1) if type(x) in _WALK else x) for x in obj]
+        if any(a is not b for a, b in zip(items, obj)):
+            new = tuple(items)
+            seen[key] = new
+            return new
+        return obj
+    return obj
+
+
+_WALK = {ArrayProto, list, dict, tuple}
+
+
+def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
+    """One element after a load: build placeholders, map wrapper tokens back to the real globals."""
+    t = type(obj)
+    if t is ArrayProto:
+        return _build_array(obj, ctx, seen, 0)
+    if isinstance(obj, _Refusing):
+        return obj.real
+    if ctx.protos and t in _WALK:
+        return _walk(obj, ctx, seen, 0)
+    return obj
+
+
+def check_load(ctx: LoadContext) -> None:
+    """After a load: check every dtype it made (before any array is built from one)."""
+    if ctx.dtypes:
+        for d in ctx.dtypes:
+            check_dtype(d)
+        ctx.dtypes.clear()
+
+
+def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
+    """Whether safe mode resolves ``module.name`` (after the ``fix_imports`` mapping)."""
+    if policy.trusted:
+        return True
+    mmod, mname = module, name
+    if policy.fix_imports:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            mmod, mname = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            mmod = _compat_pickle.IMPORT_MAPPING[module]
+    key = (mmod, mname)
+    return (
+        key in _CHECKED
+        or key in _HARMLESS
+        or f"{mmod}:{mname}" in policy.allowed_globals
+        or f"{module}:{name}" in policy.allowed_globals
+        or (not policy.fix_imports and module in ("__builtin__", "copy_reg"))  # ImportError later, like np.load
+    )
+
+
+def make_global_check(policy: SafetyPolicy) -> Any:
+    """A checker for text GLOBAL/INST arguments (``b"module\\nname\\n"``) used by the scanner; None if trusted."""
+    if policy.trusted:
+        return None
+
+    def check(raw: bytes) -> str | None:
+        parts = raw.split(b"\n")
+        if len(parts) < 2:
+            return "GLOBAL without module and name lines"
+        try:
+            module, name = parts[0].decode("utf-8"), parts[1].decode("utf-8")
+        except UnicodeDecodeError:
+            return f"GLOBAL with undecodable names {raw[:80]!r}"
+        if is_allowed(module, name, policy):
+            return None
+        return (
+            f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "
+            f"allowed_globals=['{module}.{name}'] if you trust it, or trusted=True for a file you wrote"
+        )
+
+    return check
