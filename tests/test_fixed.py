@@ -13,6 +13,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import npystream
 from npystream.errors import (
@@ -510,3 +513,39 @@ def test_stream_memory_is_one_block():
     t.join(5)
     assert total == n
     assert peak < 3 << 20, f"peak traced memory {peak} bytes for 1 MiB blocks"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=7),
+    dtype=st.sampled_from(["<f4", ">i2", "u1", "<c16", "S3", "<M8[s]"]),
+    fortran=st.booleans(),
+    batch=st.integers(1, 9),
+    use_bytes=st.booleans(),
+    kind=st.sampled_from(["path", "bytesio", "gzip"]),
+)
+def test_batches_rebuild_the_array(tmp_path_factory, shape, dtype, fortran, batch, use_bytes, kind):
+    rng = np.random.default_rng(1)
+    arr = _random(rng, np.dtype(dtype), shape)
+    if fortran:
+        arr = np.asfortranarray(arr)
+    data = _npy_bytes(arr)
+    ref = np.load(io.BytesIO(data))
+    f_order = arr.flags.f_contiguous and not arr.flags.c_contiguous and arr.ndim >= 2
+    axis = -1 if f_order else 0
+    if kind == "path":
+        source = tmp_path_factory.mktemp("b") / "a.npy"
+        source.write_bytes(data)
+    elif kind == "bytesio":
+        source = io.BytesIO(data)
+    else:
+        source = io.BytesIO(gzip.compress(data))
+    row_bytes = ref.dtype.itemsize * int(np.prod([d for j, d in enumerate(ref.shape) if j != axis % ref.ndim]))
+    kwargs = {"batch_bytes": batch * max(row_bytes, 1)} if use_bytes else {"batch_size": batch}
+    blocks = list(npystream.iter_batches(source, axis=axis, **kwargs))
+    n = ref.shape[axis]
+    rows = n if (use_bytes and row_bytes == 0) else batch
+    assert len(blocks) == (0 if n == 0 else -(-n // max(rows, 1)))
+    for k, block in enumerate(blocks):
+        sl = slice(k * rows, (k + 1) * rows)
+        assert_same(np.asarray(block), ref[sl] if axis == 0 else ref[..., sl])

@@ -135,20 +135,49 @@ def test_deflated_streaming_memory_is_bounded(tmp_path):
     assert peak < 3 << 20, peak
 
 
-def test_object_members_not_yet_supported(tmp_path):
-    objs = np.array([1, "two", None], dtype=object)
-    for saver in (np.savez, np.savez_compressed):
+def test_object_members_become_object_arrays(tmp_path):
+    from npystream.object_array import ObjectArray
+
+    objs = np.array([1, "two", None, {"k": [1, 2]}], dtype=object)
+    for saver, seekable in ((np.savez, True), (np.savez_compressed, False)):
         path = tmp_path / f"{saver.__name__}.npz"
         saver(path, o=objs, x=np.arange(2))
         with NpzArchive(path) as archive:
             info = archive.member_info("o")
             assert info.header is not None and info.header.pickled and not info.can_memmap
-            for call in (lambda a: a["o"], lambda a: a.load("o")):
-                with pytest.raises(UnsupportedError, match="not yet supported"):
-                    call(archive)
+            member = archive["o"]
+            assert isinstance(member, ObjectArray) and member.seekable == seekable
+            assert list(member) == list(objs)
+            member.close()
+            loaded = archive.load("o")
+            assert loaded.dtype == object and list(loaded) == list(objs)
             with pytest.raises(UnsupportedError, match="iter_objects"):
                 archive.iter_batches("o", 1)
             assert_same(archive.load("x"), np.arange(2))  # other members unaffected
+
+
+def test_object_member_options_are_checked_and_passed_on(tmp_path):
+    path = tmp_path / "o.npz"
+    np.savez(path, o=np.array([np.float64(1.5), None], dtype=object))
+    with pytest.raises(TypeError, match="unexpected options"):
+        NpzArchive(path, bogus=1)
+    with npystream.open(path, trusted=True, zero_copy=False) as archive:
+        member = archive["o"]
+        assert member.zero_copy is False
+        member.close()
+
+
+def test_object_members_without_the_object_reader(tmp_path, monkeypatch):
+    """Until the object reader is installed, a clear "not yet supported", not a wrong result."""
+    import sys
+
+    path = tmp_path / "o.npz"
+    np.savez(path, o=np.array([1, "a"], dtype=object))
+    monkeypatch.setitem(sys.modules, "npystream.object_array", None)  # import fails
+    with NpzArchive(path) as archive:
+        for call in (lambda a: a["o"], lambda a: a.load("o")):
+            with pytest.raises(UnsupportedError, match="not yet supported"):
+                call(archive)
 
 
 def test_member_source_hook(stored, deflated):

@@ -55,6 +55,8 @@ __all__ = ["NpzArchive", "NpzMember"]
 
 _LOCAL = struct.Struct("<4s22xHH")  # signature, (skipped fixed fields), name length, extra length
 _LOCAL_MAGIC = b"PK\x03\x04"
+# Options passed on to ObjectArray for object-dtype members (see npystream.object_array).
+_OBJECT_OPTIONS = frozenset({"trusted", "allowed_globals", "encoding", "fix_imports", "zero_copy", "nsidx"})
 _METHODS = {
     zipfile.ZIP_STORED: "stored",
     zipfile.ZIP_DEFLATED: "deflated",
@@ -101,7 +103,16 @@ class NpzArchive(Mapping[str, np.ndarray]):
     (['x', 'w'], 'memmap', [0, 1, 2])
     """
 
-    def __init__(self, file: Any, *, max_header_size: int = MAX_HEADER_SIZE) -> None:
+    def __init__(
+        self, file: Any, *, max_header_size: int = MAX_HEADER_SIZE, **object_options: Any
+    ) -> None:
+        unknown = sorted(set(object_options) - _OBJECT_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"NpzArchive got unexpected options {unknown}; it takes max_header_size and, "
+                f"for object members, {sorted(_OBJECT_OPTIONS)}"
+            )
+        self._object_options = object_options
         if not isinstance(file, (str, os.PathLike)):
             raise TypeError(
                 f"NpzArchive needs a path to a .npz file (stored members are memory-mapped "
@@ -165,10 +176,12 @@ class NpzArchive(Mapping[str, np.ndarray]):
         """The member as a read-only ``np.memmap`` (stored members only; see the class doc)."""
         key, info = self._info(name)
         src = self.member_source(key)
+        handed_over = False
         try:
             header = read_header(src, max_header_size=self._max_header_size)
             if header.pickled:
-                return self._object_member(key, header)
+                handed_over = True  # the ObjectArray owns (and closes) the source from here
+                return self._object_member(key, src, header)
             if info.compress_type != zipfile.ZIP_STORED:
                 method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
                 raise NotSeekableError(
@@ -179,26 +192,42 @@ class NpzArchive(Mapping[str, np.ndarray]):
                 )
             return open_npy(src, header, mode="r")
         finally:
-            src.close()
+            if not handed_over:
+                src.close()
 
-    def _object_member(self, key: str, header: NpyHeader) -> Any:
-        """Hook for object-dtype members: issue 3 returns an ObjectArray over
-        ``self.member_source(key)`` here (the caller's source is closed after this returns)."""
-        raise UnsupportedError(
-            f"member {key!r} holds Python objects (dtype {header.dtype}, {header.count} elements, "
-            "pickled); object members of .npz archives are not yet supported by "
-            "NpzArchive: use np.load(path, allow_pickle=True) on a file you trust",
-            path=self.path,
-        )
+    def _object_member(self, key: str, src: ByteSource, header: NpyHeader) -> Any:
+        """An :class:`~npystream.ObjectArray` over an object member; it takes ownership of ``src``.
+
+        Stored members give random access (and zero-copy views); deflated ones
+        stream.  The archive's safety options (``trusted``, ``allowed_globals``...)
+        apply.  Without the object reader installed: a clear "not yet supported".
+        """
+        try:
+            from npystream.object_array import ObjectArray
+        except ImportError:
+            src.close()
+            raise UnsupportedError(
+                f"member {key!r} holds Python objects (dtype {header.dtype}, {header.count} "
+                "elements, pickled); object members of .npz archives are not yet supported by "
+                "this installation: use np.load(path, allow_pickle=True) on a file you trust",
+                path=self.path,
+            ) from None
+        return ObjectArray(src, header=header, **self._object_options)
 
     # -- explicit access -----------------------------------------------------
     def load(self, name: str) -> np.ndarray:
-        """Read a member into a fresh in-memory array (works for stored and deflated members)."""
+        """Read a member into a fresh in-memory array (stored, deflated, and object members)."""
         key, _ = self._info(name)
-        with self.member_source(key) as src:
+        src = self.member_source(key)
+        try:
             header = read_header(src, max_header_size=self._max_header_size)
-            if header.pickled:
-                return self._object_member(key, header)
+        except BaseException:
+            src.close()
+            raise
+        if header.pickled:
+            with self._object_member(key, src, header) as objects:
+                return np.asarray(objects)
+        with src:
             return read_array(src, header)
 
     def iter_batches(
