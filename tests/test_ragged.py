@@ -251,9 +251,11 @@ def test_views_and_indexing(tmp_path):
         _ = r[::2].values
     assert "RaggedArray(" in repr(r) and "len=20" in repr(r) and "[4:11:1]" in repr(v)
     # pickling a view reopens the store
-    v2 = pickle.loads(pickle.dumps(r[3:15:4]))
-    for a, b in zip(elems[3:15:4], v2):
-        _same(a, b)
+    for sl in (slice(3, 15, 4), slice(None, None, -1), slice(12, None, -5), slice(4, 4)):
+        v2 = pickle.loads(pickle.dumps(r[sl]))
+        assert len(v2) == len(elems[sl])
+        for a, b in zip(elems[sl], v2):
+            _same(a, b)
 
 
 def test_iter_batches_reduceat(tmp_path):
@@ -619,3 +621,20 @@ def test_bulk_and_single_appends_keep_order(tmp_path):
         with RaggedWriter(p, mode="a") as w:
             w.extend(save_ragged(tmp_path / "s.ragged", ["a"]))
     assert len(RaggedArray(p)) == len(expect)
+
+
+def test_object_kind_uses_the_object_streams_allow_list(tmp_path):
+    from collections import OrderedDict
+
+    p = tmp_path / "od.ragged"
+    save_ragged(p, [OrderedDict(a=1), np.arange(3), np.dtype(">f4"), np.float16(2)], kind="object")
+    r = RaggedArray(p)
+    with pytest.raises(UnsafePickleError, match="collections.OrderedDict") as info:
+        r[0]
+    assert info.value.index == 0
+    np.testing.assert_array_equal(r[1], np.arange(3))  # numpy's own callables are checked, allowed
+    assert r[2] == np.dtype(">f4") and r[3] == np.float16(2)
+    r = RaggedArray(p, allowed_globals=["collections.OrderedDict"])
+    assert r[0] == OrderedDict(a=1)
+    assert pickle.loads(pickle.dumps(r))[0] == OrderedDict(a=1)  # the allowance survives pickling
+    assert RaggedArray(p, safe=False)[0] == OrderedDict(a=1)

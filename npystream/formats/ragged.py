@@ -105,7 +105,6 @@ import math
 import mmap
 import operator
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -323,42 +322,23 @@ def _fsync_dir(path: str) -> None:
 # safe unpickling for kind="object"
 # --------------------------------------------------------------------------- #
 
-# TODO(ragged): switch to npystream.formats.pickle_walk's allow-list once it lands,
-# so that the ragged store and the object stream refuse exactly the same globals.
-_SAFE_GLOBALS = frozenset(
-    {
-        ("builtins", n)
-        for n in (
-            "complex", "set", "frozenset", "bytearray", "slice", "range", "list", "dict",
-            "tuple", "int", "float", "bool", "str", "bytes", "object",
-        )
-    }
-    | {("collections", n) for n in ("OrderedDict", "deque", "Counter", "defaultdict")}
-    | {("copyreg", "_reconstructor")}
-    | {("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")}
-    | {("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID")}
-    | {
-        (mod, n)
-        for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for n in ("_reconstruct", "scalar")
-    }
-    | {(mod, "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric")}
-    | {("numpy", "dtype"), ("numpy", "ndarray")}
-)
+# The object stream's safety layer (npystream.formats.pickle_safety): the same
+# allow-list, checked numpy callables and placeholders as iter_objects/ObjectArray.
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise UnsafePickleError(
-            f"refused global {module}.{name} (not on the safe allow-list); "
-            "open the store with safe=False if you trust it"
-        )
+def _make_policy(safe: bool, allowed_globals: Any) -> Any:
+    from npystream.formats.pickle_safety import SafetyPolicy
+
+    return SafetyPolicy.make(trusted=not safe, allowed_globals=allowed_globals)
 
 
-def _loads_safe(data: Any) -> Any:
-    return _SafeUnpickler(io.BytesIO(data)).load()
+def _loads_policy(data: Any, policy: Any) -> Any:
+    from npystream.formats.pickle_safety import SafeUnpickler, check_load, finalize
+
+    unpickler = SafeUnpickler(io.BytesIO(data), policy)
+    obj = unpickler.load()
+    check_load(unpickler.ctx)
+    return finalize(obj, unpickler.ctx, {})
 
 
 # --------------------------------------------------------------------------- #
@@ -592,9 +572,11 @@ class RaggedArray:
     (2, [0, 1, 2, 3, 4], [3, 5])
     """
 
-    __slots__ = ("_st", "_vals", "_starts", "_ends", "_rng", "_safe", "_bytes", "_shp", "_nd")
+    __slots__ = ("_st", "_vals", "_starts", "_ends", "_rng", "_safe", "_bytes", "_shp", "_nd",
+                 "_policy")
 
-    def __new__(cls, path: Any = None, *, safe: bool = True, _view: Any = None) -> RaggedArray:
+    def __new__(cls, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
+                _view: Any = None) -> RaggedArray:
         if _view is not None:
             st = _view
         else:
@@ -606,7 +588,9 @@ class RaggedArray:
                 cls = {1: _Ragged1D, 0: _Ragged0D}.get(st.ndim, _RaggedND)
             else:
                 cls = {"str": _RaggedStr, "bytes": _RaggedBytes, "object": _RaggedObject}[st.kind]
+        policy = _make_policy(bool(safe), allowed_globals) if st.kind == "object" else None
         self = object.__new__(cls)
+        self._policy = policy
         self._st = st
         self._vals = st.values
         self._starts = st.offsets_mv[:-1]
@@ -618,8 +602,10 @@ class RaggedArray:
         self._nd = st.ndim
         return self
 
-    def __init__(self, path: Any = None, *, safe: bool = True, _view: Any = None) -> None:
-        """Open the store at ``path`` (``safe`` controls unpickling for kind='object')."""
+    def __init__(self, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
+                 _view: Any = None) -> None:
+        """Open the store at ``path``; ``safe``/``allowed_globals`` govern kind='object' unpickling
+        (the object stream's allow-list; ``safe=False`` trusts the store like ``np.load``)."""
 
     # -- per-kind element access ------------------------------------------------
     def _get(self, g: int) -> Any:  # pragma: no cover - every subclass overrides
@@ -668,6 +654,7 @@ class RaggedArray:
         v._shp = self._shp
         v._nd = self._nd
         v._safe = self._safe
+        v._policy = self._policy
         v._rng = rng
         full = self._st.offsets_mv
         v._starts = full[rng.start : rng.stop if rng.stop >= 0 else None : rng.step][: len(rng)] \
@@ -850,12 +837,18 @@ class RaggedArray:
         )
 
     def __reduce__(self) -> Any:
-        return (_reopen, (self._st.path, self._safe, self._rng))
+        allowed = sorted(self._policy.allowed_globals) if self._policy is not None else ()
+        return (_reopen, (self._st.path, self._safe, self._rng, allowed))
 
 
-def _reopen(path: str, safe: bool, rng: range) -> RaggedArray:
-    r = RaggedArray(path, safe=safe)
-    return r if rng == r._rng else r._view(r._rng[rng.start : rng.stop : rng.step])
+def _reopen(path: str, safe: bool, rng: range, allowed: Any = ()) -> RaggedArray:
+    r = RaggedArray(path, safe=safe, allowed_globals=list(allowed))
+    if rng == r._rng:
+        return r
+    if len(rng) and max(rng[0], rng[-1]) >= len(r._rng):
+        raise FormatError(f"the store now has {len(r._rng)} elements, fewer than the pickled view "
+                          f"needs ({max(rng[0], rng[-1]) + 1})", path=path)
+    return r._view(rng)
 
 
 def _as_memmap(arr: np.ndarray, mm: mmap.mmap | None, path: str, offset: int) -> np.ndarray:
@@ -949,11 +942,11 @@ class _RaggedObject(RaggedArray):
         offs = self._st.offsets_mv
         data = self._bytes[offs[g] : offs[g + 1]]
         try:
-            if self._safe:
-                return _loads_safe(data)
-            return pickle.loads(data)
+            return _loads_policy(data, self._policy)
         except UnsafePickleError as exc:
             raise UnsafePickleError(exc.message, path=self._st.path, index=g) from None
+        except FormatError as exc:
+            raise FormatError(exc.message, path=self._st.path, index=g) from None
         except Exception as exc:
             raise FormatError(
                 f"element's pickle cannot be loaded ({type(exc).__name__}: {exc})",
