@@ -749,6 +749,8 @@ class ObjectArray:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """Materialise as a real numpy array (reads everything; what ``np.load`` would return)."""
+        if copy is False:
+            raise ValueError("an ObjectArray can only become an ndarray by reading every element (a copy)")
         out = np.empty(self.shape, dtype=self.dtype)
         flat = out.reshape(-1)
         n = 0

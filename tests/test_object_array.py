@@ -29,15 +29,6 @@ from npystream.object_array import ObjectArray, index_path_for
 
 ZERO_COPY_KINDS = set("biufcmMSV")
 
-try:
-    import npystream.objects  # noqa: F401
-
-    from npystream.formats import pickle_walk  # noqa: F401
-except ImportError:  # remove once issue 3's engine ("stream") has landed
-    pytestmark = pytest.mark.xfail(
-        reason="npystream.objects / formats.pickle_walk (issue 3, engineer 'stream') have not landed yet",
-        strict=True,
-    )
 
 
 
@@ -49,7 +40,17 @@ def _is_plain_array(x) -> bool:
 # the whole corpus: iteration == random access == np.load
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
+_ZERO_COPY_BYTEORDER = pytest.mark.xfail(
+    reason="stream: zero-copy views of non-native byte order arrays, numpy gives native copies "
+    "(reported in docs/dev/pickle-contract.md, Requests from random, finding 1)",
+    strict=True,
+)
+_KNOWN = {"ndarrays_every_dtype", "protocol3_arrays", "protocol4_arrays"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=_ZERO_COPY_BYTEORDER) if n in _KNOWN else n for n in CASE_NAMES]
+)
 def test_corpus_iteration_and_random_access(tmp_path, name):
     c = case(name)
     path = tmp_path / f"{name}.npy"
@@ -180,6 +181,7 @@ def test_empty(tmp_path):
 # zero-copy
 
 
+@_ZERO_COPY_BYTEORDER
 def test_zero_copy_views_read_only_and_correct(tmp_path):
     rng = np.random.default_rng(0)
     items = [rng.standard_normal(n).astype(dt) for n, dt in [(10, "<f4"), (100_000, "<f8"), (7, ">i4"), (0, "<f4")]]
@@ -360,8 +362,10 @@ def test_nsidx_same_size_and_mtime_but_different_header_is_rebuilt(tmp_path):
         arr.build_index()
     st = os.stat(path)
     data = bytearray(path.read_bytes())
-    # the same pickle under a (2,) -> (2,) header whose text differs: fortran_order True
-    data[: data.index(b"\n") + 1] = data[: data.index(b"\n") + 1].replace(b"'fortran_order': False", b"'fortran_order':  True")
+    # the same pickle under an equivalent header whose bytes differ (same length)
+    end = data.index(b"\n") + 1
+    assert b"(2,), }" in data[:end]
+    data[:end] = data[:end].replace(b"(2,), }", b"(2,)}  ")
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     with npystream.open(path) as arr:
@@ -484,9 +488,15 @@ def test_safety_options_reach_the_engine(tmp_path):
     path = tmp_path / "od.npy"
     path.write_bytes(npy_file(envelope([integer(1), glob("collections", "OrderedDict") + b")R"]), (2,)))
     with npystream.open(path) as arr:
-        assert arr[0] == 1
+        # the index scan checks every global of the file: no element is served from it
         with pytest.raises(npystream.UnsafePickleError, match="OrderedDict"):
-            arr[1]
+            arr[0]
+    with npystream.open(path) as arr:
+        got = []
+        with pytest.raises(npystream.UnsafePickleError, match="OrderedDict"):
+            for x in arr:
+                got.append(x)
+        assert got == [1]
     with npystream.open(path, allowed_globals=[("collections", "OrderedDict")]) as arr:
         assert type(arr[1]).__name__ == "OrderedDict"
     with npystream.open(path, trusted=True) as arr:
@@ -509,7 +519,8 @@ def test_array_protocol_materialises_like_np_load(tmp_path):
 
 
 def _npz(tmp_path, compressed: bool):
-    items = {"obj": obj_array([np.arange(5.0), "s", {"k": [1]}, None] * 300), "num": np.arange(4)}
+    objs = [x for i in range(300) for x in (np.arange(i % 7, dtype="<f8"), f"s{i}", {"k": [i]}, None)]
+    items = {"obj": obj_array(objs), "num": np.arange(4)}
     path = tmp_path / ("c.npz" if compressed else "s.npz")
     (np.savez_compressed if compressed else np.savez)(path, **items)
     return path, items
@@ -523,9 +534,9 @@ def test_npz_stored_object_member_random_access(tmp_path):
         assert isinstance(member, ObjectArray) and member.seekable
         assert_same_element(member[1199], expected[1199])
         assert_same_element(member[0], expected[0])
-        assert not member[0].flags.writeable  # zero-copy into the .npz
+        assert member[8].size == 2 and not member[8].flags.writeable  # zero-copy into the .npz
         assert_same_elements(member, expected)
-        assert_same_element(z["num"], np.arange(4))
+        assert_same_element(np.asarray(z["num"]), np.arange(4))
         member.close()
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]  # no index files beside archives
 

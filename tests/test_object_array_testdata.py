@@ -14,15 +14,6 @@ from npystream import FormatError, UnsafePickleError
 NPY_FILES = ["py2-objarr.npy", "py2-np0-objarr.npy", "py3-objarr.npy"]
 NPZ_FILES = ["py2-objarr.npz", "py3-objarr.npz"]
 
-try:
-    import npystream.objects  # noqa: F401
-
-    from npystream.formats import pickle_walk  # noqa: F401
-except ImportError:  # remove once issue 3's engine ("stream") has landed
-    pytestmark = pytest.mark.xfail(
-        reason="npystream.objects / formats.pickle_walk (issue 3, engineer 'stream') have not landed yet",
-        strict=True,
-    )
 
 
 

@@ -41,16 +41,6 @@ from objcases import assert_same_elements, obj_array
 import npystream
 from npystream import FormatError, TruncatedError, UnsafePickleError
 
-try:
-    import npystream.objects  # noqa: F401
-
-    from npystream.formats import pickle_walk  # noqa: F401
-except ImportError:  # remove once issue 3's engine ("stream") has landed
-    pytestmark = pytest.mark.xfail(
-        reason="npystream.objects / formats.pickle_walk (issue 3, engineer 'stream') have not landed yet",
-        strict=True,
-    )
-
 GOOD = [integer(1), uni("a")]  # two benign elements before the damage
 GOOD_VALUES = [1, "a"]
 UNSAFE_OR_FORMAT = (UnsafePickleError, FormatError)
@@ -185,7 +175,10 @@ def _elements_case(tail: bytes, proto: int):
 @pytest.mark.parametrize("trusted", [False, True], ids=["safe", "trusted"])
 @pytest.mark.parametrize(
     ("name", "tail"),
-    list(BAD_LENGTHS.items()) + list(MEMO_ABUSE.items()) + list(DEEP.items()) + list(BAD_STRUCTURE.items()),
+    list(BAD_LENGTHS.items())
+    + list(MEMO_ABUSE.items())
+    + list(DEEP.items())
+    + list(BAD_STRUCTURE.items()),
     ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_structural_damage_raises_format_error(tmp_path, name, tail, trusted):
@@ -447,6 +440,10 @@ def test_code_execution_refused(tmp_path, name):
     assert not marker.exists(), "a refused pickle ran code"
     _check_error(exc, path, len(data), UnsafePickleError, lo=header_len((1,)))
     assert names.lower() in str(exc).lower(), f"error should name {names!r}: {exc}"
+    if name == "persid_binary":
+        # BINPERSID consumes the object before it, which a streaming reader may already have
+        # yielded as element 2 (element boundaries are only certain at APPENDS)
+        got = got[:2]
     assert_same_elements(got, GOOD_VALUES[: len(got)])
     # opening it is no more dangerous
     got, exc = [], None
