@@ -71,7 +71,14 @@ def test_npz_lines(files, capsys):
     assert "stored" in a_line and "memmap: yes" in a_line and "shape (3,)" in a_line
     comp = out[out.index(f"{files['npzc']}: .npz archive, 2 members") + 1 :]
     assert "deflated" in comp[0] and "memmap: no (use load/iter_batches)" in comp[0]
-    assert "object dtype" in comp[1] and "pickled objects" in comp[1]
+    assert "objects: ObjectArray" in comp[1] and "pickled objects" in comp[1]
+
+
+def test_npz_one_member(tmp_path, capsys):
+    path = tmp_path / "one.npz"
+    np.savez(path, a=np.arange(3))
+    assert main(["info", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: .npz archive, 1 member\n")
 
 
 def test_json(files, capsys):

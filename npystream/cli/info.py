@@ -107,7 +107,8 @@ def describe(path: str) -> dict[str, Any]:
 
 def _text(d: dict[str, Any]) -> str:
     if d["kind"] == "npz":
-        lines = [f"{d['path']}: .npz archive, {len(d['members'])} members"]
+        count = len(d["members"])
+        lines = [f"{d['path']}: .npz archive, {count} member{'' if count == 1 else 's'}"]
         width = max((len(m["name"]) for m in d["members"]), default=4)
         for m in d["members"]:
             if m.get("shape") is None:
@@ -122,7 +123,7 @@ def _text(d: dict[str, Any]) -> str:
             if m["can_memmap"]:
                 mm = "memmap: yes"
             elif m.get("pickled"):
-                mm = "memmap: no (object dtype)"
+                mm = "memmap: no (objects: ObjectArray)"
             else:
                 mm = "memmap: no (use load/iter_batches)"
             lines.append(
