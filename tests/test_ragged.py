@@ -638,3 +638,50 @@ def test_object_kind_uses_the_object_streams_allow_list(tmp_path):
     assert r[0] == OrderedDict(a=1)
     assert pickle.loads(pickle.dumps(r))[0] == OrderedDict(a=1)  # the allowance survives pickling
     assert RaggedArray(p, safe=False)[0] == OrderedDict(a=1)
+
+
+def test_masked_arrays_are_refused_and_subclasses_accepted(tmp_path):
+    p = tmp_path / "m.ragged"
+    with RaggedWriter(p, durable=False) as w:
+        w.append(np.arange(3.0))
+        with pytest.raises(CastError, match="masked"):
+            w.append(np.ma.masked_array([1.0, 2.0], mask=[0, 1]))
+        mm = np.lib.format.open_memmap(tmp_path / "src.npy", mode="w+", dtype="<f8", shape=(4,))
+        mm[:] = [1, 2, 3, 4]
+        w.append(mm[1:3])  # np.memmap is an ndarray subclass: fine
+    assert [x.tolist() for x in RaggedArray(p)] == [[0.0, 1.0, 2.0], [2.0, 3.0]]
+    with pytest.raises(CastError, match="masked"):
+        save_ragged(tmp_path / "m2.ragged", [np.ma.masked_array([1.0], mask=[1])])
+
+
+def test_io_error_mid_write_keeps_last_commit_and_blocks_the_writer(tmp_path, monkeypatch):
+    import errno as _errno
+
+    import npystream.formats.ragged as mod
+
+    p = tmp_path / "full.ragged"
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(_errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    w = RaggedWriter(p, dtype="<i8", durable=False, buffer_size=64, commit_bytes=64)
+    monkeypatch.setattr(mod.os, "pwrite", failing)
+    with pytest.raises(OSError, match="space"):
+        for i in range(1000):
+            w.append(np.full(3, i, "<i8"))
+    with pytest.raises(NpyStreamError, match="mode='a'"):
+        w.append(np.zeros(3, "<i8"))
+    w.close()  # releases the store without another write attempt
+    monkeypatch.setattr(mod.os, "pwrite", real)
+    r = RaggedArray(p)
+    n = len(r)
+    assert 0 < n < 1000 and all(r[i].tolist() == [i] * 3 for i in range(n))
+    with RaggedWriter(p, mode="a") as w2:
+        assert len(w2) == n
+        w2.append(np.full(3, n, "<i8"))
+    assert RaggedArray(p)[-1].tolist() == [n] * 3

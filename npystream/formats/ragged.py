@@ -1037,6 +1037,7 @@ class RaggedWriter:
         self._isz = 1
         self._fast: np.dtype | None = None  # set when the hot path of append() applies
         self._commit_bytes = max(buffer_size, commit_bytes)
+        self._broken = False
         if dtype is not None:
             dt = np.dtype(dtype)
             if kind is None:
@@ -1268,6 +1269,12 @@ class RaggedWriter:
 
     def _as_array(self, x: Any, index: int) -> np.ndarray:
         if isinstance(x, np.ndarray):
+            if type(x).__module__.startswith("numpy.ma"):
+                raise CastError(
+                    "got a masked array; a ragged store keeps no mask: fill it first "
+                    "(x.filled(value)) or drop the masked items (x.compressed())",
+                    path=self._path, index=index,
+                )
             return x
         if isinstance(x, (str, bytes, bytearray, memoryview)):
             raise CastError(
@@ -1310,6 +1317,12 @@ class RaggedWriter:
     def _append_slow(self, x: Any) -> None:
         if self._closed:
             raise ValueError("append to a closed RaggedWriter")
+        if self._broken:
+            raise NpyStreamError(
+                "this writer failed while writing (see the earlier error); the store keeps its "
+                "last commit: open a new RaggedWriter(path, mode='a') to continue from it",
+                path=self._path,
+            )
         if self._buf is None:
             self._first(x)
         kind = self._kind
@@ -1384,7 +1397,12 @@ class RaggedWriter:
     def _write_bytes(self, data: Any) -> None:
         """Write raw value bytes at the end of the uncommitted data (buffer already empty)."""
         off = self._hdr_len[VALUES] + (self._nitems + self._pend_items) * self._dtype.itemsize
-        _pwrite_all(self._fds[VALUES], data, off)
+        try:
+            _pwrite_all(self._fds[VALUES], data, off)
+        except BaseException:
+            self._broken = True
+            self._fast = None
+            raise
         self._pend_items += memoryview(data).nbytes // self._dtype.itemsize
 
     def _write_direct(self, arr: np.ndarray) -> None:
@@ -1414,6 +1432,9 @@ class RaggedWriter:
         """Bulk path: (values, offsets, shapes) blocks written straight to the parts."""
         if self._closed:
             raise ValueError("extend a closed RaggedWriter")
+        if self._broken:
+            raise NpyStreamError("this writer failed while writing; reopen with mode='a'",
+                                 path=self._path)
         if self._kind is None:
             self._kind = kind
         if self._kind != kind:
@@ -1452,6 +1473,9 @@ class RaggedWriter:
         """Commit everything appended so far (readers and crashes see it afterwards)."""
         if self._closed:
             raise ValueError("flush a closed RaggedWriter")
+        if self._broken:
+            raise NpyStreamError("this writer failed while writing; reopen with mode='a'",
+                                 path=self._path)
         if self._buf is not None:
             self._commit()
 
@@ -1469,6 +1493,16 @@ class RaggedWriter:
     def _commit(self) -> None:
         if not self._pend_lens and not self._pos:
             return
+        try:
+            self._commit_now()
+        except BaseException:
+            # an I/O error (disk full...) part-way: what is published stays consistent, but this
+            # writer no longer knows where its parts end; refuse further use (resume with 'a')
+            self._broken = True
+            self._fast = None
+            raise
+
+    def _commit_now(self) -> None:
         isz = self._dtype.itemsize
         fds = self._fds
         if self._pos:
@@ -1532,7 +1566,7 @@ class RaggedWriter:
                     if self._ndim is None:
                         self._ndim = 1
                     self._create()
-            else:
+            elif not self._broken:
                 self._commit()
         finally:
             self._closed = True
