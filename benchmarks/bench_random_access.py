@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     arr.close()
 
     arr = ObjectArray(path)
-    timed("index build + save .nsidx", arr.build_index, rows, f"{ipath.stat().st_size / 1024:.0f} KiB")
+    timed("index build + save .nsidx", arr.build_index, rows)
+    rows[-1] = (*rows[-1][:3], f"{arr.index_state}, {ipath.stat().st_size / 1024:.0f} KiB")
     arr.close()
     arr = ObjectArray(path)
     timed("open + load .nsidx", arr.build_index, rows)

@@ -40,17 +40,7 @@ def _is_plain_array(x) -> bool:
 # the whole corpus: iteration == random access == np.load
 
 
-_ZERO_COPY_BYTEORDER = pytest.mark.xfail(
-    reason="stream: zero-copy views of non-native byte order arrays, numpy gives native copies "
-    "(reported in docs/dev/pickle-contract.md, Requests from random, finding 1)",
-    strict=True,
-)
-_KNOWN = {"ndarrays_every_dtype", "protocol3_arrays", "protocol4_arrays"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_ZERO_COPY_BYTEORDER) if n in _KNOWN else n for n in CASE_NAMES]
-)
+@pytest.mark.parametrize("name", CASE_NAMES)
 def test_corpus_iteration_and_random_access(tmp_path, name):
     c = case(name)
     path = tmp_path / f"{name}.npy"
@@ -181,7 +171,6 @@ def test_empty(tmp_path):
 # zero-copy
 
 
-@_ZERO_COPY_BYTEORDER
 def test_zero_copy_views_read_only_and_correct(tmp_path):
     rng = np.random.default_rng(0)
     items = [rng.standard_normal(n).astype(dt) for n, dt in [(10, "<f4"), (100_000, "<f8"), (7, ">i4"), (0, "<f4")]]
