@@ -685,3 +685,23 @@ def test_io_error_mid_write_keeps_last_commit_and_blocks_the_writer(tmp_path, mo
         assert len(w2) == n
         w2.append(np.full(3, n, "<i8"))
     assert RaggedArray(p)[-1].tolist() == [n] * 3
+
+
+def test_describe_store(tmp_path):
+    import json as _json
+
+    from npystream.formats.ragged import describe_store
+
+    p = tmp_path / "d.ragged"
+    save_ragged(p, [np.ones((2, 3), ">f4"), np.ones((0, 3), ">f4")])
+    d = describe_store(p)
+    assert _json.loads(_json.dumps(d)) == d
+    assert (d["kind"], d["dtype"], d["ndim"], d["count"], d["nitems"], d["nbytes"]) == \
+        ("array", ">f4", 2, 2, 6, 24)
+    assert d["min_length"] == 0 and d["max_length"] == 6
+    assert set(d["parts"]) == {"meta.json", "values.npy", "offsets.npy", "shapes.npy"}
+    assert d["parts"]["values.npy"] == npystream.read_header(p / "values.npy").data_offset + 24
+    e = describe_store(save_ragged(tmp_path / "e.ragged", [], kind="str").path)
+    assert e["count"] == 0 and "min_length" not in e and e["kind"] == "str"
+    with pytest.raises(StoreNotFoundError):
+        describe_store(tmp_path / "nope.ragged")

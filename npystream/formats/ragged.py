@@ -129,7 +129,10 @@ try:  # pragma: no cover - always present on Linux/macOS
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RaggedArray", "RaggedWriter", "save_ragged", "FORMAT_NAME", "FORMAT_VERSION", "KINDS"]
+__all__ = [
+    "RaggedArray", "RaggedWriter", "save_ragged", "describe_store", "FORMAT_NAME", "FORMAT_VERSION",
+    "KINDS",
+]
 
 FORMAT_NAME = "npystream.ragged"
 FORMAT_VERSION = 1
@@ -1625,6 +1628,40 @@ def _blocks_of(obj: Any) -> tuple[str, np.dtype | None, int, Iterator[Any]] | No
 
         return awkward_blocks(obj)
     return None
+
+
+def describe_store(path: Any) -> dict[str, Any]:
+    """A JSON-able summary of a store (for ``npystream info``): what ``meta.json`` commits, checked.
+
+    Opens the store like :class:`RaggedArray` (so a bad store raises the same errors) and
+    reports ``format``, ``version``, ``kind``, ``dtype`` (descr), ``dtype_text``, ``ndim``,
+    ``count``, ``nitems``, ``nbytes`` (element data), ``parts`` (file name -> size in bytes)
+    and, for non-empty stores, ``min_length``/``max_length`` (items per element).
+    """
+    r = RaggedArray(path)
+    st = r._st
+    lengths = r.lengths
+    out: dict[str, Any] = {
+        "path": st.path,
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": st.kind,
+        "dtype": _descr_to_json(st.dtype),
+        "dtype_text": str(st.dtype) if st.dtype.names else f"{st.dtype.str} ({st.dtype.name})",
+        "ndim": st.ndim,
+        "count": st.count,
+        "nitems": st.nitems,
+        "nbytes": r.nbytes,
+        "parts": {
+            name: os.path.getsize(os.path.join(st.path, name))
+            for name in (META, VALUES, OFFSETS, SHAPES)
+            if os.path.exists(os.path.join(st.path, name))
+        },
+    }
+    if st.count:
+        out["min_length"] = int(lengths.min())
+        out["max_length"] = int(lengths.max())
+    return out
 
 
 def save_ragged(path: Any, iterable: Iterable[Any], **writer_options: Any) -> RaggedArray:
