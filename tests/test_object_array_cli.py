@@ -124,3 +124,14 @@ def test_index_read_only_directory_fails_cleanly(tmp_path, capsys, monkeypatch):
         assert os.listdir(folder) == ["r.npy"]
     finally:
         folder.chmod(stat.S_IRWXU)
+
+
+def test_head_array_orders_and_views(tmp_path, capsys):
+    path = tmp_path / "o.npy"
+    np.save(path, obj_array([np.arange(3.0), np.asfortranarray(np.ones((2, 3), "<f4")), np.array(5)]))
+    assert main(["head", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].strip() == "[0] ndarray shape=(3,) dtype=float64: [0., 1., 2.]"
+    assert out[2].strip().startswith("[1] ndarray shape=(2, 3) dtype=float32 order=F: [[1., 1., 1.]")
+    assert out[3].strip() == "[2] ndarray shape=() dtype=int64: 5"
+    assert "read-only" not in "\n".join(out)  # head reads copies (streaming), never views

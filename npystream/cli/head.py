@@ -80,10 +80,8 @@ def describe_element(value: Any, width: int = 100) -> str:
             body = np.array2string(value, separator=", ") if value.dtype.names is None or value.size else repr(value)
         flags = "" if value.flags.writeable else ", read-only view"
         kind = type(value).__name__
-        return (
-            f"{kind} shape={value.shape} dtype={value.dtype} order={_order(value)}{flags}: "
-            f"{_shorten(body, width)}"
-        )
+        order = f" order={_order(value)}" if value.ndim >= 2 else ""
+        return f"{kind} shape={value.shape} dtype={value.dtype}{order}{flags}: {_shorten(body, width)}"
     if isinstance(value, np.generic):
         return f"numpy.{type(value).__name__} dtype={value.dtype}: {_repr(value, width)}"
     kind = type(value).__name__

@@ -74,8 +74,7 @@ def _one(path: str, args: argparse.Namespace) -> bool:
         state = arr.index_state
         size = src.size or 0
         print(
-            f"{path}: {arr.size} elements, shape {arr.shape}, dtype {arr.dtype}, "
-            f"{_human(size)} of pickle"
+            f"{path}: {arr.size} elements, shape {arr.shape}, dtype {arr.dtype}, {_human(size)}"
         )
         ipath = arr.index_path
         nbytes = os.path.getsize(ipath) if ipath and os.path.exists(ipath) else None
