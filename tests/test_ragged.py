@@ -705,3 +705,13 @@ def test_describe_store(tmp_path):
     assert e["count"] == 0 and "min_length" not in e and e["kind"] == "str"
     with pytest.raises(StoreNotFoundError):
         describe_store(tmp_path / "nope.ragged")
+
+
+def test_module_doctests(tmp_path, monkeypatch):
+    import doctest
+
+    import npystream.formats.ragged as mod
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the examples' mkdtemp() land here
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 10 and result.failed == 0
