@@ -715,3 +715,46 @@ def test_module_doctests(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the examples' mkdtemp() land here
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_writer_memory_is_bounded_whatever_the_size(tmp_path):
+    import gc
+    import threading
+    import time
+
+    block = np.arange(16384, dtype="<f4")  # 64 KiB, reused: append must copy it
+
+    def gen(n):
+        for i in range(n):
+            block[0] = i
+            yield block
+
+    gc.collect()
+    base = _rss_anon()
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_anon() - base)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        r = save_ragged(tmp_path / "big.ragged", gen(4096), durable=False)  # 256 MiB
+    finally:
+        stop.set()
+        t.join()
+    assert len(r) == 4096 and r.nbytes == 256 << 20
+    assert [int(r[i][0]) for i in (0, 1, 2047, 4095)] == [0, 1, 2047, 4095]
+    assert peak[0] < 24 << 20, f"peak anonymous memory grew by {peak[0] >> 20} MiB"
