@@ -248,10 +248,6 @@ def _encode_part_header(dtype: np.dtype, shape: tuple[int, ...], total: int | No
     return _MAGIC + bytes(version) + hlen.to_bytes(size, "little") + body + b" " * pad + b"\n"
 
 
-def _header_version_at(raw: bytes) -> tuple[int, int]:
-    return (raw[6], raw[7])
-
-
 def _read_part_header(dir_fd: int, name: str, path: str) -> tuple[Any, int]:
     """Parse a part's header; return (NpyHeader-like, file size). Retries a torn read."""
     from npystream.formats.npy import read_header
@@ -424,7 +420,7 @@ def _load_meta(dir_fd: int, path: str) -> dict[str, Any]:
 
 
 def _check_header(header: Any, name: str, path: str, dtype: np.dtype, ndim: int,
-                  min_len: int, second: int | None = None) -> None:
+                  second: int | None = None) -> None:
     full = os.path.join(path, name)
     if header.dtype != dtype:
         raise FormatError(
@@ -446,7 +442,6 @@ def _check_header(header: Any, name: str, path: str, dtype: np.dtype, ndim: int,
         raise FormatError(
             f"part {name!r} has shape {header.shape}, expected (n, {second})", path=full
         )
-    del min_len
 
 
 def _validate_offsets(offs: np.ndarray, nitems: int, path: str) -> None:
@@ -500,8 +495,8 @@ def _open_store(path: str) -> _Store:
                               path=path)
         vh, vsize = _read_part_header(dir_fd, VALUES, path)
         oh, osize = _read_part_header(dir_fd, OFFSETS, path)
-        _check_header(vh, VALUES, path, st.dtype, 1, st.nitems)
-        _check_header(oh, OFFSETS, path, _I8, 1, n + 1)
+        _check_header(vh, VALUES, path, st.dtype, 1)
+        _check_header(oh, OFFSETS, path, _I8, 1)
         st.maps = []
         st.values, mm = _map_part(dir_fd, VALUES, path, st.dtype, st.nitems, vh, vsize)
         st.maps.append(mm)
@@ -519,7 +514,7 @@ def _open_store(path: str) -> _Store:
         st.shapes_mv = None
         if st.ndim >= 2:
             sh, ssize = _read_part_header(dir_fd, SHAPES, path)
-            _check_header(sh, SHAPES, path, _I8, 2, n, second=st.ndim)
+            _check_header(sh, SHAPES, path, _I8, 2, second=st.ndim)
             shapes, mm = _map_part(dir_fd, SHAPES, path, _I8, n * st.ndim, sh, ssize)
             st.maps.append(mm)
             shapes = shapes.reshape(n, st.ndim)
@@ -1122,7 +1117,7 @@ class RaggedWriter:
             parts.append((SHAPES, _I8, (self._count, self._ndim)))
         for name, pdt, shape in parts:
             header, size = _read_part_header(dir_fd, name, p)
-            _check_header(header, name, p, pdt, len(shape), 0,
+            _check_header(header, name, p, pdt, len(shape),
                           second=shape[1] if len(shape) == 2 else None)
             need = header.data_offset + math.prod(shape) * pdt.itemsize
             if size < need:
