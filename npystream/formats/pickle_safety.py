@@ -50,6 +50,7 @@ import _compat_pickle
 import codecs
 import importlib
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,7 @@ __all__ = [
 
 MAX_NESTING = 1000  # containers holding arrays nested deeper than this are refused
 _INT64_MAX = 2**63 - 1
+_SWAPPED = ">" if sys.byteorder == "little" else "<"
 
 
 class PickleDecodeError(FormatError, UnicodeError):
@@ -413,8 +415,9 @@ def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
 
 
 _CHECKED: dict[tuple[str, str], tuple[Any, Any]] = {}
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._internal", "numpy._core._internal"):
     _CHECKED[(_mod, "_reconstruct")] = (_reconstruct_checked, _real_reconstruct)
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _CHECKED[(_mod, "scalar")] = (_scalar_checked, _real_scalar)
 for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
     _CHECKED[(_mod, "_frombuffer")] = (_frombuffer_checked, _real_frombuffer)
@@ -495,15 +498,24 @@ class SafeUnpickler(pickle.Unpickler):
             fn, real = _CHECKED[key]
             return _Checked(fn, self.ctx, real, f"{mmod}.{mname}")
         if policy.trusted:
-            return super().find_class(_numpy_alias(module), name)
+            return self._find_real(module, name)
         if key in _HARMLESS:
             return _HARMLESS[key]
         if f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals:
-            return super().find_class(_numpy_alias(module), name)
+            return self._find_real(module, name)
         raise UnsafePickleError(
             f"refused global {mmod}.{mname}: not on the allow-list of what np.save writes; "
             f"pass allowed_globals=['{mmod}.{mname}'] if you trust it, or trusted=True for a file you wrote"
         )
+
+    def _find_real(self, module: str, name: str) -> Any:
+        alias = _numpy_alias(module)
+        if alias != module:
+            try:
+                return super().find_class(alias, name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         view = self.ctx.view
@@ -557,7 +569,9 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
                 f"ndarray of shape {shape} and dtype {d} needs {n * d.itemsize} bytes, state has {size}"
             )
         if isinstance(raw, memoryview):
-            if d.itemsize:
+            # numpy's __setstate__ byte-swaps non-native data into a native-order copy:
+            # a view would differ from np.load, so those arrays are copied like numpy does
+            if d.itemsize and d.byteorder != _SWAPPED:
                 arr = np.frombuffer(raw, dtype=d, count=n).reshape(shape, order="F" if fortran else "C")
             else:
                 raw = bytes(raw)

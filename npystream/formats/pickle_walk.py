@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,7 @@ from npystream.errors import (
 )
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_safety import (
+    ArrayProto,
     PickleDecodeError,
     SafetyPolicy,
     SafeUnpickler,
@@ -129,11 +131,14 @@ __all__ = [
 
 MAX_MARK_DEPTH = 1000  # nesting of MARK-based containers; numpy output needs < 20
 MAX_STACK = 1 << 20  # items on one MARK level; a batch is 1000, so only a bomb gets here
+MAX_NESTING = 1000  # object nesting depth (containers in containers); Python recursion copes up to here
+MEMO_DEPTH_NOTE = 32  # memo entries deeper than this remember their depth (for GET-built nesting)
 MAX_LINE = 1 << 16  # text opcodes (protocol 0-2 GLOBAL/INT/PUT...) are short lines
 CHUNK_BYTES = 1 << 20  # bytes of pickle per unpickler load (bounds the decoded chunk)
 STREAM_READ = 1 << 20  # read size for non-mappable sources
-RETAIN_MAX = 65536  # streaming: small memo values kept across batches
-RETAIN_SMALL = 64  # streaming: str/bytes longer than this are not retained
+RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
+RETAIN_BYTES = 16 << 20  # streaming: ... and at most this many bytes of them
+RETAIN_ONE = 256 << 10  # streaming: a single value larger than this is never kept
 INDEX_VERSION = 1
 
 # ---------------------------------------------------------------------------
@@ -318,6 +323,8 @@ class ScanState:
         "batch_end",
         "status",
         "global_check",
+        "dep",
+        "memo_depth",
     )
 
     def __init__(self, count: int, global_check: Any = None) -> None:
@@ -342,6 +349,8 @@ class ScanState:
         self.batch_end = -1  # offset of the APPENDS/APPEND closing the last batch
         self.status = ST_MORE
         self.global_check = global_check  # callable(raw GLOBAL/INST argument bytes) -> error text or None
+        self.dep: list[int] = []  # nesting depth of every stack item (all levels, bottom first)
+        self.memo_depth: dict[int, int] = {}  # memo index -> depth, for entries deeper than MEMO_DEPTH_NOTE
 
 
 def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
@@ -375,6 +384,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     starts = st.starts
     memo_at = st.memo_at
     reads = st.reads
+    dep = st.dep
     in_batch = st.in_batch
     done = st.done
     fe = st.frame_end - base if st.frame_end < _INF else _INF
@@ -387,9 +397,11 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     u4 = _u4
     status = ST_MORE
 
-    def fail(kind: str, msg: str, at: int, push: bool = False) -> ScanError:
+    def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
         index = None
-        if phase == PH_BODY:
+        if batch:  # the open batch as a whole is in doubt
+            index = done
+        elif phase == PH_BODY:
             cur = len(starts) if (depth == td and push) else max(len(starts) - 1, 0)
             index = done + cur
         return ScanError(kind, msg, base + at, index)
@@ -469,6 +481,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                                 pos,
                             )
                 st.memo_seen = True
+                if dep[-1] > MEMO_DEPTH_NOTE:
+                    st.memo_depth[memo] = dep[-1]
                 memo += 1
             elif kind == K_PUSH or kind == K_GET or kind == K_DUP:
                 if phase == PH_SUFFIX:
@@ -483,13 +497,18 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if idx is None or idx >= memo or idx < st.memo_base:
                         raise fail("format", f"memo entry {idx} is read before it was written", pos, True)
                     reads[idx] = base + pos
+                    d = st.memo_depth.get(idx, 0) if st.memo_depth else 0
                 elif kind == K_DUP:
                     if n == 0:
                         raise fail("format", "DUP with an empty stack", pos, True)
-                elif op == OP_EMPTY_LIST and phase == PH_PREFIX and depth == 1 and n == 4:
+                    d = dep[-1]
+                else:
+                    d = 0
+                if op == OP_EMPTY_LIST and phase == PH_PREFIX and depth == 1 and n == 4:
                     phase = PH_BODY
                     td, tbase = 1, 5
                     n = 5
+                    dep.append(0)
                     st.body_start = base + npos
                     st.body_memo = memo
                     pos = npos
@@ -501,9 +520,12 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                 if n >= MAX_STACK:
                     raise fail("format", f"more than {MAX_STACK} items on one stack level", pos, True)
                 if depth == td:
+                    if done + len(starts) > st.count + 8:
+                        raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos, batch=True)
                     starts.append(base + pos)
                     memo_at.append(memo)
                 n += 1
+                dep.append(d)
             elif kind <= K_POP2:  # K_P1, K_P2, K_P3, K_POP1, K_POP2
                 pops = _POPS[kind]
                 pushes = 1 if kind <= K_P3 else 0
@@ -513,6 +535,9 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if op == OP_APPEND and not in_batch and n == 6:
                         # a batch of one element: "e APPEND"
                         n = 5
+                        d = dep.pop() + 1
+                        if d > dep[-1]:
+                            dep[-1] = d
                         st.batch_end = base + pos
                         done += len(starts)
                         if done > st.count:
@@ -535,6 +560,14 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if op != OP_BUILD or n != 2 or depth != 0:
                         raise fail("format", f"{OP_NAME[op]} after the element list; numpy writes TUPLE BUILD STOP", pos)
                 n = n - pops + pushes
+                d = max(dep[-pops:]) + 1
+                del dep[-pops:]
+                if pushes:
+                    dep.append(d)
+                elif d > dep[-1]:
+                    dep[-1] = d
+                if d > MAX_NESTING:
+                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
             elif kind == K_MARK:
                 if phase == PH_SUFFIX:
                     raise fail("format", "MARK after the element list; numpy writes TUPLE BUILD STOP", pos)
@@ -556,6 +589,13 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if msg:
                         raise fail("unsafe", msg, pos)
                 inner = n
+                if inner:
+                    d = max(dep[-inner:]) + 1
+                    del dep[-inner:]
+                else:
+                    d = 1
+                if d > MAX_NESTING:
+                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
                 mark_memo = marks.pop()
                 mark_off = marks.pop()
                 n = marks.pop()
@@ -566,6 +606,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                             raise fail("format", f"{OP_NAME[op]} closes the element batch; numpy writes APPENDS", pos)
                         in_batch = False
                         td, tbase = 1, 5
+                        if d > dep[-1]:
+                            dep[-1] = d
                         st.batch_end = base + pos
                         done += len(starts)
                         if done > st.count:
@@ -584,6 +626,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     phase = PH_SUFFIX
                     td = -1
                     n = 2
+                    dep.append(d)
                 elif kind == K_TOMARK1:
                     if phase == PH_SUFFIX:
                         raise fail("format", f"{OP_NAME[op]} after the element list", pos)
@@ -591,9 +634,12 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                         starts.append(mark_off)
                         memo_at.append(mark_memo)
                     n += 1
+                    dep.append(d)
                 elif op != 0x31:  # APPENDS/SETITEMS/ADDITEMS modify the item below the MARK
                     if n == 0 or (depth == td and n <= tbase):
                         raise fail("format", f"{OP_NAME[op]} has no container below its MARK", pos)
+                    if d > dep[-1]:
+                        dep[-1] = d
             elif kind == K_POP:
                 if phase == PH_SUFFIX:
                     raise fail("format", "POP after the element list", pos)
@@ -613,6 +659,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                         starts.pop()
                         memo_at.pop()
                     n -= 1
+                    dep.pop()
             elif kind == K_FRAME:
                 if fe < _INF and pos < fe:
                     raise fail("format", "FRAME inside another FRAME", pos)
@@ -656,7 +703,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     f"{OP_NAME[op]} opcode refused: persistent ids, extension codes and out-of-band buffers "
                     "are never written by np.save",
                     pos,
-                    True,
+                    op != 0x51,
                 )
             else:
                 raise fail("format", f"unknown pickle opcode 0x{op:02x}", pos, True)
@@ -784,9 +831,9 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
       s comes from ``rw.free`` or is ``rw.nslots``, which then grows) and is
       dropped otherwise; a memo read of m becomes ``BINGET``/``LONG_BINGET``
       of ``rw.slot_of[m]``, and when ``rw.free_on_read`` and this is m's last
-      read (``rw.live[m]`` == this opcode's offset) m leaves ``slot_of`` and
-      ``(m, s)`` is appended to ``rw.freed`` (the caller recycles those slots
-      after the program ran); with ``rw.zero_copy`` a BINBYTES/SHORT_BINBYTES/
+      read (``rw.live[m]`` == this opcode's offset) ``m, s`` are appended to
+      ``rw.freed`` (the caller drops them from ``slot_of`` and recycles the
+      slot after the program ran); with ``rw.zero_copy`` a BINBYTES/SHORT_BINBYTES/
       BINBYTES8 whose payload is an ndarray state's raw data (followed by
       FRAME/memo writes, TUPLE, FRAME/memo writes, BUILD, and whose own memo
       entry is not live) becomes ``LONG1 offset LONG1 length TUPLE2
@@ -823,6 +870,16 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
             npos = pos + 9 + _u8(buf, pos + 1)[0]
         else:
             npos = _line_end(buf, pos + 1, end, 2 if a == A_LINE2 else 1)
+            if npos < 0:
+                npos = end + 1
+        if npos > end:
+            raise ScanError(
+                "format",
+                f"{OP_NAME[op]} at the end of an element runs past it: the offset index does not match this "
+                "file (rebuild it)",
+                base + pos,
+                None,
+            )
         kind = kind_t[op]
         if kind == K_PUT:
             if op != OP_MEMOIZE:
@@ -858,7 +915,6 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
                 break
             out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
             if free_on_read and live.get(m) == base + pos:
-                del slot_of[m]
                 freed.append(m)
                 freed.append(s)
             run = npos
@@ -1047,20 +1103,21 @@ def _scan_view(view: Any, header: NpyHeader, st: ScanState, path: str) -> Iterat
             st.memo_at.clear()
             yield batch
         elif st.status == ST_DONE:
-            _finish(st, header, path, pos, size)
+            _finish(st, header, path, pos, size, bytes(view[pos : pos + 1]))
             return
         else:
             raise _truncated(path, pos, st)
 
 
-def _finish(st: ScanState, header: NpyHeader, path: str, pos: int, size: int | None) -> None:
+def _finish(st: ScanState, header: NpyHeader, path: str, pos: int, size: int | None, tail: bytes = b"") -> None:
     if st.done != header.count:
         raise FormatError(
             f"the pickle holds {st.done} elements but the header's shape {header.shape} says {header.count}",
             path=path,
             offset=st.batch_end if st.batch_end >= 0 else pos,
         )
-    if size is not None and pos != size:
+    if size is not None and pos != size and not (size == pos + 1 and tail == b"\n"):
+        # (one newline is tolerated: numpy 0.x-era writers appended it, see numpy's py2-np0 test file)
         raise FormatError(
             f"{size - pos} trailing bytes after the pickle's STOP; expected the file to end there",
             path=path,
@@ -1116,7 +1173,7 @@ class _StreamScan:
                 while not extra and not self.eof:
                     if self._fill():
                         extra = len(self.window) - self.pos
-                _finish(st, self.header, self.path, end, end + extra if extra else end)
+                _finish(st, self.header, self.path, end, end + extra, bytes(self.window[self.pos : self.pos + 2]))
                 return
             elif not self._fill():
                 raise _truncated(self.path, self.wbase + self.pos, st)
@@ -1143,7 +1200,7 @@ def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHea
         # elements of the open batch before the damaged one (their extent is certain)
         bad = getattr(exc, "index", None)
         k = max(0, bad - st.done) if bad is not None else max(len(st.starts) - 1, 0)
-        pending = st.starts[: min(k, len(st.starts))]
+        pending = st.starts[: max(0, min(k, len(st.starts), header.count - st.done))]
         if pending:
             s = np.array(pending, dtype=np.int64)
             e = np.empty_like(s)
@@ -1152,7 +1209,9 @@ def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHea
             starts.append(s)
             ends.append(e)
             memo_at.append(np.array(st.memo_at[: len(pending)], dtype=np.int64))
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     all_starts = cat(starts)
     all_memo = np.append(cat(memo_at), np.int64(st.memo))
     reads = st.reads
@@ -1290,7 +1349,6 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
 
 
 _RETAIN_TYPES = (type, type(len), np.dtype)
-_SMALL_SCALARS = (int, float, bool, type(None), complex)
 
 
 class _Engine:
@@ -1317,12 +1375,25 @@ class _Engine:
         self.proto_op = bytes([0x80, proto]) if proto >= 2 else b""
         self.structured = header.dtype.names is not None
         self.resolver: Any = None  # callable(m, index, offset) making rw.slot_of[m] valid, or raising
+        self.retained_bytes = 0
 
     # -- low level ---------------------------------------------------------------
     def _run_program(self, program: bytearray) -> Any:
         self.feed.set(program)
         try:
             return self.unpickler.load()
+        except BaseException:
+            # A failed load leaves unread program bytes in the C unpickler's read-ahead
+            # buffer, which the next load() would execute: start a fresh unpickler that
+            # shares the memo (assigning the memo *proxy* copies it; a dict would not).
+            old = self.unpickler
+            new = SafeUnpickler(self.feed, old.policy)
+            new.ctx = old.ctx
+            new.use_protos = old.use_protos
+            new._cache = old._cache
+            new.memo = old.memo
+            self.unpickler = new
+            raise
         finally:
             self.feed.set(b"")
 
@@ -1351,7 +1422,12 @@ class _Engine:
         rw = self.rw
         freed = rw.freed
         if freed:
-            rw.free.extend(freed[1::2])
+            slot_of = rw.slot_of
+            for k in range(0, len(freed), 2):
+                m, s = freed[k], freed[k + 1]
+                if slot_of.get(m) == s:
+                    del slot_of[m]
+                    rw.free.append(s)
             freed.clear()
 
     def _rollback(self) -> None:
@@ -1360,11 +1436,8 @@ class _Engine:
             s = rw.slot_of.pop(m, None)
             if s is not None:
                 rw.free.append(s)
-        freed = rw.freed
-        for k in range(0, len(freed), 2):
-            rw.slot_of[freed[k]] = freed[k + 1]
         rw.fresh.clear()
-        freed.clear()
+        rw.freed.clear()
 
     # -- the array header ------------------------------------------------------
     def decode_prefix(self, buf: Any, base: int, start: int, end: int) -> None:
@@ -1462,7 +1535,12 @@ class _Engine:
 
     # -- streaming retention -----------------------------------------------------
     def retain(self, fresh: list[int], pinned: set[int]) -> None:
-        """Streaming: keep the cheap, commonly shared memo values of a batch; release the rest."""
+        """Streaming: keep memo values of a batch that later batches may read back, within a budget.
+
+        Kept: globals (classes, functions), dtypes, and values of at most
+        RETAIN_ONE bytes while the total stays under RETAIN_BYTES and
+        RETAIN_MAX entries; everything else is released.
+        """
         rw = self.rw
         slot_of = rw.slot_of
         cand = [m for m in fresh if m in slot_of and m not in pinned]
@@ -1475,18 +1553,32 @@ class _Engine:
         out += b"t."
         values = self._run_program(out)
         for m, v in zip(cand, values):
-            t = type(v)
-            keep = len(pinned) < RETAIN_MAX and (
-                isinstance(v, _RETAIN_TYPES)
-                or t in _SMALL_SCALARS
-                or (t in (str, bytes) and len(v) <= RETAIN_SMALL)
-                or hasattr(v, "real") and t.__name__ in ("_Checked", "_NdarrayToken")
-            )
+            keep = False
+            if len(pinned) < RETAIN_MAX:
+                if isinstance(v, _RETAIN_TYPES) or type(v).__name__ in ("_Checked", "_NdarrayToken"):
+                    keep = True
+                else:
+                    size = _rough_size(v)
+                    if size <= RETAIN_ONE and self.retained_bytes + size <= RETAIN_BYTES:
+                        self.retained_bytes += size
+                        keep = True
             if keep:
                 pinned.add(m)
             else:
                 rw.free.append(slot_of.pop(m))
         del values
+
+
+def _rough_size(v: Any) -> int:
+    """Bytes a memo value holds, roughly (arrays by nbytes, containers shallowly)."""
+    if type(v) is ArrayProto:
+        v = v.result
+    if isinstance(v, np.ndarray):
+        return int(v.nbytes) + 112
+    try:
+        return sys.getsizeof(v)
+    except TypeError:
+        return 1 << 30
 
 
 # ---------------------------------------------------------------------------
@@ -1579,8 +1671,9 @@ class _IndexedReader:
             )
         eng = self.engine
         rw = eng.rw
-        saved = (rw.memo, rw.fresh, rw.freed)
+        saved = (rw.memo, rw.fresh, rw.freed, rw.free_on_read)
         rw.fresh, rw.freed = [], []
+        rw.free_on_read = False  # reads inside an earlier element are not "last reads" from here
         try:
             s, e = int(idx.starts[j]), int(idx.ends[j])
             buf, base = self.fetch(s, e)
@@ -1614,7 +1707,7 @@ class _IndexedReader:
                         del rw.slot_of[old]
                         rw.free.append(slot)
         finally:
-            rw.memo, rw.fresh, rw.freed = saved
+            rw.memo, rw.fresh, rw.freed, rw.free_on_read = saved
 
     def run(self, a: int, b: int) -> list[Any]:
         """Elements a..b-1, which must be contiguous in the file."""
@@ -1772,7 +1865,7 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
         except (FormatError, UnsafePickleError) as exc:
             bad = exc.index
             k = max(0, bad - st.done) if bad is not None else max(len(st.starts) - 1, 0)
-            pending = st.starts[: min(k, len(st.starts))]
+            pending = st.starts[: max(0, min(k, len(st.starts), header.count - st.done))]
             if pending and st.body_start >= 0 and produced < stop:
                 if engine is None:
                     engine = start_engine()
