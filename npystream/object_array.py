@@ -328,15 +328,22 @@ def load_saved_index(
 
 
 def save_index(
-    path: str, header: NpyHeader, header_raw: bytes, kind: str, arrays: dict[str, np.ndarray]
+    path: str,
+    header: NpyHeader,
+    header_raw: bytes,
+    kind: str,
+    arrays: dict[str, np.ndarray],
+    stat: tuple[int, int] | None = None,
 ) -> str | None:
     """Write ``path + '.nsidx'`` atomically; return its path, or None when it could not be written.
 
-    Read-only directories, full disks and files that changed while the index
-    was being built are not errors: the index stays in memory.
+    ``stat`` is ``(size, mtime_ns)`` of the file when the index was built
+    (default: now).  Read-only directories, full disks and files that changed
+    since are not errors: nothing is written and the index stays in memory.
     """
-    stat = _file_stat(path)
     if stat is None:
+        stat = _file_stat(path)
+    if stat is None or _file_stat(path) != stat:
         return None
     ipath = index_path_for(path)
     folder = os.path.dirname(os.path.abspath(ipath))
@@ -451,6 +458,7 @@ class ObjectArray:
         self._index_state = "not built"  # not built | built | loaded | saved | unsaved
         self._index_file: str | None = None
         self._consumed = False  # a forward-only source can be iterated once
+        self._built_stat: tuple[int, int] | None = None  # (size, mtime_ns) when the index was scanned
         # where the pickle starts in the source: right after the header we (or open()) just read
         pos = src.tell()
         self._data_start = pos if pos >= header.data_offset else header.data_offset
@@ -665,6 +673,7 @@ class ObjectArray:
                     self._index_state = "loaded"
                     self._index_file = index_path_for(self._path)
         if index is None:
+            self._built_stat = _file_stat(self._path) if self._path is not None else None
             fresh, owned = self._fresh_source()
             try:
                 index = engine.scan_index(fresh, self._header, self._policy)
@@ -692,7 +701,9 @@ class ObjectArray:
         header_raw = _header_bytes(src, self._header)
         if header_raw is None:
             return
-        written = save_index(self._path, self._header, header_raw, self._index_kind(), self._index.to_arrays())
+        written = save_index(
+            self._path, self._header, header_raw, self._index_kind(), self._index.to_arrays(), self._built_stat
+        )
         if written is not None:
             self._index_file = written
             self._index_state = "saved"
