@@ -542,3 +542,23 @@ def test_npz_deflated_object_member_streams(tmp_path):
             member[0]
         assert_same_elements(member, expected)
         member.close()
+
+
+def test_nsidx_not_written_when_the_file_changes_during_the_scan(tmp_path, monkeypatch):
+    from npystream.formats import pickle_walk
+
+    path = tmp_path / "m.npy"
+    loaded = write_case(case("exactly_1000"), path)
+    real_scan = pickle_walk.scan_index
+
+    def scan_then_touch(*args, **kwargs):
+        index = real_scan(*args, **kwargs)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+        return index
+
+    monkeypatch.setattr(pickle_walk, "scan_index", scan_then_touch)
+    with npystream.open(path) as arr:
+        assert_same_element(arr[999], expected_elements(loaded)[999])
+        assert arr.index_state == "unsaved"
+    assert not os.path.exists(index_path_for(path))
