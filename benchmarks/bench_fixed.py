@@ -7,6 +7,8 @@ Workloads (each in a fresh child process, page cache warm, best of ``--reps``):
 * ``sum``: every block is summed (a typical light consumer);
 * ``copyto_ram``: the same bytes copied block by block from an array already in RAM:
   the memory-bandwidth limit of the copy workload (no page faults, no file);
+* pipe: the 2 GiB file through ``cat FILE |`` summed block by block with ``iter_batches``
+  vs ``np.load(io.BytesIO(pipe.read()))`` (``np.load`` cannot read a pipe: it seeks);
 * gzip: a ``--gz-mib`` MiB float32 ``.npy.gz`` summed block by block with
   ``iter_batches`` vs ``np.load(gzip.open(path))`` (numpy has no streaming path).
 
@@ -133,6 +135,7 @@ def run_workload(name: str, path: str, gz_path: str, batch_bytes: int) -> None:
             for b in npystream.iter_batches(path, batch_bytes=batch_bytes):
                 dst = buf[: b.nbytes].view(b.dtype).reshape(b.shape)
                 np.copyto(dst, b)
+            del b  # the last view keeps the mapping alive: unmap inside the timing, like `del m`
         elif name == "np_load_mmap_copy":
             m = np.load(path, mmap_mode="r")
             step = block_rows(m)
@@ -148,12 +151,27 @@ def run_workload(name: str, path: str, gz_path: str, batch_bytes: int) -> None:
         elif name == "iter_batches_sum":
             for b in npystream.iter_batches(path, batch_bytes=batch_bytes):
                 total += float(b.sum(dtype=np.float64))
+            del b  # as above
         elif name == "np_load_mmap_sum":
             m = np.load(path, mmap_mode="r")
             step = block_rows(m)
             for i in range(0, m.shape[0], step):
                 total += float(m[i : i + step].sum(dtype=np.float64))
             del m
+        elif name == "pipe_iter_batches_sum":
+            with subprocess.Popen(["cat", path], stdout=subprocess.PIPE) as proc:
+                for b in npystream.iter_batches(proc.stdout, batch_bytes=batch_bytes):
+                    total += float(b.sum(dtype=np.float64))
+        elif name == "pipe_np_load_bytesio_sum":
+            # np.load cannot read a pipe (it seeks): the usual workaround reads it all first.
+            import io
+
+            with subprocess.Popen(["cat", path], stdout=subprocess.PIPE) as proc:
+                a = np.load(io.BytesIO(proc.stdout.read()))
+            step = block_rows(a)
+            for i in range(0, a.shape[0], step):
+                total += float(a[i : i + step].sum(dtype=np.float64))
+            del a
         elif name == "gz_iter_batches_sum":
             for b in npystream.iter_batches(gz_path, batch_bytes=batch_bytes):
                 total += float(b.sum(dtype=np.float64))
@@ -201,6 +219,7 @@ def main() -> None:
     groups = [
         ("copy each block into a reused buffer", ["iter_batches_copy", "np_load_mmap_copy", "copyto_ram"]),
         ("sum each block", ["iter_batches_sum", "np_load_mmap_sum"]),
+        ("pipe (cat FILE |), sum each block", ["pipe_iter_batches_sum", "pipe_np_load_bytesio_sum"]),
         ("gzip .npy.gz, sum each block", ["gz_iter_batches_sum", "gz_np_load_sum"]),
     ]
     print(f"file: {path} ({os.path.getsize(path) / 2**30:.2f} GiB), "
