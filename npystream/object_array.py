@@ -266,6 +266,14 @@ def _is_intlike(k: Any) -> bool:
     return True
 
 
+def _as_run(flat: np.ndarray) -> range | list[int]:
+    """``range(a, b)`` when ``flat`` is consecutive ascending (the decoder's fast sequential path)."""
+    n = len(flat)
+    if n and int(flat[-1]) - int(flat[0]) == n - 1 and (n == 1 or bool(np.all(np.diff(flat) == 1))):
+        return range(int(flat[0]), int(flat[-1]) + 1)
+    return flat.tolist()
+
+
 def _nest(items: list[Any], shape: tuple[int, ...]) -> list[Any]:
     """Items (in C order) as nested lists of ``shape`` (like ``ndarray.tolist`` without converting)."""
     if len(shape) <= 1:
@@ -739,7 +747,7 @@ class ObjectArray:
         assert positions is not None
         if positions.ndim == 0:
             return decoder.decode(int(positions))
-        items = list(decoder.decode_many(positions.ravel()))
+        items = list(decoder.decode_many(_as_run(positions.ravel())))
         return _nest(items, positions.shape)
 
     def get(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
@@ -749,7 +757,7 @@ class ObjectArray:
             raise TypeError(f"indices must be integers, got dtype {positions.dtype}")
         _, resolved = resolve_key(positions.ravel(), (self.size,))
         decoder = self._get_decoder()
-        return list(decoder.decode_many(resolved))
+        return list(decoder.decode_many(_as_run(resolved)))
 
     def tolist(self) -> list[Any]:
         """All elements as (nested) lists, read by streaming: materialises every element."""

@@ -114,3 +114,14 @@ def test_fixed_dtype_npy_is_not_an_object_array(tmp_path):
     np.save(path, np.arange(3))
     with pytest.raises(FormatError, match="ObjectArray"):
         ObjectArray(path)
+
+
+def test_as_run():
+    from npystream.object_array import _as_run
+
+    assert _as_run(np.arange(3, 9)) == range(3, 9)
+    assert _as_run(np.array([5])) == range(5, 6)
+    assert _as_run(np.array([], dtype=np.intp)) == []
+    assert _as_run(np.array([3, 5, 4])) == [3, 5, 4]
+    assert _as_run(np.array([1, 3, 2, 4])) == [1, 3, 2, 4]  # same ends, not consecutive
+    assert _as_run(np.array([4, 3])) == [4, 3]
