@@ -1055,7 +1055,11 @@ class RaggedWriter:
         if exists and mode in ("w", "a"):
             self._check_replaceable()
         if mode == "a" and exists:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                self._release()  # never keep the lock of a store we refused to open
+                raise
         # otherwise the store is created at the first append (ndim is learnt there) or at close
 
     # -- setup ---------------------------------------------------------------------
@@ -1567,16 +1571,19 @@ class RaggedWriter:
             elif not self._broken:
                 self._commit()
         finally:
-            self._closed = True
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds = {}
-            if self._dir_fd is not None:
-                os.close(self._dir_fd)  # also drops the flock
-                self._dir_fd = None
-            self._buf = None
-            self._nbuf = None
-            self._fast = None
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # also drops the flock
+            self._dir_fd = None
+        self._buf = None
+        self._nbuf = None
+        self._fast = None
 
     def __enter__(self) -> RaggedWriter:
         return self
