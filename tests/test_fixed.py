@@ -239,6 +239,24 @@ def test_truncated_data_raises_at_open(tmp_path):
         assert "800" in str(err) and "truncated" in str(err)
 
 
+def test_truncated_file_fails_when_iter_batches_is_called(tmp_path):
+    path = tmp_path / "t.npy"
+    path.write_bytes(_npy_bytes(np.arange(100, dtype="<f8"))[:-1])
+    with pytest.raises(TruncatedError):
+        npystream.iter_batches(path, 10)  # before any block is asked for
+
+
+def test_npz_load_checks_the_promised_size_before_allocating(tmp_path):
+    """A deflated member whose header promises 8 TB: TruncatedError, not a huge allocation."""
+    from npystream.formats.npy import encode_header
+
+    path = tmp_path / "lie.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", encode_header("<f8", (10**12,)) + bytes(64))
+    with npystream.open(path) as archive, pytest.raises(TruncatedError, match="promises"):
+        archive.load("a")
+
+
 def test_trailing_bytes_are_ignored_like_numpy(tmp_path):
     path = tmp_path / "t.npy"
     np.save(path, np.arange(4))

@@ -160,6 +160,7 @@ def _from_bytes(buf: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -
 def read_array(src: ByteSource, header: NpyHeader) -> np.ndarray:
     """Read the data after ``header`` into a fresh in-memory array (like ``np.load`` without mmap)."""
     _refuse_pickled(header, src.name, "reading a fixed-dtype array")
+    _check_length(src, header, src.tell())  # a lying header must not cost a huge allocation
     order = "F" if header.fortran_order else "C"
     return _read_block(src, header.dtype, header.shape, order, index=0)
 
@@ -192,6 +193,11 @@ def _read_block(
     return buf.view(dtype).reshape(shape, order=order)
 
 
+def _maps(src: ByteSource) -> bool:
+    """True when blocks can be views (a mappable file, or bytes in memory)."""
+    return isinstance(src, MemorySource) or src.mappable
+
+
 class BatchIterator(Iterator[np.ndarray]):
     """Iterator of consecutive blocks of a fixed-dtype ``.npy``; also a context manager.
 
@@ -210,6 +216,8 @@ class BatchIterator(Iterator[np.ndarray]):
         self.name = src.name
         self._src: ByteSource | None = src
         self._owned = owned
+        # Files are mapped now, so a truncated file fails at the call, not at the first block.
+        self._whole = open_npy(src, header, mode="r") if _maps(src) else None
         self._gen = self._blocks(src)
 
     @property
@@ -232,8 +240,9 @@ class BatchIterator(Iterator[np.ndarray]):
         header = self.header
         shape = header.shape
         rows = self.batch_rows
-        if isinstance(src, MemorySource) or src.mappable:
-            whole = open_npy(src, header, mode="r")
+        whole = self._whole
+        self._whole = None  # the generator holds it; close() can then release it
+        if whole is not None:
             if not shape:
                 yield whole
                 return
@@ -266,6 +275,7 @@ class BatchIterator(Iterator[np.ndarray]):
     def close(self) -> None:
         """Stop early and release the source (views already handed out stay valid)."""
         self._gen.close()
+        self._whole = None
         if self._src is not None and self._owned:
             self._src.close()
         self._src = None
@@ -334,7 +344,7 @@ def batches_from_source(
         ax = axis
         if header.shape and axis == -1:
             ax = len(header.shape) - 1
-        streaming = not (isinstance(src, MemorySource) or src.mappable)
+        streaming = not _maps(src)
         contiguous_axis = len(header.shape) - 1 if header.fortran_order else 0
         if streaming and len(header.shape) >= 2 and ax != contiguous_axis:
             order_word = "Fortran" if header.fortran_order else "C"
