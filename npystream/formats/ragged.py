@@ -444,7 +444,7 @@ def _check_header(header: Any, name: str, path: str, dtype: np.dtype, ndim: int,
         )
 
 
-def _validate_offsets(offs: np.ndarray, nitems: int, path: str) -> None:
+def _validate_offsets(offs: np.ndarray, nitems: int, path: str, full: bool) -> None:
     name = os.path.join(path, OFFSETS)
     if offs[0] != 0:
         raise FormatError(f"offsets[0] is {int(offs[0])}, expected 0", path=name)
@@ -454,7 +454,7 @@ def _validate_offsets(offs: np.ndarray, nitems: int, path: str) -> None:
             path=name,
         )
     step = 1 << 20
-    for lo in range(0, len(offs) - 1, step):
+    for lo in range(0, len(offs) - 1 if full else 0, step):
         chunk = offs[lo : lo + step + 1]
         bad = np.flatnonzero(chunk[1:] < chunk[:-1])
         if bad.size:
@@ -467,7 +467,7 @@ def _validate_offsets(offs: np.ndarray, nitems: int, path: str) -> None:
             )
 
 
-def _open_store(path: str) -> _Store:
+def _open_store(path: str, validate: bool = True) -> _Store:
     try:
         dir_fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except FileNotFoundError:
@@ -504,7 +504,7 @@ def _open_store(path: str) -> _Store:
         st.maps.append(mm)
         if n + 1 and offs.size == 0:  # pragma: no cover - n + 1 >= 1 always maps
             raise FormatError("offsets part is empty", path=path)
-        _validate_offsets(offs, st.nitems, path)
+        _validate_offsets(offs, st.nitems, path, validate)
         st.offsets_np = offs
         if _LITTLE:
             st.offsets_mv = memoryview(offs).cast("B").cast("q")
@@ -519,7 +519,7 @@ def _open_store(path: str) -> _Store:
             st.maps.append(mm)
             shapes = shapes.reshape(n, st.ndim)
             step = 1 << 18
-            for lo in range(0, n, step):
+            for lo in range(0, n if validate else 0, step):
                 blk = shapes[lo : lo + step]
                 sizes = np.prod(blk, axis=1) if blk.size else np.zeros(len(blk), np.int64)
                 lens = np.diff(offs[lo : lo + len(blk) + 1])
@@ -535,7 +535,7 @@ def _open_store(path: str) -> _Store:
             st.shapes_np = shapes
             flat = np.ascontiguousarray(shapes.reshape(-1), dtype="=i8")
             st.shapes_mv = memoryview(flat).cast("B").cast("q")
-        elif st.ndim == 0 and st.kind == "array":
+        elif st.ndim == 0 and st.kind == "array" and validate:
             lens = np.diff(offs)
             bad = np.flatnonzero(lens != 1)
             if bad.size:
@@ -574,13 +574,13 @@ class RaggedArray:
                  "_policy")
 
     def __new__(cls, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
-                _view: Any = None) -> RaggedArray:
+                validate: bool = True, _view: Any = None) -> RaggedArray:
         if _view is not None:
             st = _view
         else:
             if path is None:
                 raise TypeError("RaggedArray() needs the path of a store")
-            st = _open_store(os.fspath(path))
+            st = _open_store(os.fspath(path), bool(validate))
         if cls is RaggedArray:
             if st.kind == "array":
                 cls = {1: _Ragged1D, 0: _Ragged0D}.get(st.ndim, _RaggedND)
@@ -601,9 +601,11 @@ class RaggedArray:
         return self
 
     def __init__(self, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
-                 _view: Any = None) -> None:
+                 validate: bool = True, _view: Any = None) -> None:
         """Open the store at ``path``; ``safe``/``allowed_globals`` govern kind='object' unpickling
-        (the object stream's allow-list; ``safe=False`` trusts the store like ``np.load``)."""
+        (the object stream's allow-list; ``safe=False`` trusts the store like ``np.load``).
+        ``validate=False`` skips the O(n) pass over offsets/shapes at open (for huge stores you
+        trust; the O(1) checks of meta.json, headers, sizes and the end offsets remain)."""
 
     # -- per-kind element access ------------------------------------------------
     def _get(self, g: int) -> Any:  # pragma: no cover - every subclass overrides
