@@ -173,7 +173,11 @@ class NpzArchive(Mapping[str, np.ndarray]):
         return key, self._infos[key]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """The member as a read-only ``np.memmap`` (stored members only; see the class doc)."""
+        """A stored fixed-dtype member as a read-only ``np.memmap``; an object member as an ObjectArray.
+
+        A compressed fixed-dtype member raises :class:`~npystream.errors.NotSeekableError`
+        naming :meth:`load` and :meth:`iter_batches`.
+        """
         key, info = self._info(name)
         src = self.member_source(key)
         handed_over = False
