@@ -184,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     rows[-1] = (*rows[-1][:3], f"index_state={arr.index_state}")
     arr.close()
 
+    # what a user sees: open() and the first arr[i], with and without a saved index
+    ipath.unlink(missing_ok=True)
+
+    def first_read() -> object:
+        with npystream.open(path) as a:
+            return a[n // 2].shape
+
+    timed("open + first arr[i], no .nsidx (builds, saves)", first_read, rows)
+    timed("open + first arr[i], .nsidx present", first_read, rows)
+
     rng = np.random.default_rng(args.seed)
     picks = rng.integers(0, n, args.reads).tolist()
 
