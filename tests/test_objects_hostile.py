@@ -103,6 +103,32 @@ def test_truncated_at_every_byte(tmp_path):
     assert_same_elements(got, expected)
 
 
+def test_truncated_random_access(tmp_path):
+    """Every cut inside the pickle: the index scan (random access) raises TruncatedError too."""
+    data = _small_file()
+    start = header_len(_SMALL.shape)
+    path = tmp_path / "cut.npy"
+    for cut in range(start, len(data)):
+        path.write_bytes(data[:cut])
+        with npystream.open(path, nsidx=False) as arr, pytest.raises(TruncatedError, match=r"at byte \d+"):
+            arr[0]
+
+
+def test_truncated_inside_large_payloads(tmp_path):
+    """Cuts inside payloads written outside the 64 KiB frames (BINBYTES8 / BINUNICODE)."""
+    items = [np.arange(20_000, dtype="<f8"), "x" * 70_000, b"y" * 70_000, 7]
+    buf = io.BytesIO()
+    np.save(buf, obj_array(items))
+    data = buf.getvalue()
+    path = tmp_path / "big.npy"
+    for cut in list(range(header_len((4,)), len(data), 4_099)) + [len(data) - 1]:
+        path.write_bytes(data[:cut])
+        got, exc = _drain(path)
+        assert isinstance(exc, TruncatedError), f"cut at {cut}: {exc!r}"
+        assert exc.offset is not None and exc.offset <= cut
+        assert_same_elements(got, items[: len(got)])
+
+
 def test_truncated_file_object_stream(tmp_path):
     """The same from a non-seekable stream (a pipe-like reader)."""
     data = _small_file()
