@@ -493,8 +493,9 @@ def _object_to_ragged(
     count = start = 0
     try:
         elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals)
-        with RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
-                          buffer_size=16 << 20) as writer:
+        writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
+                              buffer_size=16 << 20)
+        try:
             start = count = len(writer)
             if start:
                 for _ in islice(elements, start):
@@ -502,17 +503,23 @@ def _object_to_ragged(
                 bar.add(start, 0)
             append = writer.append
             add = bar.add
-            try:
-                for x in elements:
-                    append(x)
-                    count += 1
-                    add(1, _nbytes(x))
-            except CastError as exc:
-                raise CastError(
-                    f"{exc.message}; in `npystream convert` pass --kind object to store each element "
-                    "pickled, or --cast same_kind to unify dtypes",
-                    path=info.label, index=exc.index,
-                ) from None
+            for x in elements:
+                append(x)
+                count += 1
+                add(1, _nbytes(x))
+        except CastError as exc:
+            _close_quietly(writer)
+            raise CastError(
+                f"{exc.message}; in `npystream convert` pass --kind object to store each element "
+                "pickled, or --cast same_kind to unify dtypes",
+                path=info.label, index=exc.index,
+            ) from None
+        except BaseException:
+            # commit what was appended (a --resume run keeps it), but never let a
+            # secondary error from closing replace the real one (e.g. Ctrl-C -> 130)
+            _close_quietly(writer)
+            raise
+        writer.close()
         bar.close()
         if info.header is not None and count != info.count:  # pragma: no cover - reader checks this
             raise FormatError(f"read {count} elements, the header says {info.count}", path=info.label)
@@ -530,6 +537,13 @@ def _object_to_ragged(
         raise
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0,
                          _tree_size(dst), 0.0, resumed_from=start, notes=notes)
+
+
+def _close_quietly(writer: Any) -> None:
+    try:
+        writer.close()
+    except Exception:  # noqa: S110 - the original exception is the one to report
+        pass
 
 
 def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool,

@@ -8,7 +8,9 @@ files are read in blocks of about 8 MiB).
 
 Equality is strict: same type; ndarrays have the same dtype (byte order
 included), shape and values (NaN equals NaN); containers compare
-recursively.
+recursively.  One allowance: a numpy scalar equals a 0-d ndarray of the
+same dtype and value, because a ragged store keeps numpy scalars as 0-d
+arrays.
 """
 
 from __future__ import annotations
@@ -52,7 +54,15 @@ def describe(x: Any) -> str:
 
 
 def equal(a: Any, b: Any) -> bool:
-    """Strict element equality (types, dtypes, shapes, values; NaN == NaN)."""
+    """Strict element equality (types, dtypes, shapes, values; NaN == NaN).
+
+    One allowance: a numpy scalar equals a 0-d ndarray of the same dtype and
+    value (a ragged store keeps numpy scalars as 0-d arrays).
+    """
+    if isinstance(a, np.generic) and isinstance(b, np.ndarray) and b.ndim == 0:
+        a = np.asarray(a)
+    elif isinstance(b, np.generic) and isinstance(a, np.ndarray) and a.ndim == 0:
+        b = np.asarray(b)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         if type(a) is not type(b) and not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
             return False

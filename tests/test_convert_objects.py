@@ -108,13 +108,15 @@ def test_mixed_dtypes_need_cast(tmp_path):
     _save(tmp_path / "a.npy", items)
     with pytest.raises(CastError, match="--cast same_kind") as ei:
         convert(tmp_path / "a.npy", tmp_path / "a.ragged")
-    assert ei.value.index == 1
-    with pytest.raises(CastError) as ei:
-        convert(tmp_path / "a.npy", tmp_path / "a.ragged", cast="same_kind")
-    assert ei.value.index == 2  # int64 -> float64 is not same_kind... it is 'safe'? numpy: no
-    convert(tmp_path / "a.npy", tmp_path / "a.ragged", cast="unsafe")
+    assert ei.value.index == 1 and not (tmp_path / "a.ragged").exists()
+    convert(tmp_path / "a.npy", tmp_path / "a.ragged", cast="same_kind")
     r = npystream.open(tmp_path / "a.ragged")
-    assert r.dtype == np.dtype("<f8") and r[2].tolist() == [0.0, 1.0]
+    assert r.dtype == np.dtype("<f8") and r[2].tolist() == [0.0, 1.0] and r[1].dtype == np.dtype("<f8")
+    _save(tmp_path / "c.npy", items + [np.array([1j])])
+    with pytest.raises(CastError) as ei:
+        convert(tmp_path / "c.npy", tmp_path / "c.ragged", cast="same_kind")
+    assert ei.value.index == 3 and not (tmp_path / "c.ragged").exists()
+    assert _leftovers(tmp_path) == []
 
 
 def test_safe_mode_refuses_unknown_globals(tmp_path, capsys):
@@ -240,7 +242,7 @@ def test_resume_refuses_a_different_source(tmp_path):
     from npystream.formats.ragged import save_ragged
 
     partial = temp_name(str(tmp_path / "o.ragged"), "partial")
-    save_ragged(partial, _f32(4))
+    save_ragged(partial, _f32(10)[:4])
     info = npystream.convert.describe_source(str(tmp_path / "a.npy")).identity
     with open(partial + ".json", "w") as f:
         json.dump(dict(info, kind=None, cast=None), f)
