@@ -645,6 +645,9 @@ def test_object_kind_uses_the_object_streams_allow_list(tmp_path):
     assert r[0] == OrderedDict(a=1)
     assert pickle.loads(pickle.dumps(r))[0] == OrderedDict(a=1)  # the allowance survives pickling
     assert RaggedArray(p, safe=False)[0] == OrderedDict(a=1)
+    assert npystream.open(p, trusted=True)[0] == OrderedDict(a=1)
+    with pytest.raises(UnsafePickleError):
+        npystream.open(p, trusted=False)[0]
 
 
 def test_masked_arrays_are_refused_and_subclasses_accepted(tmp_path):

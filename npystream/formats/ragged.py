@@ -574,7 +574,8 @@ class RaggedArray:
                  "_policy")
 
     def __new__(cls, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
-                validate: bool = True, _view: Any = None) -> RaggedArray:
+                validate: bool = True, trusted: bool | None = None,
+                _view: Any = None) -> RaggedArray:
         if _view is not None:
             st = _view
         else:
@@ -586,6 +587,10 @@ class RaggedArray:
                 cls = {1: _Ragged1D, 0: _Ragged0D}.get(st.ndim, _RaggedND)
             else:
                 cls = {"str": _RaggedStr, "bytes": _RaggedBytes, "object": _RaggedObject}[st.kind]
+        if trusted is not None:
+            if not isinstance(trusted, bool):
+                raise TypeError(f"trusted must be True or False, got {trusted!r}")
+            safe = not trusted
         policy = _make_policy(bool(safe), allowed_globals) if st.kind == "object" else None
         self = object.__new__(cls)
         self._policy = policy
@@ -601,9 +606,10 @@ class RaggedArray:
         return self
 
     def __init__(self, path: Any = None, *, safe: bool = True, allowed_globals: Any = (),
-                 validate: bool = True, _view: Any = None) -> None:
+                 validate: bool = True, trusted: bool | None = None, _view: Any = None) -> None:
         """Open the store at ``path``; ``safe``/``allowed_globals`` govern kind='object' unpickling
-        (the object stream's allow-list; ``safe=False`` trusts the store like ``np.load``).
+        (the object stream's allow-list; ``safe=False``, or ``trusted=True`` as the object
+        readers spell it, trusts the store like ``np.load(allow_pickle=True)``).
         ``validate=False`` skips the O(n) pass over offsets/shapes at open (for huge stores you
         trust; the O(1) checks of meta.json, headers, sizes and the end offsets remain)."""
 
