@@ -295,6 +295,8 @@ def _rewrite_all(data: bytes, impl, live, zero_copy: bool) -> tuple:
     index = scan_index(src, header, SAFE)
     rw = pw.RewriteState(live if live is not None else dict(zip(index.live_memo.tolist(), index.live_last.tolist())), zero_copy=zero_copy)
     out = bytearray()
+    impl(memoryview(data), header.data_offset, index.body_start, 0, rw, out)
+    assert rw.status == pw.RW_OK
     for i in range(index.count):
         rw.memo = int(index.memo_at[i])
         impl(memoryview(data), int(index.starts[i]), int(index.ends[i]), 0, rw, out)

@@ -947,7 +947,7 @@ def _load_speedups() -> tuple[Any, Any, bool]:
         from npystream import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return scan_ops, rewrite_ops, False
-    _speedups.setup(ScanError, ScanState, RewriteState)
+    _speedups.setup(ScanError, ScanState, RewriteState, _text_int)
     return _speedups.scan_ops, _speedups.rewrite_ops, True
 
 
