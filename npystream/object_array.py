@@ -753,6 +753,9 @@ class ObjectArray:
     def get(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
         """The elements at C-order flat ``indices`` (any order, repeats allowed), as a list."""
         positions = np.asarray(indices)
+        if positions.size == 0:
+            self._live()
+            return []
         if positions.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {positions.dtype}")
         _, resolved = resolve_key(positions.ravel(), (self.size,))

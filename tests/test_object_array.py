@@ -562,3 +562,75 @@ def test_nsidx_not_written_when_the_file_changes_during_the_scan(tmp_path, monke
         assert_same_element(arr[999], expected_elements(loaded)[999])
         assert arr.index_state == "unsaved"
     assert not os.path.exists(index_path_for(path))
+
+
+# ---------------------------------------------------------------------------
+# property test: random contents, shapes and orders
+
+
+def _elements():
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=True)
+        | st.complex_numbers()
+        | st.text(max_size=20)
+        | st.binary(max_size=20)
+    )
+    arrays = hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", "<i8", "|u1", "|b1", "<c16", "<M8[s]", "|S3", "<U2"]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+    )
+    return st.recursive(
+        scalars | arrays,
+        lambda inner: st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=3),
+        max_leaves=8,
+    )
+
+
+def test_random_contents_match_np_load(tmp_path_factory):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    folder = tmp_path_factory.mktemp("prop")
+
+    @settings(max_examples=int(os.environ.get("NPYSTREAM_PROP_EXAMPLES", "40")), deadline=None)
+    @given(
+        items=st.lists(_elements(), min_size=0, max_size=30),
+        ndim=st.sampled_from([1, 2]),
+        order=st.sampled_from(["C", "F"]),
+        protocol=st.sampled_from([None, 2, 3, 4, 5]),
+        data=st.data(),
+    )
+    def check(items, ndim, order, protocol, data):
+        arr_in = obj_array(items)
+        if ndim == 2 and len(items) % 2 == 0 and items:
+            arr_in = obj_array(items, shape=(2, len(items) // 2), order=order)
+        path = folder / "p.npy"
+        if protocol is None:
+            np.save(path, arr_in)
+        else:
+            import pickle
+
+            from objcases import npy_preamble
+
+            path.write_bytes(npy_preamble(arr_in) + pickle.dumps(arr_in, protocol=protocol))
+        loaded = np.load(path, allow_pickle=True)
+        expected = expected_elements(loaded)
+        with npystream.open(path, nsidx=False) as arr:
+            assert arr.shape == loaded.shape
+            assert_same_elements(arr, expected)
+            if expected:
+                picks = data.draw(st.lists(st.integers(0, len(expected) - 1), max_size=10))
+                for i in picks:
+                    idx = np.unravel_index(i, loaded.shape)
+                    assert_same_element(arr[tuple(int(k) for k in idx)], expected[i])
+                assert_same_elements(arr.get(picks), [expected[i] for i in picks])
+
+    check()
