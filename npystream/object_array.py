@@ -62,6 +62,7 @@ from __future__ import annotations
 import operator
 import os
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -463,6 +464,8 @@ class ObjectArray:
         self._nsidx = bool(nsidx)
         self._index: Any = None
         self._decoder: Any = None
+        # the decoder keeps unpickler state between calls: one caller at a time
+        self._lock = threading.RLock()
         self._index_state = "not built"  # not built | built | loaded | saved | unsaved
         self._index_file: str | None = None
         self._consumed = False  # a forward-only source can be iterated once
@@ -560,6 +563,10 @@ class ObjectArray:
     # -- lifetime ------------------------------------------------------------
     def close(self) -> None:
         """Release the file (if this object opened it).  Views already returned stay valid."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._src is None:
             return
         self._closed_name = self._src.name
@@ -657,6 +664,10 @@ class ObjectArray:
         the scan's errors (:class:`~npystream.errors.FormatError`,
         :class:`~npystream.errors.UnsafePickleError`) on damaged files.
         """
+        with self._lock:
+            return self._build_index(save=save, rebuild=rebuild)
+
+    def _build_index(self, *, save: bool | None, rebuild: bool) -> ObjectArray:
         src = self._require_seekable("building the offset index")
         if self._index is not None and not rebuild:
             if save and self._path is not None and self._index_file is None:
@@ -739,15 +750,14 @@ class ObjectArray:
             n = shape[0]
             i = key + n if key < 0 else key
             if 0 <= i < n:
-                return decoder.decode(i)
+                with self._lock:
+                    return decoder.decode(i)
         flat, positions = resolve_key(key, shape)
-        decoder = self._get_decoder()
-        if flat is not None:
-            return decoder.decode(flat)
-        assert positions is not None
-        if positions.ndim == 0:
-            return decoder.decode(int(positions))
-        items = list(decoder.decode_many(_as_run(positions.ravel())))
+        with self._lock:
+            decoder = self._get_decoder()
+            if positions is None:
+                return decoder.decode(flat)
+            items = list(decoder.decode_many(_as_run(positions.ravel())))
         return _nest(items, positions.shape)
 
     def get(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
@@ -759,8 +769,8 @@ class ObjectArray:
         if positions.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {positions.dtype}")
         _, resolved = resolve_key(positions.ravel(), (self.size,))
-        decoder = self._get_decoder()
-        return list(decoder.decode_many(_as_run(resolved)))
+        with self._lock:
+            return list(self._get_decoder().decode_many(_as_run(resolved)))
 
     def tolist(self) -> list[Any]:
         """All elements as (nested) lists, read by streaming: materialises every element."""

@@ -634,3 +634,70 @@ def test_random_contents_match_np_load(tmp_path_factory):
                 assert_same_elements(arr.get(picks), [expected[i] for i in picks])
 
     check()
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_threads_share_one_object_array(tmp_path, zero_copy):
+    """Several threads indexing one ObjectArray get the right elements (access is serialised)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "t.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with npystream.open(path, zero_copy=zero_copy) as arr:
+
+            def work(seed):
+                rng = random.Random(seed)
+                out = []
+                for _ in range(300):
+                    i = rng.randrange(len(expected))
+                    out.append((i, arr[i]))
+                    if rng.random() < 0.1:
+                        a = rng.randrange(len(expected) - 5)
+                        out.extend(zip(range(a, a + 5), arr[a : a + 5]))
+                return out
+
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(work, range(8)))
+    finally:
+        sys.setswitchinterval(old)
+    for chunk in results:
+        for i, got in chunk:
+            assert_same_element(got, expected[i])
+
+
+def test_forked_child_reads_correctly(tmp_path):
+    """A DataLoader-style fork after the parent used the array: the child's reads are right."""
+    import multiprocessing as mp
+
+    path = tmp_path / "f.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    arr = npystream.open(path, zero_copy=False)
+    assert_same_element(arr[10], expected[10])
+    ctx = mp.get_context("fork")
+    picks = list(range(0, 2500, 7))
+    q = ctx.Queue()
+
+    def child():
+        try:
+            q.put([repr(arr[i]) for i in picks])
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            q.put(exc)
+
+    procs = [ctx.Process(target=child) for _ in range(2)]
+    for p in procs:
+        p.start()
+    mine = [repr(arr[i]) for i in reversed(picks)]
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    arr.close()
+    want = [repr(expected[i]) for i in picks]
+    assert mine == want[::-1]
+    for res in results:
+        assert res == want
