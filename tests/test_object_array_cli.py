@@ -135,3 +135,16 @@ def test_head_array_orders_and_views(tmp_path, capsys):
     assert out[2].strip().startswith("[1] ndarray shape=(2, 3) dtype=float32 order=F: [[1., 1., 1.]")
     assert out[3].strip() == "[2] ndarray shape=() dtype=int64: 5"
     assert "read-only" not in "\n".join(out)  # head reads copies (streaming), never views
+
+
+def test_index_several_files_continues_after_a_bad_one(tmp_path, capsys):
+    good1, good2, bad = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "bad.npy"
+    write_case(case("one_element"), good1)
+    write_case(case("exactly_1001"), good2)
+    bad.write_bytes(npy_file(envelope([integer(1)]), (2,)))
+    assert main(["index", str(good1), str(bad), str(good2)]) == 1
+    captured = capsys.readouterr()
+    assert f"{good1}: 1 elements" in captured.out and f"{good2}: 1001 elements" in captured.out
+    assert str(bad) in captured.err and "at byte" in captured.err
+    assert os.path.exists(index_path_for(good1)) and os.path.exists(index_path_for(good2))
+    assert not os.path.exists(index_path_for(bad))

@@ -4,8 +4,9 @@ One pass per file over the pickle's opcodes (payloads are skipped), the same
 index ``ObjectArray`` builds on first random access, written atomically
 beside the file as ``FILE.npy.nsidx``.  An index that is already up to date
 (same size, mtime and header) is reported and kept unless ``--force``.
-Prints one summary per file; exit 1 if a file is damaged, refused, not
-seekable (gzip, stdin) or its index could not be written.
+Prints one summary per file; a damaged, refused or unseekable (gzip, stdin)
+file, or one whose index could not be written, gets one error line on stderr,
+the other files are still indexed, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -93,8 +94,16 @@ def _one(path: str, args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Index every file; 0 if all were indexed and saved, else 1 (errors via main for the first bad file)."""
+    """Index every file (a bad one is reported and skipped); 0 if all were indexed and saved, else 1."""
+    from npystream.errors import NpyStreamError
+
+    if len(args.files) == 1:
+        return 0 if _one(args.files[0], args) else 1  # errors reach main (--debug shows the traceback)
     ok = True
     for path in args.files:
-        ok = _one(path, args) and ok
+        try:
+            ok = _one(path, args) and ok
+        except (NpyStreamError, OSError, ValueError) as exc:
+            print(f"npystream index: error: {exc}", file=sys.stderr)
+            ok = False
     return 0 if ok else 1
