@@ -1127,6 +1127,7 @@ class RaggedWriter:
         parts = [(VALUES, dt, (self._nitems,)), (OFFSETS, _I8, (self._count + 1,))]
         if self._ndim >= 2:
             parts.append((SHAPES, _I8, (self._count, self._ndim)))
+        sizes: dict[str, int] = {}
         for name, pdt, shape in parts:
             header, size = _read_part_header(dir_fd, name, p)
             _check_header(header, name, p, pdt, len(shape),
@@ -1141,10 +1142,16 @@ class RaggedWriter:
             fd = _open_at(dir_fd, name, os.O_RDWR)
             self._fds[name] = fd
             self._hdr_len[name] = header.data_offset
-            # drop an interrupted write's tail and publish the committed shape
-            os.ftruncate(fd, need)
-            hdr = _encode_part_header(pdt, shape, header.data_offset)
-            _pwrite_all(fd, hdr, 0)
+            sizes[name] = need
+            # first the committed shape into the header (an interrupted write may have left a
+            # larger one), so that a header never claims more than the file holds ...
+            _pwrite_all(fd, _encode_part_header(pdt, shape, header.data_offset), 0)
+        if self._durable:
+            for fd in self._fds.values():
+                os.fsync(fd)
+        # ... then drop the interrupted write's tail
+        for name, fd in self._fds.items():
+            os.ftruncate(fd, sizes[name])
         if self._durable:
             for fd in self._fds.values():
                 os.fsync(fd)
