@@ -87,9 +87,10 @@ renamed into place once it holds its empty parts and ``meta.json``, so the
 target path never names a half-created store (a killed creator may leave
 the hidden ``.NAME.tmp-*`` directory behind).  ``mode='w'`` over an existing
 store moves the old store aside and deletes it after the rename.
-``mode='a'`` opens an existing store, truncates each part to the committed
-length (dropping the tail of an interrupted write), rewrites the headers
-and continues.  A writer holds an exclusive ``flock`` on the store directory;
+``mode='a'`` opens an existing store, rewrites each part's header with the
+committed shape, then truncates each part to the committed length (dropping
+the tail of an interrupted write; in this order a header never claims more
+than its file holds) and continues.  A writer holds an exclusive ``flock`` on the store directory;
 a second writer gets a clear error.  Readers take no lock and open every part
 relative to one directory handle, so a store replaced while opening is never
 mixed with its successor.
