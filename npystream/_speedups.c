@@ -285,6 +285,25 @@ list_append_i64(PyObject *list, int64_t x)
     return r;
 }
 
+/* bytearray of little-endian int64 values: append one / keep the first n */
+static int
+ba_append_i64(PyObject *ba, int64_t x)
+{
+    Py_ssize_t old = PyByteArray_GET_SIZE(ba);
+    if (PyByteArray_Resize(ba, old + 8) < 0)
+        return -1;
+    unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(ba) + old;
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)((uint64_t)x >> (8 * i));
+    return 0;
+}
+
+static int
+ba_truncate(PyObject *ba, Py_ssize_t n)
+{
+    return PyByteArray_Resize(ba, n * 8);
+}
+
 static int
 list_truncate(PyObject *list, Py_ssize_t n)
 {
@@ -351,7 +370,7 @@ scan_ops(PyObject *self, PyObject *args)
     dep_list = PyObject_GetAttrString(st, "dep");
     if (!starts || !memo_at || !reads || !memo_depth || !global_check || !marks_list || !dep_list)
         goto fatal;
-    if (!PyList_Check(starts) || !PyList_Check(memo_at) || !PyDict_Check(reads) || !PyDict_Check(memo_depth)) {
+    if (!PyByteArray_Check(starts) || !PyByteArray_Check(memo_at) || !PyDict_Check(reads) || !PyDict_Check(memo_depth)) {
         PyErr_SetString(PyExc_TypeError, "ScanState has wrong attribute types");
         goto fatal;
     }
@@ -371,7 +390,7 @@ scan_ops(PyObject *self, PyObject *args)
 
 #define FAIL(kind, push, batch, ...) do { err_kind = (kind); err_at = pos; err_push = (push); err_batch = (batch); \
         err_msg = PyUnicode_FromFormat(__VA_ARGS__); goto failed; } while (0)
-#define NSTARTS (PyList_GET_SIZE(starts))
+#define NSTARTS (PyByteArray_GET_SIZE(starts) / 8)
 
     for (;;) {
         int64_t lim = fe > end ? end : fe;
@@ -537,7 +556,7 @@ scan_ops(PyObject *self, PyObject *args)
             if (depth == td) {
                 if (done + NSTARTS > count + 8)
                     FAIL("format", 0, 1, "the pickle holds more elements than the header's %lld", (long long)count);
-                if (list_append_i64(starts, base + pos) < 0 || list_append_i64(memo_at, memo) < 0)
+                if (ba_append_i64(starts, base + pos) < 0 || ba_append_i64(memo_at, memo) < 0)
                     goto fatal;
             }
             n += 1;
@@ -571,7 +590,7 @@ scan_ops(PyObject *self, PyObject *args)
                 Py_ssize_t keep = pushes ? (pops > 1 ? k - pops + 1 : k) : k - pops;
                 if (keep < 0)
                     keep = 0;
-                if (keep < k && (list_truncate(starts, keep) < 0 || list_truncate(memo_at, keep) < 0))
+                if (keep < k && (ba_truncate(starts, keep) < 0 || ba_truncate(memo_at, keep) < 0))
                     goto fatal;
             }
             else if (phase == PH_SUFFIX) {
@@ -684,7 +703,7 @@ scan_ops(PyObject *self, PyObject *args)
                 if (phase == PH_SUFFIX)
                     FAIL("format", 0, 0, "%s after the element list", op_name[op]);
                 if (depth == td) {
-                    if (list_append_i64(starts, mark_off) < 0 || list_append_i64(memo_at, mark_memo) < 0)
+                    if (ba_append_i64(starts, mark_off) < 0 || ba_append_i64(memo_at, mark_memo) < 0)
                         goto fatal;
                 }
                 n += 1;
@@ -715,7 +734,7 @@ scan_ops(PyObject *self, PyObject *args)
                     if (n <= tbase)
                         FAIL("format", 0, 0, "POP reaches into the element list");
                     Py_ssize_t k = NSTARTS;
-                    if (list_truncate(starts, k - 1) < 0 || list_truncate(memo_at, k - 1) < 0)
+                    if (ba_truncate(starts, k - 1) < 0 || ba_truncate(memo_at, k - 1) < 0)
                         goto fatal;
                 }
                 n -= 1;

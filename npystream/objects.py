@@ -59,17 +59,8 @@ def iter_objects(
                 f"{src.name}: dtype {header.dtype} holds no Python objects; use npystream.open() "
                 "(memory map) or npystream.iter_batches() for fixed dtypes"
             )
-        elements = iter_elements(src, header, policy, zero_copy=zero_copy)
+        return iter_elements(src, header, policy, zero_copy=zero_copy, _on_close=src.close if owned else None)
     except BaseException:
         if owned:
             src.close()
         raise
-    return _closing(elements, src if owned else None)
-
-
-def _closing(elements: Iterator[Any], src: Any) -> Iterator[Any]:
-    try:
-        yield from elements
-    finally:
-        if src is not None:
-            src.close()

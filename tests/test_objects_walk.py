@@ -120,7 +120,10 @@ def test_index_round_trip_and_validation(corpus):
     again = PickleIndex.from_arrays(index.to_arrays(), header)
     for key, arr in index.to_arrays().items():
         np.testing.assert_array_equal(arr, again.to_arrays()[key], err_msg=key)
-    assert index.nbytes == 24 * index.count + 8 + 16 * index.live_memo.size
+    nb = index.batch_ends.size
+    assert index.nbytes == 16 * index.count + 8 + 16 * nb + 8 + 16 * index.live_memo.size
+    assert int(index.batch_first[-1]) == index.count and nb == 3  # 1000 + 1000 + 500
+    assert [index.end_of(i) for i in range(index.count)] == index.ends.tolist()
     bad = index.to_arrays()
     bad["starts"] = bad["starts"][::-1].copy()
     with pytest.raises(FormatError):
@@ -144,8 +147,7 @@ def test_wrong_but_monotonic_index_is_a_clear_error(corpus):
     for shift in (1, 3, 17):
         forged = dict(arrays)
         forged["starts"] = arrays["starts"] + shift
-        forged["ends"] = arrays["ends"] + shift
-        forged["ends"][-1] = min(int(forged["ends"][-1]), len(data))
+        forged["batch_ends"] = arrays["batch_ends"] + shift
         bad = PickleIndex.from_arrays(forged, header)
         dec = ElementDecoder(src, header, SAFE, bad)
         for i in (0, 1, len(expected) - 1):

@@ -83,6 +83,8 @@ is the first pickle byte.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import struct
 import sys
@@ -102,6 +104,8 @@ from npystream.errors import (
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_safety import (
     ArrayProto,
+    _Checked,
+    _NdarrayToken,
     PickleDecodeError,
     SafetyPolicy,
     SafeUnpickler,
@@ -139,7 +143,7 @@ STREAM_READ = 1 << 20  # read size for non-mappable sources
 RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
 RETAIN_BYTES = 16 << 20  # streaming: ... and at most this many bytes of them
 RETAIN_ONE = 256 << 10  # streaming: a single value larger than this is never kept
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # opcodes as data: argument layout and stack effect per opcode byte
@@ -262,6 +266,7 @@ _u2 = struct.Struct("<H").unpack_from
 _u4 = struct.Struct("<I").unpack_from
 _s4 = struct.Struct("<i").unpack_from
 _u8 = struct.Struct("<Q").unpack_from
+_pack_q = struct.Struct("<q").pack
 _LEN_READ = {A_LEN1: (1, _u1), A_LEN4: (4, _u4), A_SLEN4: (4, _s4), A_LEN8: (8, _u8)}
 _FIX_READ = {1: _u1, 2: _u2, 4: _u4}
 
@@ -335,8 +340,8 @@ class ScanState:
         self.memo = 0  # next memo index
         self.memo_base = 0  # first memo index (1 for Python 2's cPickle)
         self.memo_seen = False
-        self.starts: list[int] = []  # element-level slot start offsets of the open batch
-        self.memo_at: list[int] = []  # memo counter at each slot start
+        self.starts = bytearray()  # element-level slot start offsets of the open batch (int64 LE each)
+        self.memo_at = bytearray()  # memo counter at each slot start (int64 LE each)
         self.reads: dict[int, int] = {}  # memo index -> offset of its last GET
         self.frame_end = _INF  # file offset where the current FRAME ends
         self.data_end = -1  # file offset of the end of data when known (mapped files), else -1
@@ -363,8 +368,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
       wholly in ``buf[:end]`` (the returned pos is that opcode's start; the
       caller supplies more bytes or reports truncation); ``ST_BATCH`` just
       after the APPENDS (or single APPEND) that closes a batch of elements
-      (``st.starts``/``st.memo_at`` then hold the batch's element start
-      offsets and memo counters, ``st.batch_end`` the closing opcode's
+      (``st.starts``/``st.memo_at``, bytearrays of little-endian int64, then
+      hold the batch's element start offsets and memo counters, ``st.batch_end`` the closing opcode's
       offset, ``st.done`` counts it; the caller consumes and clears both
       lists before calling again); ``ST_DONE`` after STOP (pos just past it).
     * Tracks stack *counts* (``st.n``, ``st.depth``, ``st.marks``), the memo
@@ -395,6 +400,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     arg_t = OP_ARG_T
     kind_t = OP_KIND_T
     u4 = _u4
+    pack_q = _pack_q
     status = ST_MORE
 
     def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
@@ -402,7 +408,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
         if batch:  # the open batch as a whole is in doubt
             index = done
         elif phase == PH_BODY:
-            cur = len(starts) if (depth == td and push) else max(len(starts) - 1, 0)
+            k = len(starts) >> 3
+            cur = k if (depth == td and push) else max(k - 1, 0)
             index = done + cur
         return ScanError(kind, msg, base + at, index)
 
@@ -520,10 +527,10 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                 if n >= MAX_STACK:
                     raise fail("format", f"more than {MAX_STACK} items on one stack level", pos, True)
                 if depth == td:
-                    if done + len(starts) > st.count + 8:
+                    if done + (len(starts) >> 3) > st.count + 8:
                         raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos, batch=True)
-                    starts.append(base + pos)
-                    memo_at.append(memo)
+                    starts += pack_q(base + pos)
+                    memo_at += pack_q(memo)
                 n += 1
                 dep.append(d)
             elif kind <= K_POP2:  # K_P1, K_P2, K_P3, K_POP1, K_POP2
@@ -539,7 +546,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                         if d > dep[-1]:
                             dep[-1] = d
                         st.batch_end = base + pos
-                        done += len(starts)
+                        done += len(starts) >> 3
                         if done > st.count:
                             raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos)
                         status = ST_BATCH
@@ -551,11 +558,11 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     k = len(starts)
                     if pushes:
                         if pops > 1:
-                            del starts[k - pops + 1 :]
-                            del memo_at[k - pops + 1 :]
+                            del starts[k - 8 * (pops - 1) :]
+                            del memo_at[k - 8 * (pops - 1) :]
                     else:
-                        del starts[k - pops :]
-                        del memo_at[k - pops :]
+                        del starts[k - 8 * pops :]
+                        del memo_at[k - 8 * pops :]
                 elif phase == PH_SUFFIX:
                     if op != OP_BUILD or n != 2 or depth != 0:
                         raise fail("format", f"{OP_NAME[op]} after the element list; numpy writes TUPLE BUILD STOP", pos)
@@ -609,7 +616,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                         if d > dep[-1]:
                             dep[-1] = d
                         st.batch_end = base + pos
-                        done += len(starts)
+                        done += len(starts) >> 3
                         if done > st.count:
                             raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos)
                         status = ST_BATCH
@@ -631,8 +638,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if phase == PH_SUFFIX:
                         raise fail("format", f"{OP_NAME[op]} after the element list", pos)
                     if depth == td:
-                        starts.append(mark_off)
-                        memo_at.append(mark_memo)
+                        starts += pack_q(mark_off)
+                        memo_at += pack_q(mark_memo)
                     n += 1
                     dep.append(d)
                 elif op != 0x31:  # APPENDS/SETITEMS/ADDITEMS modify the item below the MARK
@@ -656,8 +663,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     if depth == td:
                         if n <= tbase:
                             raise fail("format", "POP reaches into the element list", pos)
-                        starts.pop()
-                        memo_at.pop()
+                        del starts[-8:]
+                        del memo_at[-8:]
                     n -= 1
                     dep.pop()
             elif kind == K_FRAME:
@@ -777,7 +784,6 @@ class RewriteState:
 _PUT_CODES = [b"q" + bytes([s]) for s in range(256)]
 _GET_CODES = [b"h" + bytes([s]) for s in range(256)]
 _pack_I = struct.Struct("<I").pack
-_pack_q = struct.Struct("<q").pack
 
 
 def _memo_op_index(buf: Any, pos: int, op: int, memo: int) -> tuple[int, int]:
@@ -965,22 +971,54 @@ def speedups_active() -> bool:
 
 @dataclass(frozen=True)
 class PickleIndex:
-    """Where every element of an object ``.npy`` pickle starts and ends, and which memo entries live."""
+    """Where every element of an object ``.npy`` pickle starts and ends, and which memo entries live.
+
+    16 bytes per element (``starts``, ``memo_at``) plus 16 per APPENDS batch
+    and per live memo entry; ``ends`` is derived (``end_of(i)`` for one).
+    """
 
     count: int
-    starts: np.ndarray
-    ends: np.ndarray
-    memo_at: np.ndarray
+    starts: np.ndarray  # int64[count]: offset of element i's first opcode
+    memo_at: np.ndarray  # int64[count+1]: memo counter where element i starts; [count]: at the list's end
+    batch_first: np.ndarray  # int64[nbatches+1]: first element of each APPENDS batch; last == count
+    batch_ends: np.ndarray  # int64[nbatches]: offset of the APPENDS/APPEND closing each batch
     body_start: int
     body_memo: int
-    live_memo: np.ndarray
-    live_last: np.ndarray
+    live_memo: np.ndarray  # int64[k]: memo indices ever read (sorted)
+    live_last: np.ndarray  # int64[k]: offset of the last read of each
     proto: int
 
     @property
     def nbytes(self) -> int:
         """Memory held by the index arrays."""
-        return int(self.starts.nbytes + self.ends.nbytes + self.memo_at.nbytes + self.live_memo.nbytes + self.live_last.nbytes)
+        return int(
+            self.starts.nbytes
+            + self.memo_at.nbytes
+            + self.batch_first.nbytes
+            + self.batch_ends.nbytes
+            + self.live_memo.nbytes
+            + self.live_last.nbytes
+        )
+
+    @functools.cached_property
+    def ends(self) -> np.ndarray:
+        """int64[count]: offset one past element i's last opcode (computed on first use)."""
+        e = np.empty(self.count, dtype=np.int64)
+        if self.count:
+            e[:-1] = self.starts[1:]
+            e[self.batch_first[1:] - 1] = self.batch_ends
+        return e
+
+    def end_of(self, i: int) -> int:
+        """Offset one past element ``i``'s last opcode."""
+        b = int(np.searchsorted(self.batch_first, i, side="right")) - 1
+        if i + 1 < int(self.batch_first[b + 1]):
+            return int(self.starts[i + 1])
+        return int(self.batch_ends[b])
+
+    def batch_of(self, i: int) -> int:
+        """The APPENDS batch holding element ``i``."""
+        return int(np.searchsorted(self.batch_first, i, side="right")) - 1
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain int64 arrays (``np.savez``-able); inverse of :meth:`from_arrays`."""
@@ -988,8 +1026,9 @@ class PickleIndex:
         return {
             "meta": meta,
             "starts": self.starts,
-            "ends": self.ends,
             "memo_at": self.memo_at,
+            "batch_first": self.batch_first,
+            "batch_ends": self.batch_ends,
             "live_memo": self.live_memo,
             "live_last": self.live_last,
         }
@@ -999,34 +1038,39 @@ class PickleIndex:
         """Rebuild from :meth:`to_arrays` output; FormatError when it does not fit ``header``."""
         try:
             meta = np.asarray(arrays["meta"], dtype=np.int64)
-            starts = np.ascontiguousarray(arrays["starts"], dtype=np.int64)
-            ends = np.ascontiguousarray(arrays["ends"], dtype=np.int64)
-            memo_at = np.ascontiguousarray(arrays["memo_at"], dtype=np.int64)
-            live_memo = np.ascontiguousarray(arrays["live_memo"], dtype=np.int64)
-            live_last = np.ascontiguousarray(arrays["live_last"], dtype=np.int64)
+            got = {k: np.ascontiguousarray(arrays[k], dtype=np.int64) for k in _INDEX_KEYS}
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"saved pickle index is incomplete or malformed ({exc}); rebuild it") from None
         count = header.count
+        starts, memo_at = got["starts"], got["memo_at"]
+        bf, be = got["batch_first"], got["batch_ends"]
+        lm, ll = got["live_memo"], got["live_last"]
         ok = (
             meta.shape == (5,)
             and int(meta[0]) == INDEX_VERSION
             and int(meta[1]) == count
             and starts.shape == (count,)
-            and ends.shape == (count,)
             and memo_at.shape == (count + 1,)
-            and live_memo.shape == live_last.shape
-            and live_memo.ndim == 1
+            and bf.ndim == 1
+            and bf.size >= 1
+            and be.shape == (bf.size - 1,)
+            and lm.ndim == 1
+            and lm.shape == ll.shape
             and int(meta[2]) >= header.data_offset
         )
+        if ok:
+            ok = bool(int(bf[0]) == 0 and int(bf[-1]) == count and np.all(np.diff(bf) > 0 if count else True))
         if ok and count:
+            last = bf[1:] - 1
             ok = bool(
                 starts[0] >= meta[2]
-                and np.all(ends > starts)
-                and np.all(starts[1:] >= ends[:-1])
+                and np.all(np.diff(starts) > 0)
+                and np.all(be > starts[last])
+                and np.all(starts[bf[1:-1]] > be[:-1])
                 and np.all(np.diff(memo_at) >= 0)
             )
-        if ok and live_memo.size:
-            ok = bool(np.all(np.diff(live_memo) > 0) and live_memo[0] >= 0)
+        if ok and lm.size:
+            ok = bool(np.all(np.diff(lm) > 0) and lm[0] >= 0)
         if not ok:
             raise FormatError(
                 f"saved pickle index does not match this file (version {int(meta[0]) if meta.size else '?'}, "
@@ -1035,14 +1079,18 @@ class PickleIndex:
         return cls(
             count=count,
             starts=starts,
-            ends=ends,
             memo_at=memo_at,
+            batch_first=bf,
+            batch_ends=be,
             body_start=int(meta[2]),
             body_memo=int(meta[3]),
-            live_memo=live_memo,
-            live_last=live_last,
+            live_memo=lm,
+            live_last=ll,
             proto=int(meta[4]),
         )
+
+
+_INDEX_KEYS = ("starts", "memo_at", "batch_first", "batch_ends", "live_memo", "live_last")
 
 
 # ---------------------------------------------------------------------------
@@ -1060,7 +1108,7 @@ def _truncated(path: str, offset: int, st: ScanState) -> TruncatedError:
         index = None
     elif st.phase == PH_BODY:
         what = "inside the element list"
-        index = st.done + max(len(st.starts) - 1, 0)
+        index = st.done + max((len(st.starts) >> 3) - 1, 0)
     else:
         what = "before the pickle's STOP"
         index = None
@@ -1079,10 +1127,28 @@ def _truncated(path: str, offset: int, st: ScanState) -> TruncatedError:
 class _Batch:
     __slots__ = ("starts", "memo_at", "end")
 
-    def __init__(self, starts: list[int], memo_at: list[int], end: int) -> None:
+    def __init__(self, starts: np.ndarray, memo_at: np.ndarray, end: int) -> None:
         self.starts = starts
         self.memo_at = memo_at
         self.end = end
+
+
+def _take(raw: bytearray) -> np.ndarray:
+    """The int64 values packed in ``raw`` (a copy); empties ``raw``."""
+    out = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+    raw.clear()
+    return out
+
+
+def _pending(st: ScanState, exc: Exception, count: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Elements of the open batch before the damage (their extent is certain), and where the last ends."""
+    starts = np.frombuffer(st.starts, dtype="<i8").astype(np.int64)
+    memo_at = np.frombuffer(st.memo_at, dtype="<i8").astype(np.int64)
+    bad = getattr(exc, "index", None)
+    k = max(0, bad - st.done) if bad is not None else max(len(starts) - 1, 0)
+    k = max(0, min(k, len(starts), count - st.done))
+    end = int(starts[k]) if k < len(starts) else int(getattr(exc, "offset", 0) or 0)
+    return starts[:k], memo_at[:k], end
 
 
 def _scan_view(view: Any, header: NpyHeader, st: ScanState, path: str) -> Iterator[_Batch]:
@@ -1098,9 +1164,7 @@ def _scan_view(view: Any, header: NpyHeader, st: ScanState, path: str) -> Iterat
         except ScanError as err:
             raise _scan_exc(err, path) from None
         if st.status == ST_BATCH:
-            batch = _Batch(list(st.starts), list(st.memo_at), st.batch_end)
-            st.starts.clear()
-            st.memo_at.clear()
+            batch = _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
             yield batch
         elif st.status == ST_DONE:
             _finish(st, header, path, pos, size, bytes(view[pos : pos + 1]))
@@ -1163,9 +1227,7 @@ class _StreamScan:
             except ScanError as err:
                 raise _scan_exc(err, self.path) from None
             if st.status == ST_BATCH:
-                batch = _Batch(list(st.starts), list(st.memo_at), st.batch_end)
-                st.starts.clear()
-                st.memo_at.clear()
+                batch = _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
                 yield batch
             elif st.status == ST_DONE:
                 end = self.wbase + self.pos
@@ -1181,47 +1243,43 @@ class _StreamScan:
 
 def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHeader) -> tuple[PickleIndex, Exception | None]:
     """Collect batches into a PickleIndex; on damage return what precedes it and the error."""
-    starts: list[np.ndarray] = []
-    ends: list[np.ndarray] = []
-    memo_at: list[np.ndarray] = []
+    count = header.count
+    starts = np.empty(count, dtype=np.int64)
+    memo_at = np.empty(count + 1, dtype=np.int64)
+    firsts: list[int] = []
+    ends: list[int] = []
+    k = 0
     error: Exception | None = None
     try:
         for batch in batches:
-            s = np.array(batch.starts, dtype=np.int64)
-            starts.append(s)
-            e = np.empty_like(s)
-            e[:-1] = s[1:]
-            if len(s):
-                e[-1] = batch.end
-            ends.append(e)
-            memo_at.append(np.array(batch.memo_at, dtype=np.int64))
+            n = len(batch.starts)
+            if not n:
+                continue
+            starts[k : k + n] = batch.starts
+            memo_at[k : k + n] = batch.memo_at
+            firsts.append(k)
+            ends.append(batch.end)
+            k += n
     except (FormatError, UnsafePickleError) as exc:
         error = exc
-        # elements of the open batch before the damaged one (their extent is certain)
-        bad = getattr(exc, "index", None)
-        k = max(0, bad - st.done) if bad is not None else max(len(st.starts) - 1, 0)
-        pending = st.starts[: max(0, min(k, len(st.starts), header.count - st.done))]
-        if pending:
-            s = np.array(pending, dtype=np.int64)
-            e = np.empty_like(s)
-            e[:-1] = s[1:]
-            e[-1] = st.starts[len(pending)] if len(pending) < len(st.starts) else exc.offset
-            starts.append(s)
-            ends.append(e)
-            memo_at.append(np.array(st.memo_at[: len(pending)], dtype=np.int64))
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    all_starts = cat(starts)
-    all_memo = np.append(cat(memo_at), np.int64(st.memo))
+        p_starts, p_memo, p_end = _pending(st, exc, count)
+        n = len(p_starts)
+        if n:
+            starts[k : k + n] = p_starts
+            memo_at[k : k + n] = p_memo
+            firsts.append(k)
+            ends.append(p_end)
+            k += n
+    memo_at[k] = st.memo
     reads = st.reads
     live_memo = np.array(sorted(reads), dtype=np.int64)
     live_last = np.array([reads[m] for m in live_memo.tolist()], dtype=np.int64)
     index = PickleIndex(
-        count=len(all_starts),
-        starts=all_starts,
-        ends=cat(ends),
-        memo_at=all_memo,
+        count=k,
+        starts=starts[:k] if k < count else starts,
+        memo_at=memo_at[: k + 1] if k < count else memo_at,
+        batch_first=np.array([*firsts, k], dtype=np.int64),
+        batch_ends=np.array(ends, dtype=np.int64),
         body_start=st.body_start,
         body_memo=st.body_memo,
         live_memo=live_memo,
@@ -1349,6 +1407,8 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
 
 
 _RETAIN_TYPES = (type, type(len), np.dtype)
+_SPECIAL = frozenset({ArrayProto, _Checked, _NdarrayToken})
+_SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple}
 
 
 class _Engine:
@@ -1515,6 +1575,10 @@ class _Engine:
 
     def _post(self, items: tuple[Any, ...], starts: Any, first: int) -> list[Any]:
         ctx = self.ctx
+        if not self.structured:
+            kinds = set(map(type, items))
+            if kinds.isdisjoint(_SPECIAL_PROTOS if ctx.protos else _SPECIAL):
+                return list(items)  # nothing to finalise: plain values (the common case)
         seen: dict[int, Any] = {}
         out = []
         structured = self.structured
@@ -1585,23 +1649,29 @@ def _rough_size(v: Any) -> int:
 # public entry points
 
 
-def _chunks(index: PickleIndex, start: int, stop: int) -> Iterator[tuple[int, int]]:
-    """Split elements [start, stop) into runs that are contiguous in the file and ~CHUNK_BYTES long."""
-    starts = index.starts
-    ends = index.ends
+def _chunks(index: PickleIndex, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Split elements [start, stop) into (a, b, ends[a:b]) runs contiguous in the file, ~CHUNK_BYTES long."""
     if stop <= start:
         return
-    breaks = np.flatnonzero(ends[start : stop - 1] != starts[start + 1 : stop]) + (start + 1)
-    bounds = [start, *breaks.tolist(), stop]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        i = a
-        while i < b:
-            if int(ends[b - 1]) - int(starts[i]) <= CHUNK_BYTES:
-                j = b
+    starts = index.starts
+    bf = index.batch_first
+    be = index.batch_ends
+    b0 = index.batch_of(start)
+    for b in range(b0, len(be)):
+        lo, hi = max(int(bf[b]), start), min(int(bf[b + 1]), stop)
+        if lo >= stop:
+            break
+        i = lo
+        while i < hi:
+            if int(starts[hi - 1]) - int(starts[i]) < CHUNK_BYTES:
+                j = hi
             else:
-                j = int(np.searchsorted(starts[i:b], starts[i] + CHUNK_BYTES, side="left")) + i
+                j = int(np.searchsorted(starts[i:hi], starts[i] + CHUNK_BYTES, side="left")) + i
                 j = max(j, i + 1)
-            yield i, j
+            e = np.empty(j - i, dtype=np.int64)
+            e[:-1] = starts[i + 1 : j]
+            e[-1] = starts[j] if j < int(bf[b + 1]) else be[b]
+            yield i, j, e
             i = j
 
 
@@ -1675,7 +1745,7 @@ class _IndexedReader:
         rw.fresh, rw.freed = [], []
         rw.free_on_read = False  # reads inside an earlier element are not "last reads" from here
         try:
-            s, e = int(idx.starts[j]), int(idx.ends[j])
+            s, e = int(idx.starts[j]), idx.end_of(j)
             buf, base = self.fetch(s, e)
             out = bytearray(eng.proto_op)
             out += b"("
@@ -1709,11 +1779,14 @@ class _IndexedReader:
         finally:
             rw.memo, rw.fresh, rw.freed, rw.free_on_read = saved
 
-    def run(self, a: int, b: int) -> list[Any]:
-        """Elements a..b-1, which must be contiguous in the file."""
+    def run(self, a: int, b: int, ends: np.ndarray | None = None) -> list[Any]:
+        """Elements a..b-1, which must be contiguous in the file (one APPENDS batch)."""
         idx = self.index
         starts = idx.starts[a:b]
-        ends = idx.ends[a:b]
+        if ends is None:
+            ends = np.empty(b - a, dtype=np.int64)
+            ends[:-1] = idx.starts[a + 1 : b]
+            ends[-1] = idx.end_of(b - 1)
         buf, base = self.fetch(int(starts[0]), int(ends[-1]))
         eng = self.engine
         try:
@@ -1750,11 +1823,14 @@ def iter_elements(
     zero_copy: bool = False,
     start: int = 0,
     stop: int | None = None,
+    _on_close: Any = None,
 ) -> Iterator[Any]:
     """Elements ``start..stop-1`` of a pickled ``.npy`` in C order, each like ``np.load(...).flat[i]``.
 
     Arguments are checked now; elements are built lazily.  See the module
-    docstring for the memory policy of non-seekable sources.
+    docstring for the memory policy of non-seekable sources.  (``_on_close``
+    is called when the generator finishes or is closed: ``iter_objects``
+    closes the source it opened that way.)
     """
     if not isinstance(policy, SafetyPolicy):
         raise TypeError(f"policy must be a SafetyPolicy, got {type(policy).__name__}")
@@ -1770,11 +1846,26 @@ def iter_elements(
             )
         if zero_copy:
             raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
-        return _iter_stream(src, header, policy, stop)
+        return _flatten(_iter_stream(src, header, policy, stop), _on_close)
     view = _map_or_none(src)
     if zero_copy and view is None:
         raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
-    return _iter_indexed(src, header, policy, index, view, zero_copy, start, stop)
+    return _flatten(_iter_indexed(src, header, policy, index, view, zero_copy, start, stop), _on_close)
+
+
+def _flatten(chunks: Iterator[list[Any]], on_close: Any) -> Iterator[Any]:
+    """Elements of the decoded chunks, iterated at C speed (itertools.chain), closing the source at the end."""
+    if on_close is not None:
+        inner = chunks
+
+        def closing() -> Iterator[list[Any]]:
+            try:
+                yield from inner
+            finally:
+                on_close()
+
+        chunks = closing()
+    return itertools.chain.from_iterable(chunks)
 
 
 def _iter_indexed(
@@ -1786,7 +1877,7 @@ def _iter_indexed(
     zero_copy: bool,
     start: int,
     stop: int,
-) -> Iterator[Any]:
+) -> Iterator[list[Any]]:
     error: Exception | None = None
     if index is None:
         index, error, view2 = _build_index(src, header, policy)
@@ -1795,19 +1886,19 @@ def _iter_indexed(
             raise error
     stop = min(stop, index.count)
     reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=True)
-    for a, b in _chunks(index, start, stop):
+    for a, b, ends in _chunks(index, start, stop):
         try:
-            items = reader.run(a, b)
+            items = reader.run(a, b, ends)
         except _Partial as part:
-            yield from part.items
+            yield part.items
             raise part.error from None
-        yield from items
+        yield items
         del items
     if error is not None:
         raise error
 
 
-def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> Iterator[Any]:
+def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> Iterator[list[Any]]:
     from npystream.formats.pickle_safety import make_global_check
 
     path = src.name
@@ -1834,10 +1925,10 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
         pinned.update(eng.rw.slot_of)
         return eng
 
-    def run_batch(starts: list[int], memo_at: list[int], end: int, first: int) -> Iterator[Any]:
+    def run_batch(starts: np.ndarray, memo_at: np.ndarray, end: int, first: int) -> Iterator[list[Any]]:
         eng = engine
         assert eng is not None
-        s_arr = np.array(starts, dtype=np.int64)
+        s_arr = np.asarray(starts, dtype=np.int64)
         e_arr = np.empty_like(s_arr)
         e_arr[:-1] = s_arr[1:]
         e_arr[-1] = end
@@ -1848,12 +1939,12 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
             j = int(np.searchsorted(s_arr, s_arr[i] + CHUNK_BYTES, side="left"))
             j = min(max(j, i + 1), k)
             try:
-                items = eng.decode_run(scan.window, scan.wbase, s_arr[i:j], e_arr[i:j], memo_at[i], first + i)
+                items = eng.decode_run(scan.window, scan.wbase, s_arr[i:j], e_arr[i:j], int(memo_at[i]), first + i)
             except _Partial as part:
-                yield from part.items
+                yield part.items
                 raise part.error from None
             fresh.extend(eng.rw.fresh)
-            yield from items
+            yield items
             del items
             i = j
         eng.retain(fresh, pinned)
@@ -1863,14 +1954,11 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
         try:
             batch = next(batches, None)
         except (FormatError, UnsafePickleError) as exc:
-            bad = exc.index
-            k = max(0, bad - st.done) if bad is not None else max(len(st.starts) - 1, 0)
-            pending = st.starts[: max(0, min(k, len(st.starts), header.count - st.done))]
-            if pending and st.body_start >= 0 and produced < stop:
+            p_starts, p_memo, p_end = _pending(st, exc, header.count)
+            if len(p_starts) and st.body_start >= 0 and produced < stop:
                 if engine is None:
                     engine = start_engine()
-                end = st.starts[len(pending)] if len(pending) < len(st.starts) else exc.offset
-                yield from run_batch(pending, st.memo_at[: len(pending)], end, produced)
+                yield from run_batch(p_starts, p_memo, p_end, produced)
             raise
         if batch is None:
             break
@@ -1943,7 +2031,13 @@ class ElementDecoder:
         while k < len(order):
             a = order[k]
             j = k + 1
-            while j < len(order) and order[j] == order[j - 1] + 1 and int(index.starts[order[j]]) == int(index.ends[order[j] - 1]) and int(index.ends[order[j]]) - int(index.starts[a]) <= CHUNK_BYTES:
+            batch_end = int(index.batch_first[index.batch_of(a) + 1])
+            while (
+                j < len(order)
+                and order[j] == order[j - 1] + 1
+                and order[j] < batch_end
+                and int(index.starts[order[j]]) - int(index.starts[a]) < CHUNK_BYTES
+            ):
                 j += 1
             try:
                 items = self._reader.run(a, order[j - 1] + 1)
