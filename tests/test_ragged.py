@@ -768,3 +768,28 @@ def test_writer_memory_is_bounded_whatever_the_size(tmp_path):
     assert len(r) == 4096 and r.nbytes == 256 << 20
     assert [int(r[i][0]) for i in (0, 1, 2047, 4095)] == [0, 1, 2047, 4095]
     assert peak[0] < 24 << 20, f"peak anonymous memory grew by {peak[0] >> 20} MiB"
+
+
+def test_failure_before_the_first_element_creates_nothing(tmp_path, monkeypatch):
+    import npystream.formats.ragged as mod
+
+    p = tmp_path / "n.ragged"
+    with pytest.raises(CastError):
+        save_ragged(p, [np.array([None, 1])])
+    with pytest.raises(RuntimeError), RaggedWriter(p, dtype="<f4"):
+        raise RuntimeError("before any element")
+    assert os.listdir(tmp_path) == []
+    # an interrupt inside the store's creation: no store, no retry from close(), no leftovers
+    real = os.rename
+    monkeypatch.setattr(mod.os, "rename", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    w = RaggedWriter(p)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(np.arange(3))
+    w.close()
+    monkeypatch.setattr(mod.os, "rename", real)
+    assert os.listdir(tmp_path) == []
+    # an old store survives a replacement that failed before its first element
+    save_ragged(p, [np.arange(2)])
+    with pytest.raises(CastError), RaggedWriter(p, mode="w", kind="array") as w:
+        w.append("not an array")
+    assert [x.tolist() for x in RaggedArray(p)] == [[0, 1]]

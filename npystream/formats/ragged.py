@@ -1192,6 +1192,13 @@ class RaggedWriter:
 
     def _create(self) -> None:
         """Build the empty store in a hidden temp dir, then rename it into place."""
+        try:
+            self._create_now()
+        except BaseException:
+            self._broken = True  # close() must not try again (an interrupt lands here too)
+            raise
+
+    def _create_now(self) -> None:
         p = self._path
         parent, name = os.path.split(p)
         if not os.path.isdir(parent):
@@ -1575,7 +1582,9 @@ class RaggedWriter:
             return
         try:
             if self._buf is None:
-                if self._mode != "a" or not os.path.exists(os.path.join(self._path, META)):
+                if self._broken:
+                    pass
+                elif self._mode != "a" or not os.path.exists(os.path.join(self._path, META)):
                     # nothing appended: still leave an (empty) store behind
                     if self._kind is None:
                         self._kind = "array"
@@ -1604,9 +1613,13 @@ class RaggedWriter:
     def __enter__(self) -> RaggedWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        # Elements appended before an exception are kept (committed), like a crash would.
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Elements appended before an exception are kept (committed), like a crash would;
+        # but a block that failed before the first element creates no (empty) store.
+        if exc_type is not None and self._buf is None:
+            self._release()
+        else:
+            self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
