@@ -683,7 +683,7 @@ class ObjectArray:
                 try:
                     index = engine.PickleIndex.from_arrays(arrays, self._header)
                     if index.count != self._header.count or (
-                        index.count and (src.size is None or int(index.ends[-1]) > src.size)
+                        index.count and (src.size is None or index.end_of(index.count - 1) > src.size)
                     ):
                         index = None
                 except (FormatError, ValueError, KeyError, TypeError, IndexError):
