@@ -83,6 +83,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 
 
 def _run(code: str, *args: str) -> tuple[float, float, int | None]:
+    os.sync()  # start every timed run with no dirty pages from the previous one
     t = time.perf_counter()
     m = measure(code, *args)
     wall = time.perf_counter() - t

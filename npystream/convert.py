@@ -261,20 +261,57 @@ def describe_source(spec: str) -> SourceInfo:
                       identity=identity)
 
 
-def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
-    """Iterate the elements of an object or ragged source (one at a time)."""
+# Up to this many elements, a plain file is read through its offset index
+# (24 bytes per element: 48 MB at the limit) with zero-copy views of the mapped
+# file; above it, and for streams, elements are unpickled one at a time.
+_INDEX_LIMIT = 2_000_000
+_CHUNK = 64
+
+
+def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = (),
+                  start: int = 0, views: bool = False) -> Iterator[Any]:
+    """Iterate the elements of an object or ragged source, from element ``start``.
+
+    ``views=True`` allows read-only zero-copy views of a memory-mapped file
+    (for consumers that copy what they keep, like the ragged writer): a plain
+    object ``.npy`` of up to 2 million elements is then read through its
+    offset index in chunks of 64 elements, which skips the payload copies and
+    makes ``start`` free; otherwise elements are streamed one at a time and
+    the first ``start`` are decoded and dropped.
+    """
     if src.kind == "ragged":
         from npystream.formats.ragged import RaggedArray
 
-        return iter(RaggedArray(src.path, safe=not trusted))
+        r = RaggedArray(src.path, safe=not trusted)
+        return iter(r[start:] if start else r)
     if src.kind != "object":
         raise UnsupportedError(f"{src.label} holds a fixed dtype, not objects")
+    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
+    plain = src.stream is None and src.member is None and not src.compressed
+    if views and plain and src.count is not None and src.count <= _INDEX_LIMIT:
+        return _indexed_elements(src.path, start, opts)
     from npystream.objects import iter_objects
 
-    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
-    if src.stream is None and src.member is None and not src.compressed:
-        return iter_objects(src.path, **opts)  # a plain file: the reader may map it
-    return iter_objects(src.open_stream(), **opts)
+    it = iter_objects(src.path if plain else src.open_stream(), **opts)
+    if start:
+        for _ in islice(it, start):
+            pass
+    return it
+
+
+def _indexed_elements(path: Any, start: int, opts: dict[str, Any]) -> Iterator[Any]:
+    from npystream.object_array import ObjectArray
+
+    arr = ObjectArray(path, zero_copy=True, **opts)
+    try:
+        arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
+        n = arr.size
+        for i in range(start, n, _CHUNK):
+            chunk = arr.get(range(i, min(n, i + _CHUNK)))
+            yield from chunk
+            del chunk
+    finally:
+        arr.close()
 
 
 # --------------------------------------------------------------------------- #
@@ -492,15 +529,13 @@ def _object_to_ragged(
     bar = _Progress(info.count, show, "convert")
     count = start = 0
     try:
-        elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals)
         writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
                               buffer_size=16 << 20)
         try:
             start = count = len(writer)
-            if start:
-                for _ in islice(elements, start):
-                    pass
-                bar.add(start, 0)
+            elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
+                                     start=start, views=True)
+            bar.add(start, 0)
             append = writer.append
             add = bar.add
             for x in elements:

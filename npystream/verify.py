@@ -110,7 +110,7 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
 
     info = describe_source(spec)
     if info.kind in ("object", "ragged"):
-        return open_elements(info, trusted=trusted, allowed_globals=allowed_globals)
+        return open_elements(info, trusted=trusted, allowed_globals=allowed_globals, views=True)
     if info.kind == "fixed":
         if info.member is not None:
             return _fixed_rows(info.open_stream())
