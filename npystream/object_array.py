@@ -391,6 +391,11 @@ def save_index(
 # ---------------------------------------------------------------------------
 
 
+def _reopen(path: str, options: dict[str, Any]) -> ObjectArray:
+    """Unpickling target of :meth:`ObjectArray.__reduce__`: open ``path`` again with the same options."""
+    return ObjectArray(path, **options)
+
+
 class ObjectArray:
     """A pickled (object-dtype) ``.npy`` opened lazily: stream it, or index it like a numpy array.
 
@@ -462,6 +467,15 @@ class ObjectArray:
         self._header = header
         self._zero_copy = zero_copy
         self._nsidx = bool(nsidx)
+        # what re-opening needs (pickling for spawned worker processes)
+        self._options = {
+            "trusted": trusted,
+            "allowed_globals": tuple(allowed_globals) if not isinstance(allowed_globals, str) else allowed_globals,
+            "encoding": encoding,
+            "fix_imports": fix_imports,
+            "zero_copy": zero_copy,
+            "nsidx": self._nsidx,
+        }
         self._index: Any = None
         self._decoder: Any = None
         # the decoder keeps unpickler state between calls: one caller at a time
@@ -587,6 +601,17 @@ class ObjectArray:
         if self._src is None:
             raise ValueError(f"{self._closed_name}: I/O operation on a closed ObjectArray")
         return self._src
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle as "open this path again" (for spawned workers); only arrays opened from a path."""
+        if self._src is None:
+            raise TypeError(f"cannot pickle a closed ObjectArray ({self._closed_name})")
+        if self._path is None:
+            raise TypeError(
+                f"cannot pickle an ObjectArray over {self._src.name!r}: only arrays opened from a "
+                "path can be re-opened in another process; open it with npystream.open(path)"
+            )
+        return (_reopen, (self._path, self._options))
 
     # -- streaming -------------------------------------------------------------
     def _disk_path(self, src: ByteSource) -> str | None:

@@ -32,6 +32,12 @@ ZERO_COPY_KINDS = set("biufcmMSV")
 
 
 
+def _worker_read(job):
+    """Runs in a spawned process: the ObjectArray arrives pickled (re-opened by path)."""
+    arr, i = job
+    return repr(arr[i])
+
+
 def _is_plain_array(x) -> bool:
     return type(x) is np.ndarray and not x.dtype.hasobject
 
@@ -701,3 +707,36 @@ def test_forked_child_reads_correctly(tmp_path):
     assert mine == want[::-1]
     for res in results:
         assert res == want
+
+
+def test_pickles_as_reopen_for_spawned_workers(tmp_path):
+    import pickle
+
+    path = tmp_path / "p.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    with npystream.open(path, zero_copy=False, nsidx=False, allowed_globals=["collections.OrderedDict"]) as arr:
+        arr[3]
+        clone = pickle.loads(pickle.dumps(arr))
+    with clone:
+        assert isinstance(clone, ObjectArray) and clone.shape == (2500,)
+        assert not clone.zero_copy and clone.index_path is None
+        assert_same_element(clone[2499], expected[2499])
+        assert_same_elements(clone, expected)
+    with pytest.raises(TypeError, match="path"):
+        pickle.dumps(ObjectArray(path.read_bytes()))
+    closed = npystream.open(path)
+    closed.close()
+    with pytest.raises(TypeError, match="closed"):
+        pickle.dumps(closed)
+
+
+def test_spawned_worker_reads(tmp_path):
+    import multiprocessing as mp
+
+    path = tmp_path / "s.npy"
+    loaded = write_case(case("exactly_1001"), path)
+    expected = expected_elements(loaded)
+    with npystream.open(path) as arr, mp.get_context("spawn").Pool(1) as pool:
+        got = pool.map(_worker_read, [(arr, i) for i in (0, 500, 1000)])
+    assert got == [repr(expected[i]) for i in (0, 500, 1000)]
