@@ -208,7 +208,12 @@ def _rebuild_dtype(d: np.dtype, depth: int = 0) -> np.dtype:
 
 
 def check_dtype(d: Any) -> np.dtype:
-    """Refuse a dtype whose state was forged (flags, sizes, overlapping object fields)."""
+    """Refuse a dtype whose state was forged (flags, sizes, overlapping object fields); return a private equal copy.
+
+    Arrays are built with the returned copy, never with the unpickled object:
+    a later BUILD in the same pickle could otherwise change a dtype that an
+    array already handed out still uses.
+    """
     if not isinstance(d, np.dtype):
         raise UnsafePickleError(f"expected a numpy dtype, got {type(d).__name__}")
     try:
@@ -231,7 +236,7 @@ def check_dtype(d: Any) -> np.dtype:
             f"dtype state was forged: got {d!r} (itemsize {d.itemsize}, flags {d.flags}), numpy builds "
             f"{canon!r} (itemsize {canon.itemsize}, flags {canon.flags}) from the same description"
         )
-    return d
+    return canon
 
 
 # ---------------------------------------------------------------------------
@@ -241,12 +246,11 @@ def check_dtype(d: Any) -> np.dtype:
 class ArrayProto:
     """Placeholder for an ndarray under construction: records ``__setstate__``'s state only."""
 
-    __slots__ = ("state", "result", "view")
+    __slots__ = ("state", "result")
 
-    def __init__(self, view: Any = None) -> None:
+    def __init__(self) -> None:
         self.state: Any = None
         self.result: Any = None
-        self.view = view
 
     def __setstate__(self, state: Any) -> None:
         if self.state is not None:
@@ -327,6 +331,23 @@ def _as_text(x: Any) -> str | None:
     return None
 
 
+class _ReconstructChecked(_Refusing):
+    """The checked ``_reconstruct`` (its own class: it is called once per array, keep it one frame)."""
+
+    __slots__ = ("_ctx",)
+    real = _real_reconstruct
+    label = "numpy._core.multiarray._reconstruct"
+
+    def __init__(self, ctx: LoadContext) -> None:
+        self._ctx = ctx
+
+    def __call__(self, subtype: Any, shape: Any, typecode: Any) -> Any:
+        if (subtype is NDARRAY_TOKEN or subtype is np.ndarray) and shape == (0,) and (typecode == b"b" or typecode == "b"):
+            self._ctx.protos = 1
+            return ArrayProto()
+        return _reconstruct_checked(self._ctx, subtype, shape, typecode)
+
+
 def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: Any) -> Any:
     if subtype is NDARRAY_TOKEN or subtype is np.ndarray:
         if shape != (0,) or typecode not in (b"b", "b"):
@@ -350,7 +371,8 @@ def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = F
             f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string, 0|1, 0|1)"
         )
     try:
-        d = np.dtype(text, align=bool(align), copy=bool(copy))
+        # copy=True always: never hand the pickle numpy's shared builtin descriptors to BUILD on
+        d = np.dtype(text, align=bool(align), copy=True)
     except Exception as exc:
         raise FormatError(f"bad dtype code {text!r} in pickle ({type(exc).__name__}: {exc})") from None
     ctx.dtypes.append(d)
@@ -452,13 +474,14 @@ def _numpy_alias(module: str) -> str:
 class LoadContext:
     """Per-unpickler bookkeeping for one ``load()``: dtypes to check, placeholders made."""
 
-    __slots__ = ("trusted", "dtypes", "protos", "view")
+    __slots__ = ("trusted", "dtypes", "protos", "view", "checked")
 
     def __init__(self, trusted: bool) -> None:
         self.trusted = trusted
         self.dtypes: list[np.dtype] = []
-        self.protos = 0
+        self.protos = 0  # set once any array placeholder was made (then containers are walked)
         self.view: Any = None
+        self.checked: dict[int, np.dtype] = {}  # id(unpickled dtype) -> checked private copy, since the last load
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -496,6 +519,8 @@ class SafeUnpickler(pickle.Unpickler):
         key = (mmod, mname)
         if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] == "_reconstruct"):
             fn, real = _CHECKED[key]
+            if fn is _reconstruct_checked:
+                return _ReconstructChecked(self.ctx)
             return _Checked(fn, self.ctx, real, f"{mmod}.{mname}")
         if policy.trusted:
             return self._find_real(module, name)
@@ -530,9 +555,33 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
-    if proto.result is not None:
-        return proto.result
+    result = proto.result
+    if result is not None:
+        return result
     state = proto.state
+    # fast path: a 1-d numeric array exactly as numpy writes it
+    if type(state) is tuple and len(state) == 5:
+        version, shape, d, fortran, raw = state
+        if (
+            version == 1
+            and type(version) is int
+            and type(shape) is tuple
+            and len(shape) == 1
+            and type(shape[0]) is int
+            and shape[0] >= 0
+            and (fortran is False or fortran is True)
+            and type(raw) is bytes
+            and isinstance(d, np.dtype)
+        ):
+            dc = ctx.checked.get(id(d))
+            if dc is None:
+                dc = ctx.checked[id(d)] = check_dtype(d)
+            if not dc.hasobject and len(raw) == shape[0] * dc.itemsize:
+                arr = _real_reconstruct(np.ndarray, (0,), b"b")
+                arr.__setstate__((1, shape, dc, fortran, raw))
+                proto.result = arr
+                proto.state = None
+                return arr
     if state is None:
         raise FormatError("array placeholder never received its state (no BUILD after _reconstruct)")
     if type(state) is not tuple or len(state) not in (4, 5):
@@ -544,7 +593,9 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
     else:
         shape, dtype, fortran, raw = state
     n = _shape_count(shape, "ndarray")
-    d = check_dtype(dtype)
+    d = ctx.checked.get(id(dtype))
+    if d is None:
+        d = ctx.checked[id(dtype)] = check_dtype(dtype)
     if not _flag01(fortran):
         raise FormatError(f"ndarray Fortran flag is {fortran!r}, expected True or False")
     if d.hasobject:
@@ -617,6 +668,7 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
 
 
 _WALK = {ArrayProto, list, dict, tuple}
+TOKEN_TYPES = (_Checked, _NdarrayToken, _ReconstructChecked)
 
 
 def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
@@ -626,6 +678,8 @@ def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
         return _build_array(obj, ctx, seen, 0)
     if isinstance(obj, _Refusing):
         return obj.real
+    if isinstance(obj, np.dtype):
+        return check_dtype(obj)
     if ctx.protos and t in _WALK:
         return _walk(obj, ctx, seen, 0)
     return obj
@@ -633,6 +687,7 @@ def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
 
 def check_load(ctx: LoadContext) -> None:
     """After a load: check every dtype it made (before any array is built from one)."""
+    ctx.checked.clear()  # a load may have run BUILD on any dtype: check again before use
     if ctx.dtypes:
         for d in ctx.dtypes:
             check_dtype(d)

@@ -103,12 +103,12 @@ from npystream.errors import (
 )
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_safety import (
+    TOKEN_TYPES,
     ArrayProto,
-    _Checked,
-    _NdarrayToken,
     PickleDecodeError,
     SafetyPolicy,
     SafeUnpickler,
+    _build_array,
     _real_reconstruct,
     check_dtype,
     check_load,
@@ -1407,7 +1407,7 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
 
 
 _RETAIN_TYPES = (type, type(len), np.dtype)
-_SPECIAL = frozenset({ArrayProto, _Checked, _NdarrayToken})
+_SPECIAL = frozenset({ArrayProto, *TOKEN_TYPES})
 _SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple}
 
 
@@ -1575,13 +1575,23 @@ class _Engine:
 
     def _post(self, items: tuple[Any, ...], starts: Any, first: int) -> list[Any]:
         ctx = self.ctx
-        if not self.structured:
+        structured = self.structured
+        if not structured:
             kinds = set(map(type, items))
             if kinds.isdisjoint(_SPECIAL_PROTOS if ctx.protos else _SPECIAL):
                 return list(items)  # nothing to finalise: plain values (the common case)
-        seen: dict[int, Any] = {}
+            if len(kinds) == 1 and ArrayProto in kinds:  # every element an array (the other common case)
+                seen: dict[int, Any] = {}
+                out = []
+                try:
+                    for item in items:
+                        out.append(_build_array(item, ctx, seen, 0))
+                except Exception as exc:
+                    j = len(out)
+                    raise _Partial(out, _load_error(exc, self.path, int(starts[j]), first + j)) from None
+                return out
+        seen = {}
         out = []
-        structured = self.structured
         for j, item in enumerate(items):
             try:
                 item = finalize(item, ctx, seen)
@@ -1619,7 +1629,7 @@ class _Engine:
         for m, v in zip(cand, values):
             keep = False
             if len(pinned) < RETAIN_MAX:
-                if isinstance(v, _RETAIN_TYPES) or type(v).__name__ in ("_Checked", "_NdarrayToken"):
+                if isinstance(v, _RETAIN_TYPES) or isinstance(v, TOKEN_TYPES):
                     keep = True
                 else:
                     size = _rough_size(v)
