@@ -243,25 +243,22 @@ def check_dtype(d: Any) -> np.dtype:
 # placeholders and checked callables
 
 
-class ArrayProto:
-    """Placeholder for an ndarray under construction: records ``__setstate__``'s state only."""
+class ArrayProto(list):
+    """Placeholder for an ndarray under construction: ``[state]`` after BUILD, ``[DONE, array]`` once built.
 
-    __slots__ = ("state", "result")
+    A list subclass whose ``__setstate__`` is ``list.append``, so the C
+    unpickler creates and fills it without running any Python code (it is
+    made once per array element).  Unhashable, like an ndarray.
+    """
 
-    def __init__(self) -> None:
-        self.state: Any = None
-        self.result: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        if self.state is not None:
-            raise UnsafePickleError("BUILD applied twice to one array")
-        self.state = state
-
-    def __hash__(self) -> int:
-        raise TypeError("unhashable type: 'numpy.ndarray'")
+    __slots__ = ()
+    __setstate__ = list.append
 
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
+
+
+DONE = object()  # marks a built placeholder: [DONE, array]
 
 
 class _Refusing:
@@ -555,10 +552,15 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
-    result = proto.result
-    if result is not None:
-        return result
-    state = proto.state
+    if len(proto) != 1:
+        if len(proto) == 2 and proto[0] is DONE:
+            return proto[1]
+        raise FormatError(
+            "array placeholder received no state (no BUILD after _reconstruct)"
+            if not proto
+            else "array placeholder received more than one state (BUILD/APPEND applied twice)"
+        )
+    state = proto[0]
     # fast path: a 1-d numeric array exactly as numpy writes it
     if type(state) is tuple and len(state) == 5:
         version, shape, d, fortran, raw = state
@@ -579,11 +581,8 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
             if not dc.hasobject and len(raw) == shape[0] * dc.itemsize:
                 arr = _real_reconstruct(np.ndarray, (0,), b"b")
                 arr.__setstate__((1, shape, dc, fortran, raw))
-                proto.result = arr
-                proto.state = None
+                proto[:] = (DONE, arr)
                 return arr
-    if state is None:
-        raise FormatError("array placeholder never received its state (no BUILD after _reconstruct)")
     if type(state) is not tuple or len(state) not in (4, 5):
         raise FormatError(f"ndarray state is {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
     if len(state) == 5:
@@ -629,8 +628,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         if not isinstance(raw, memoryview):
             arr = _real_reconstruct(np.ndarray, (0,), b"b")
             arr.__setstate__((1, shape, d, bool(fortran), raw))
-    proto.result = arr
-    proto.state = None
+    proto[:] = (DONE, arr)
     return arr
 
 

@@ -1646,7 +1646,7 @@ class _Engine:
 def _rough_size(v: Any) -> int:
     """Bytes a memo value holds, roughly (arrays by nbytes, containers shallowly)."""
     if type(v) is ArrayProto:
-        v = v.result
+        v = v[1] if len(v) == 2 else None
     if isinstance(v, np.ndarray):
         return int(v.nbytes) + 112
     try:
