@@ -1,6 +1,7 @@
 """Benchmark: iter_batches over a 2 GiB float32 .npy vs np.load(mmap_mode='r') vs np.copyto.
 
-Workloads (each in a fresh child process, page cache warm, best of ``--reps``):
+Workloads (each run in a fresh child process, page cache warm, best of ``--reps`` runs
+interleaved across the methods of a group):
 
 * ``copy``: every block of ``--batch-mib`` MiB is ``np.copyto``'d into one reused buffer
   (the consumer does the least possible work, so per-block overhead shows);
@@ -14,6 +15,9 @@ Workloads (each in a fresh child process, page cache warm, best of ``--reps``):
 
 Peak anonymous memory is RssAnon from /proc/self/status sampled every 2 ms by a
 thread, minus the value before the workload (file-backed mmap pages are not anonymous).
+CPU seconds (user + system, getrusage, best of the runs) are printed beside wall time:
+on a shared machine they move much less than wall time.  The child in ``cat FILE |``
+counts only the Python process's CPU, not ``cat``'s.
 
 Usage::
 
@@ -28,6 +32,7 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -128,6 +133,7 @@ def run_workload(name: str, path: str, gz_path: str, batch_bytes: int) -> None:
     if name == "copyto_ram":
         ram = np.load(path)  # the whole file in RAM (anonymous): the source of a pure memcpy
     base = rss_anon_kib()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with AnonPeak() as peak:
         total = 0.0
@@ -185,7 +191,9 @@ def run_workload(name: str, path: str, gz_path: str, batch_bytes: int) -> None:
         else:
             raise SystemExit(f"unknown workload {name}")
     seconds = time.perf_counter() - t0
-    print(json.dumps({"name": name, "seconds": seconds, "bytes": nbytes,
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(json.dumps({"name": name, "seconds": seconds, "cpu_seconds": cpu, "bytes": nbytes,
                       "anon_base_kib": base, "anon_peak_kib": peak.peak, "total": total}))
 
 
@@ -227,19 +235,26 @@ def main() -> None:
           f"blocks of {args.batch_mib:g} MiB, best of {args.reps}, page cache warm")
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     for title, names in groups:
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for _ in range(args.reps):  # interleaved, so a busy moment does not hit one method only
+            for name in names:
+                runs[name].append(child(name, path, gz_path, batch_bytes))
         results = {}
         for name in names:
-            runs = [child(name, path, gz_path, batch_bytes) for _ in range(args.reps)]
-            best = min(runs, key=lambda r: r["seconds"])
-            results[name] = (best, max(r["anon_peak_kib"] - r["anon_base_kib"] for r in runs))
+            best = min(runs[name], key=lambda r: r["seconds"])
+            cpu = min(r["cpu_seconds"] for r in runs[name])
+            results[name] = (best, cpu, max(r["anon_peak_kib"] - r["anon_base_kib"] for r in runs[name]))
         ref = results[names[0]][0]["seconds"]
+        ref_cpu = results[names[0]][1]
         print(f"\n{title}")
-        cols = ["method", "seconds", "GB/s", f"time / {names[0]}", "peak anon MiB over start"]
+        cols = ["method", "wall s", "GB/s", f"wall / {names[0]}", "CPU s", "CPU ratio",
+                "peak anon MiB over start"]
         rows = []
         for name in names:
-            best, peak = results[name]
+            best, cpu, peak = results[name]
             rows.append([name, f"{best['seconds']:.3f}", f"{best['bytes'] / best['seconds'] / 1e9:.2f}",
-                         f"{best['seconds'] / ref:.2f}", f"{peak / 1024:.1f}"])
+                         f"{best['seconds'] / ref:.2f}", f"{cpu:.3f}", f"{cpu / ref_cpu:.2f}",
+                         f"{peak / 1024:.1f}"])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
         print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
