@@ -478,7 +478,7 @@ class LoadContext:
         self.dtypes: list[np.dtype] = []
         self.protos = 0  # set once any array placeholder was made (then containers are walked)
         self.view: Any = None
-        self.checked: dict[int, np.dtype] = {}  # id(unpickled dtype) -> checked private copy, since the last load
+        self.checked: dict[int, tuple[Any, ...]] = {}  # id(dtype) -> (dtype, str, names, checked private copy)
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -551,6 +551,18 @@ class SafeUnpickler(pickle.Unpickler):
 # finalisation
 
 
+def _checked_dtype(ctx: LoadContext, d: Any) -> np.dtype:
+    """check_dtype(d), cached per dtype object while its description stays the same."""
+    hit = ctx.checked.get(id(d))
+    if hit is not None and hit[0] is d and hit[1] == d.str and hit[2] == d.names:
+        return hit[3]
+    canon = check_dtype(d)
+    if len(ctx.checked) > 4096:
+        ctx.checked.clear()
+    ctx.checked[id(d)] = (d, d.str, d.names, canon)  # holds d: its id cannot be reused meanwhile
+    return canon
+
+
 def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
     if len(proto) != 1:
         if len(proto) == 2 and proto[0] is DONE:
@@ -575,9 +587,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
             and type(raw) is bytes
             and isinstance(d, np.dtype)
         ):
-            dc = ctx.checked.get(id(d))
-            if dc is None:
-                dc = ctx.checked[id(d)] = check_dtype(d)
+            dc = _checked_dtype(ctx, d)
             if not dc.hasobject and len(raw) == shape[0] * dc.itemsize:
                 arr = _real_reconstruct(np.ndarray, (0,), b"b")
                 arr.__setstate__((1, shape, dc, fortran, raw))
@@ -592,9 +602,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
     else:
         shape, dtype, fortran, raw = state
     n = _shape_count(shape, "ndarray")
-    d = ctx.checked.get(id(dtype))
-    if d is None:
-        d = ctx.checked[id(dtype)] = check_dtype(dtype)
+    d = _checked_dtype(ctx, dtype)
     if not _flag01(fortran):
         raise FormatError(f"ndarray Fortran flag is {fortran!r}, expected True or False")
     if d.hasobject:
@@ -685,7 +693,6 @@ def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
 
 def check_load(ctx: LoadContext) -> None:
     """After a load: check every dtype it made (before any array is built from one)."""
-    ctx.checked.clear()  # a load may have run BUILD on any dtype: check again before use
     if ctx.dtypes:
         for d in ctx.dtypes:
             check_dtype(d)

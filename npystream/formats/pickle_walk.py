@@ -1794,9 +1794,7 @@ class _IndexedReader:
         idx = self.index
         starts = idx.starts[a:b]
         if ends is None:
-            ends = np.empty(b - a, dtype=np.int64)
-            ends[:-1] = idx.starts[a + 1 : b]
-            ends[-1] = idx.end_of(b - 1)
+            ends = idx.ends[a:b]
         buf, base = self.fetch(int(starts[0]), int(ends[-1]))
         eng = self.engine
         try:
