@@ -239,6 +239,17 @@ def test_truncated_data_raises_at_open(tmp_path):
         assert "800" in str(err) and "truncated" in str(err)
 
 
+@pytest.mark.parametrize("mode", ["r", "r+", "c"])
+def test_truncated_file_is_never_grown(tmp_path, mode):
+    """np.load(mmap_mode='r+') pads a truncated file with zeros; we refuse and leave it alone."""
+    path = tmp_path / "t.npy"
+    raw = _npy_bytes(np.arange(100, dtype="<f8"))[:-400]
+    path.write_bytes(raw)
+    with pytest.raises(TruncatedError, match="400|truncated"):
+        npystream.open(path, mode=mode)
+    assert path.read_bytes() == raw
+
+
 def test_truncated_file_fails_when_iter_batches_is_called(tmp_path):
     path = tmp_path / "t.npy"
     path.write_bytes(_npy_bytes(np.arange(100, dtype="<f8"))[:-1])
