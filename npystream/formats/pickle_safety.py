@@ -517,6 +517,11 @@ class SafeUnpickler(pickle.Unpickler):
         if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] == "_reconstruct"):
             fn, real = _CHECKED[key]
             if fn is _reconstruct_checked:
+                if _FastReconstruct is not None:
+                    ctx = self.ctx
+                    return _FastReconstruct(
+                        ArrayProto, NDARRAY_TOKEN, np.ndarray, lambda *a: _reconstruct_checked(ctx, *a), ctx
+                    )
                 return _ReconstructChecked(self.ctx)
             return _Checked(fn, self.ctx, real, f"{mmod}.{mname}")
         if policy.trusted:
@@ -674,7 +679,36 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
 
 
 _WALK = {ArrayProto, list, dict, tuple}
-TOKEN_TYPES = (_Checked, _NdarrayToken, _ReconstructChecked)
+
+
+def _speedups_module() -> Any:
+    import os
+
+    if os.environ.get("NPYSTREAM_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None
+    try:
+        from npystream import _speedups  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _speedups if hasattr(_speedups, "Reconstructor") else None
+
+
+_SPEEDUPS = _speedups_module()
+if _SPEEDUPS is not None:
+
+    class _FastReconstruct(_SPEEDUPS.Reconstructor, _Refusing):  # type: ignore[misc,name-defined]
+        """The checked ``_reconstruct`` in C (same checks as :class:`_ReconstructChecked`)."""
+
+        __slots__ = ()
+        real = _real_reconstruct
+        label = "numpy._core.multiarray._reconstruct"
+
+    build_arrays_c = _SPEEDUPS.build_arrays
+else:
+    _FastReconstruct = None  # type: ignore[assignment,misc]
+    build_arrays_c = None
+
+TOKEN_TYPES = tuple(t for t in (_Checked, _NdarrayToken, _ReconstructChecked, _FastReconstruct) if t is not None)
 
 
 def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:

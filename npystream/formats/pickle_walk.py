@@ -103,13 +103,16 @@ from npystream.errors import (
 )
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_safety import (
+    DONE,
     TOKEN_TYPES,
     ArrayProto,
     PickleDecodeError,
     SafetyPolicy,
     SafeUnpickler,
     _build_array,
+    _checked_dtype,
     _real_reconstruct,
+    build_arrays_c,
     check_dtype,
     check_load,
     finalize,
@@ -1584,6 +1587,18 @@ class _Engine:
                 seen: dict[int, Any] = {}
                 out = []
                 try:
+                    if build_arrays_c is not None:
+                        build_arrays_c(
+                            items,
+                            out,
+                            ArrayProto,
+                            DONE,
+                            lambda d: _checked_dtype(ctx, d),
+                            _real_reconstruct,
+                            np.ndarray,
+                            lambda p: _build_array(p, ctx, seen, 0),
+                        )
+                        return out
                     for item in items:
                         out.append(_build_array(item, ctx, seen, 0))
                 except Exception as exc:
