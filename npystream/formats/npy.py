@@ -187,8 +187,13 @@ def _read_from(src: ByteSource, max_header_size: int) -> NpyHeader:
             f"file ends after {len(magic)} bytes, inside the 6-byte .npy magic", path=path, offset=base
         )
     if magic != MAGIC:
+        hint = (
+            "; it looks like a zip (.npz) archive: open it with npystream.open(path)"
+            if magic.startswith(b"PK")
+            else ""
+        )
         raise _fail(
-            f"not a .npy file: found magic {magic!r}, expected {MAGIC!r}", path, base
+            f"not a .npy file: found magic {magic!r}, expected {MAGIC!r}{hint}", path, base
         )
     ver = src.read_exact(2, "the .npy format version")
     version = (ver[0], ver[1])
