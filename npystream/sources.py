@@ -472,7 +472,10 @@ def open_source(obj: Any, *, name: str | None = None) -> ByteSource:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         if path == "-":
-            return StreamSource(sys.stdin.buffer, name or "<stdin>", owned=False)
+            stdin = sys.stdin.buffer
+            if _has_gzip_magic(stdin):  # `cat x.npy.gz | ...`: peeks, so waits for the first bytes
+                return StreamSource(gzip.GzipFile(fileobj=stdin, mode="rb"), name or "<stdin>", owned=True)
+            return StreamSource(stdin, name or "<stdin>", owned=False)
         if os.path.isdir(path):
             raise IsADirectoryError(f"{path}: is a directory, not a .npy/.npz file")
         try:

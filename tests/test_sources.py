@@ -101,6 +101,13 @@ def make(kind: str, data: bytes, tmp_path, monkeypatch) -> Made:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(f))
         return Made(open_source("-"), seekable=False, mappable=False, sized=False, kind=StreamSource,
                     cleanup=[f.close, lambda: t.join(5)])
+    if kind == "gzip_stdin":
+        r, w = os.pipe()
+        t = _feed(w, gzip.compress(data))
+        f = os.fdopen(r, "rb")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(f))
+        return Made(open_source("-"), seekable=False, mappable=False, sized=False, kind=StreamSource,
+                    cleanup=[f.close, lambda: t.join(5)])
     if kind == "gzip_path":
         gz = tmp_path / "data.bin.gz"
         gz.write_bytes(gzip.compress(data))
@@ -132,7 +139,7 @@ def make(kind: str, data: bytes, tmp_path, monkeypatch) -> Made:
 
 
 KINDS = ["path", "fileobj", "fd_only", "bytesio", "memory", "window", "pipe", "raw_pipe",
-         "fifo_path", "stdin", "gzip_path", "gzip_raw_fileobj", "gzip_pipe", "gzipfile", "zip_member"]
+         "fifo_path", "stdin", "gzip_stdin", "gzip_path", "gzip_raw_fileobj", "gzip_pipe", "gzipfile", "zip_member"]
 
 
 class SourceTests:
