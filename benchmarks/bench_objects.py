@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DATA = Path(os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata"))
