@@ -7,6 +7,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import npystream
 from npystream.errors import (
@@ -341,3 +344,29 @@ def test_zip64_more_than_65535_members(tmp_path):
     with NpzArchive(path) as archive:
         assert len(archive) == 65540
         assert_same(archive["arr_65539"], np.arange(2, dtype="<u1"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    arrays=st.dictionaries(
+        st.text(alphabet="abcxyz_\u00e9", min_size=1, max_size=6),
+        hnp.arrays(
+            dtype=st.one_of(hnp.scalar_dtypes(), hnp.byte_string_dtypes(min_len=1),
+                            hnp.unicode_string_dtypes(min_len=1)),
+            shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    compressed=st.booleans(),
+)
+def test_random_archives_match_np_load(tmp_path_factory, arrays, compressed):
+    path = tmp_path_factory.mktemp("npz") / "r.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    with np.load(path) as ref, NpzArchive(path) as archive:
+        assert list(archive) == ref.files
+        for name in ref.files:
+            expected = ref[name]
+            got = archive.load(name) if compressed else archive[name]
+            assert isinstance(got, np.memmap) != compressed
+            assert_same(got, expected)
