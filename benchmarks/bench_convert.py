@@ -12,6 +12,8 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 
 * ``cp SRC COPY``                                 (the bar: 1.5x)
 * ``npystream convert SRC DST.ragged``            (object .npy -> ragged store)
+* ``npystream convert - DST2.ragged < SRC``       (the same from stdin: no index, no
+  zero-copy, one element at a time through ``iter_objects``)
 * ``npystream convert DST.ragged BACK.npy``       (ragged store -> object .npy)
 
 Ratios are from the same run.  Usage::
@@ -82,10 +84,14 @@ print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """
 
 
-def _run(code: str, *args: str) -> tuple[float, float, int | None]:
+def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float, int | None]:
     os.sync()  # start every timed run with no dirty pages from the previous one
     t = time.perf_counter()
-    m = measure(code, *args)
+    if stdin is not None:
+        with open(stdin, "rb") as f:
+            m = measure(code, *args, stdin=f)
+    else:
+        m = measure(code, *args)
     wall = time.perf_counter() - t
     if m.returncode != 0:
         raise SystemExit(f"failed: {m.stderr}")
@@ -108,7 +114,8 @@ def main() -> None:
     copy = os.path.join(a.dir, "bench_convert_cp.npy")
     store = os.path.join(a.dir, "bench_convert.ragged")
     back = os.path.join(a.dir, "bench_convert_back.npy")
-    rows: dict[str, list[tuple[float, float, int | None]]] = {"cp": [], "to_ragged": [], "to_npy": []}
+    rows: dict[str, list[tuple[float, float, int | None]]] = {
+        "cp": [], "to_ragged": [], "to_npy": [], "stdin": []}
     for _ in range(a.repeat):
         _warm(src)
         _tree_rm(copy)
@@ -119,6 +126,9 @@ def main() -> None:
         rows["to_ragged"].append(_run(_CONVERT, src, store))
         _tree_rm(back)
         rows["to_npy"].append(_run(_CONVERT, store, back))
+        _tree_rm(store + "2")
+        rows["stdin"].append(_run(_CONVERT, "-", store + "2", stdin=src))
+        _tree_rm(store + "2")
     same = subprocess.run([sys.executable, "-m", "npystream", "verify", src, store],
                           capture_output=True, text=True)
     identical = subprocess.run(["cmp", "-s", src, back]).returncode == 0
@@ -136,6 +146,7 @@ def main() -> None:
     print(f"\nmedian of {a.repeat} runs, page cache warm; wall = whole process incl. interpreter start")
     print(f"{'':34} {'wall s':>8} {'in-process s':>13} {'x cp (wall)':>12} {'GB/s':>6}  peak RssAnon")
     for name, label in (("cp", "cp"), ("to_ragged", "convert object .npy -> ragged"),
+                        ("stdin", "convert - (stdin, streamed) -> ragged"),
                         ("to_npy", "convert ragged -> object .npy")):
         w, s = med(name, 0), med(name, 1)
         print(f"{label:34} {w:8.2f} {s:13.2f} {w / cp:12.2f} {size / 1e9 / w:6.2f}  {peak(name)}")

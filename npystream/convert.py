@@ -63,11 +63,17 @@ _PARTIAL_TAG = "partial"
 
 
 class _Replay(io.RawIOBase):
-    """Replay ``head`` then read the rest of ``f``; counts bytes delivered."""
+    """Replay ``head`` then read the rest of ``f``; counts bytes delivered.
+
+    ``readinto`` fills the whole buffer unless the data ends (like
+    ``BufferedReader.read``): readers downstream then see full reads from a
+    pipe instead of 64 KiB dribbles.
+    """
 
     def __init__(self, head: bytes, f: Any) -> None:
         self._head = memoryview(head)
         self._f = f
+        self._eof = False
         self.count = 0
 
     def readable(self) -> bool:
@@ -75,21 +81,25 @@ class _Replay(io.RawIOBase):
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
+        total = 0
         if len(self._head):
             n = min(len(view), len(self._head))
             view[:n] = self._head[:n]
             self._head = self._head[n:]
-            self.count += n
-            return n
+            total = n
         readinto = getattr(self._f, "readinto", None)
-        if readinto is not None:
-            n = readinto(view) or 0
-        else:
-            data = self._f.read(len(view))
-            n = len(data)
-            view[:n] = data
-        self.count += n
-        return n
+        while total < len(view) and not self._eof:
+            if readinto is not None:
+                n = readinto(view[total:]) or 0
+            else:
+                data = self._f.read(len(view) - total)
+                n = len(data)
+                view[total : total + n] = data
+            if n == 0:
+                self._eof = True
+            total += n
+        self.count += total
+        return total
 
 
 class _Recorder(io.RawIOBase):

@@ -60,11 +60,11 @@ class Measured:
 
 
 def measure(code: str, *args: str, interval: float = 0.002, capture_stderr: bool = True,
-            env: dict[str, str] | None = None) -> Measured:
+            env: dict[str, str] | None = None, stdin: Any = None) -> Measured:
     """Run ``python -c code args...`` while sampling its RssAnon; its last stdout line is JSON."""
     cmd = [sys.executable, "-c", code, *args]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin,
                             stderr=subprocess.PIPE if capture_stderr else None, env=env)
     peak: int | None = None
     while proc.poll() is None:
