@@ -44,6 +44,14 @@ def iter_objects(
     at call time; elements are read lazily with bounded memory.
     Structured dtypes yield numpy records (``np.void``); 0-d arrays yield their
     one object; empty arrays yield nothing.
+
+    Seekable files are scanned once first (opcodes only, payloads skipped) so
+    that every memo back-reference is exact and memory stays bounded.  Pipes
+    and compressed streams cannot be scanned ahead: they keep one APPENDS
+    batch (1000 elements) of raw bytes, and across batches only small shared
+    objects (see ``npystream.formats.pickle_walk``); a file that repeats a
+    large object 1000+ elements apart raises ``UnsupportedError`` there --
+    read it from a seekable file instead.
     """
     policy = SafetyPolicy.make(
         trusted=trusted, allowed_globals=allowed_globals, encoding=encoding, fix_imports=fix_imports

@@ -47,14 +47,19 @@ Design (and why)
    a read-only view of the mapped file.
 3. **Build**: ONE persistent C ``pickle.Unpickler`` (subclassed for the
    safety policy, see :mod:`npystream.formats.pickle_safety`) loads each
-   program ``PROTO MARK <elements> TUPLE STOP`` of ~1 MiB of elements.  Its
+   program ``PROTO MARK <elements> TUPLE STOP`` of ~1 MiB of elements
+   (within one APPENDS batch).  Elements come out of ``itertools.chain`` over
+   the decoded chunks, so the per-element cost of iteration is C-level.  Its
    memo survives across ``load()`` calls (a CPython fact we rely on: only the
    stack is reset), so slots written by earlier programs are still there;
-   assigning ``Unpickler.memo`` is never used (CPython issue 111066 empties
-   it).  The input file object offers ``peek`` so the C unpickler reads in
-   128 KiB blocks instead of one Python call per opcode.
+   assigning a dict to ``Unpickler.memo`` would empty it (CPython issue
+   111066).  The input file object offers ``peek`` so the C unpickler reads
+   in 128 KiB blocks instead of one Python call per opcode.  A failed
+   ``load()`` leaves unread bytes in the unpickler's read-ahead buffer, so
+   after an error a fresh unpickler takes over the memo (assigning the memo
+   *proxy* copies it correctly).
 
-On a seekable source the scan runs first over the whole file (an index: 24
+On a seekable source the scan runs first over the whole file (an index: 16
 bytes per element), then elements are decoded in ~1 MiB chunks; on a mapped
 file the scan touches only opcode pages, never array payload pages.  A
 damaged file still yields the elements before the damage, then raises.
@@ -67,15 +72,16 @@ No liveness pre-pass is possible, so the memory policy is:
   1000 elements per APPENDS batch: memory is ~1000 elements' raw bytes plus
   one decoded chunk);
 * every memo write of the current batch is kept in a slot while the batch is
-  decoded; at the end of each batch the reader keeps (forever) only entries
-  whose values are cheap and typically shared: classes/functions (globals),
-  numpy dtypes, the header's entries, and small immutable scalars (str/bytes
-  <= 64 bytes, int, float, None, bool) up to 65,536 retained entries;
-* an element that reads back anything else from an earlier batch (e.g. the
-  same large array object stored twice, 1000+ elements apart) raises
-  :class:`~npystream.errors.UnsupportedError` naming both elements, with the
+  decoded; at the end of each batch the reader keeps only what later batches
+  may plausibly read back: classes/functions (globals), numpy dtypes, the
+  header's entries, and other values of at most 256 KiB each while the kept
+  total stays under 16 MiB and 65,536 entries (``RETAIN_*`` below); the rest
+  is released;
+* an element that reads back a released object from an earlier batch (e.g.
+  the same 2 MB array stored twice, 1000+ elements apart) raises
+  :class:`~npystream.errors.UnsupportedError` naming the element, with the
   fix: read the file from a seekable source, where the liveness pass makes
-  every back-reference exact.
+  every back-reference exact.  Elements before it have been yielded.
 
 Coordinates: offsets are byte offsets in the source; ``header.data_offset``
 is the first pickle byte.
