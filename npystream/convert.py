@@ -539,8 +539,7 @@ def _object_to_ragged(
     bar = _Progress(info.count, show, "convert")
     count = start = 0
     try:
-        writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
-                              buffer_size=16 << 20)
+        writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable)
         try:
             start = count = len(writer)
             elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
