@@ -276,3 +276,16 @@ def test_memory_bounded_on_two_sizes(tmp_path):
         shutil.rmtree(tmp_path / f"m{mb}.ragged")
     assert peaks[400] < 200 * 2**20, peaks  # the bound
     assert peaks[400] < peaks[60] + 32 * 2**20, peaks  # does not grow with the input
+
+
+def test_progress_bar_on_stderr_with_element_total(tmp_path, capsys):
+    _save(tmp_path / "a.npy", _f32(300))
+    assert main(["convert", str(tmp_path / "a.npy"), str(tmp_path / "a.ragged"), "--progress"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert "300/300" in cap.err and "el" in cap.err  # elements done / header's element count
+    lines = [ln for ln in cap.err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines[-1].startswith("converted ") and "300 elements" in lines[-1] and "MB/s" in lines[-1]
+    assert main(["convert", str(tmp_path / "a.npy"), str(tmp_path / "b.ragged")]) == 0
+    err = capsys.readouterr().err  # stderr is not a terminal here: no bar, only the summary
+    assert "%|" not in err and err.count("\n") == 1
