@@ -85,6 +85,7 @@ def sampler():
             peak[0] = v
         time.sleep(0.002)
 base = rss_anon()
+cpu0 = time.process_time()
 th = threading.Thread(target=sampler, daemon=True); th.start()
 path = sys.argv[1]
 """
@@ -134,7 +135,8 @@ t = time.perf_counter() - t0
 
 _EPILOGUE = r"""
 stop[0] = True; th.join()
-print(json.dumps({"seconds": t, "peak_mb": (peak[0] - base) / 1e6, "n": n,
+cpu = time.process_time() - cpu0
+print(json.dumps({"seconds": t, "cpu": cpu, "peak_mb": (peak[0] - base) / 1e6, "n": n,
                   "speedups": pw.speedups_active()}))
 """
 
@@ -144,6 +146,7 @@ def best(program: str, path: Path, pure: bool, repeat: int) -> dict:
     runs = [run(program, path, pure) for _ in range(max(1, repeat))]
     out = min(runs, key=lambda r: r["seconds"])
     out["peak_mb"] = max(r["peak_mb"] for r in runs)
+    out["cpu"] = min(r["cpu"] for r in runs)
     return out
 
 
@@ -192,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
             res = best(prog, path, pure, 1 if pure else args.repeat)
             label = prog + (" (pure Python)" if pure else " (C)")
             rows.append((k, label, res, ref))
-    print("| workload | reader | seconds | x np.load | peak anon MB |")
-    print("|---|---|---:|---:|---:|")
+    print("| workload | reader | wall s | x np.load | CPU s | x np.load (CPU) | peak anon MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for k, label, res, ref in rows:
         ratio = res["seconds"] / ref["seconds"]
-        print(f"| {k} | {label} | {res['seconds']:.2f} | {ratio:.2f} | {res['peak_mb']:.0f} |")
+        cratio = res["cpu"] / ref["cpu"]
+        print(
+            f"| {k} | {label} | {res['seconds']:.2f} | {ratio:.2f} | {res['cpu']:.2f} | {cratio:.2f} "
+            f"| {res['peak_mb']:.0f} |"
+        )
+    print(f"(load average at the end: {os.getloadavg()[0]:.1f}; fastest of {args.repeat} runs per reader)")
     return 0
 
 

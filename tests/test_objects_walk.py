@@ -84,6 +84,7 @@ def test_corpus_file_pipe_gzip(tmp_path, corpus, name):
     assert_same_elements(npystream.iter_objects(_Pipe(data)), expected)
     assert_same_elements(npystream.iter_objects(io.BytesIO(gzip.compress(data))), expected)
     assert_same_elements(npystream.iter_objects(data), expected)  # bytes -> MemorySource
+    assert_same_elements(npystream.iter_objects(io.BytesIO(data)), expected)  # seekable, not mappable
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -332,3 +333,30 @@ def test_pure_python_switch():
     env = dict(os.environ, NPYSTREAM_PURE_PYTHON="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_truncation_stream_and_file_yield_elements_before_damage(tmp_path, corpus):
+    """Every cut of a small file: TruncatedError after a prefix of the right elements, file or pipe."""
+    data, expected = corpus["exactly_1001"]
+    path = tmp_path / "t.npy"
+    step = max(1, len(data) // 60)
+    for cut in range(130, len(data), step):
+        piece = data[:cut]
+        for source in (lambda: _Pipe(piece), lambda: piece):
+            got = []
+            with pytest.raises(npystream.TruncatedError) as info:
+                for x in npystream.iter_objects(source()):
+                    got.append(x)
+            assert info.value.offset is not None and info.value.offset <= cut
+            assert_same_elements(got, expected[: len(got)])
+    path.write_bytes(data[:-1])
+    with pytest.raises(npystream.TruncatedError):
+        list(npystream.iter_objects(path))
+
+
+def test_doctest_of_iter_objects():
+    import doctest
+
+    import npystream.objects as mod
+
+    assert doctest.testmod(mod).failed == 0

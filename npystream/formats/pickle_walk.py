@@ -94,6 +94,7 @@ import itertools
 import os
 import struct
 import sys
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -1155,6 +1156,10 @@ def _pending(st: ScanState, exc: Exception, count: int) -> tuple[np.ndarray, np.
     memo_at = np.frombuffer(st.memo_at, dtype="<i8").astype(np.int64)
     bad = getattr(exc, "index", None)
     k = max(0, bad - st.done) if bad is not None else max(len(starts) - 1, 0)
+    if isinstance(exc, TruncatedError):
+        # cut inside an element: its first slots may look like whole elements (a REDUCE's
+        # callable and args, a SETITEM's dict, key and value): leave out two more slots
+        k -= 2
     k = max(0, min(k, len(starts), count - st.done))
     end = int(starts[k]) if k < len(starts) else int(getattr(exc, "offset", 0) or 0)
     return starts[:k], memo_at[:k], end
@@ -1250,8 +1255,15 @@ class _StreamScan:
                 raise _truncated(self.path, self.wbase + self.pos, st)
 
 
-def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHeader) -> tuple[PickleIndex, Exception | None]:
-    """Collect batches into a PickleIndex; on damage return what precedes it and the error."""
+def _index_from_batches(
+    batches: Iterator[_Batch], st: ScanState, header: NpyHeader
+) -> tuple[PickleIndex, Exception | None, int]:
+    """Collect batches into a PickleIndex; on damage also the error and where tentative elements begin.
+
+    Elements of the batch open at the damage are *tentative*: their extent is
+    only certain at the batch's closing APPENDS, so the caller decodes them one
+    by one and stops at the first that does not look like a whole element.
+    """
     count = header.count
     starts = np.empty(count, dtype=np.int64)
     memo_at = np.empty(count + 1, dtype=np.int64)
@@ -1259,6 +1271,7 @@ def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHea
     ends: list[int] = []
     k = 0
     error: Exception | None = None
+    tentative = -1
     try:
         for batch in batches:
             n = len(batch.starts)
@@ -1271,6 +1284,7 @@ def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHea
             k += n
     except (FormatError, UnsafePickleError) as exc:
         error = exc
+        tentative = k
         p_starts, p_memo, p_end = _pending(st, exc, count)
         n = len(p_starts)
         if n:
@@ -1295,7 +1309,7 @@ def _index_from_batches(batches: Iterator[_Batch], st: ScanState, header: NpyHea
         live_last=live_last,
         proto=st.proto,
     )
-    return index, error
+    return index, error, tentative
 
 
 def _map_or_none(src: ByteSource) -> Any:
@@ -1307,7 +1321,9 @@ def _map_or_none(src: ByteSource) -> Any:
         return None
 
 
-def _build_index(src: ByteSource, header: NpyHeader, policy: SafetyPolicy) -> tuple[PickleIndex, Exception | None, Any]:
+def _build_index(
+    src: ByteSource, header: NpyHeader, policy: SafetyPolicy
+) -> tuple[PickleIndex, Exception | None, Any, int]:
     from npystream.formats.pickle_safety import make_global_check
 
     path = src.name
@@ -1318,8 +1334,8 @@ def _build_index(src: ByteSource, header: NpyHeader, policy: SafetyPolicy) -> tu
     else:
         src.seek(header.data_offset)
         batches = _StreamScan(src, header, st, path).batches()
-    index, error = _index_from_batches(batches, st, header)
-    return index, error, view
+    index, error, tentative = _index_from_batches(batches, st, header)
+    return index, error, view, tentative
 
 
 def scan_index(src: ByteSource, header: NpyHeader, policy: SafetyPolicy) -> PickleIndex:
@@ -1335,7 +1351,7 @@ def scan_index(src: ByteSource, header: NpyHeader, policy: SafetyPolicy) -> Pick
         )
     if not header.pickled:
         raise ValueError(f"dtype {header.dtype} is not pickled; there is no object index to build")
-    index, error, _ = _build_index(src, header, policy)
+    index, error, _, _ = _build_index(src, header, policy)
     if error is not None:
         raise error
     return index
@@ -1908,14 +1924,16 @@ def _iter_indexed(
     stop: int,
 ) -> Iterator[list[Any]]:
     error: Exception | None = None
+    tentative = -1
     if index is None:
-        index, error, view2 = _build_index(src, header, policy)
+        index, error, view2, tentative = _build_index(src, header, policy)
         view = view if view is not None else view2
         if error is not None and index.body_start < 0:
             raise error
     stop = min(stop, index.count)
+    certain = stop if tentative < 0 else min(stop, tentative)
     reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=True)
-    for a, b, ends in _chunks(index, start, stop):
+    for a, b, ends in _chunks(index, start, certain):
         try:
             items = reader.run(a, b, ends)
         except _Partial as part:
@@ -1923,8 +1941,28 @@ def _iter_indexed(
             raise part.error from None
         yield items
         del items
+    for i in range(max(certain, start), stop):  # elements of the batch open at the damage
+        try:
+            item = reader.run(i, i + 1)[0]
+        except _Partial:
+            break
+        if _looks_partial(item):
+            break
+        yield [item]
     if error is not None:
         raise error
+
+
+def _looks_partial(item: Any) -> bool:
+    """A tentative element that may be the first stack slot of an unfinished one.
+
+    Bare callables (a REDUCE not yet applied) and mutable containers (which a
+    later SETITEM/APPENDS/BUILD may still fill) are not handed out from the
+    batch open at the damage: better to stop early than to yield a wrong value.
+    """
+    return isinstance(
+        item, (type, types.BuiltinFunctionType, types.FunctionType, np.ufunc, dict, list, set, bytearray, *TOKEN_TYPES)
+    )
 
 
 def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> Iterator[list[Any]]:
@@ -1987,7 +2025,17 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
             if len(p_starts) and st.body_start >= 0 and produced < stop:
                 if engine is None:
                     engine = start_engine()
-                yield from run_batch(p_starts, p_memo, p_end, produced)
+                p_ends = np.append(p_starts[1:], p_end)
+                for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
+                    try:
+                        item = engine.decode_run(
+                            scan.window, scan.wbase, p_starts[j : j + 1], p_ends[j : j + 1], int(p_memo[j]), produced + j
+                        )[0]
+                    except _Partial:
+                        break
+                    if _looks_partial(item):
+                        break
+                    yield [item]
             raise
         if batch is None:
             break
