@@ -459,6 +459,12 @@ def convert(
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     show = sys.stderr.isatty() if progress is None else bool(progress)
+    parent = os.path.dirname(os.path.abspath(dst_s))
+    if not os.path.isdir(parent):
+        from npystream.errors import StoreNotFoundError
+
+        raise StoreNotFoundError("the directory to write DST in does not exist; create it first",
+                                 path=parent)
     info = describe_source(src_s)
     target = _pick_target(info, dst_s, to)
     if resume and target != "ragged":

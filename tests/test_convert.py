@@ -193,6 +193,8 @@ def test_exit_codes(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "a.npy.gz"), str(tmp_path / "b.npy"), "--overwrite"]) == 0
     assert "converted" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing.npy"), str(tmp_path / "c.npy")]) == 1
+    assert main(["convert", str(tmp_path / "a.npy.gz"), str(tmp_path / "no" / "c.npy")]) == 1
+    assert "directory to write DST in does not exist" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "a.npy.gz")]) == 2  # usage
     assert main(["convert", "a", "b", "--to", "parquet"]) == 2
     assert main(["convert", "a", "b", "--quiet", "--progress"]) == 2
