@@ -133,3 +133,26 @@ def test_debug_shows_traceback(files, capsys):
 def test_usage_error(capsys):
     assert main(["info"]) == 2
     assert "FILE" in capsys.readouterr().err
+
+
+def test_npz_damaged_member_exit_1_other_files_fine(tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("good.npy", _npy(np.arange(3)))
+        zf.writestr("bad.npy", b"\x93NUMPX garbage")
+        zf.writestr("README.txt", b"not an array, listed without complaint")
+    assert main(["info", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "good" in out and "README.txt" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "bad" in lines[0] and "magic" in lines[0]
+
+
+def _npy(arr):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()

@@ -168,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
             status = 1
             continue
         results.append(d)
+        for m in d.get("members", ()):
+            if m["error"] is not None and m["filename"].endswith(".npy"):  # a damaged array member
+                print(f"npystream info: error: {m['error']}", file=sys.stderr)
+                status = 1
         if d.get("size_status") == "truncated":
             err = TruncatedError(
                 f"data is {d['file_size'] - d['data_offset']} bytes but the header promises "
