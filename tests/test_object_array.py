@@ -740,3 +740,19 @@ def test_spawned_worker_reads(tmp_path):
     with npystream.open(path) as arr, mp.get_context("spawn").Pool(1) as pool:
         got = pool.map(_worker_read, [(arr, i) for i in (0, 500, 1000)])
     assert got == [repr(expected[i]) for i in (0, 500, 1000)]
+
+
+def test_stream_with_back_references_across_batches(tmp_path):
+    """Objects repeated across APPENDS batches (memo GETs far back), read from gzip (stream only)."""
+    shared = [np.arange(5.0), "s", {"k": [1]}, None]
+    data = case_bytes(case("memo_backrefs"))
+    arr_in = obj_array(shared * 700)
+    buf = io.BytesIO()
+    np.save(buf, arr_in)
+    for name, payload in (("a.npy.gz", buf.getvalue()), ("b.npy.gz", data)):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(payload))
+        expected = expected_elements(np.load(io.BytesIO(payload), allow_pickle=True))
+        with npystream.open(path) as arr:
+            assert not arr.seekable
+            assert_same_elements(arr, expected)
