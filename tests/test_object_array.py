@@ -756,3 +756,28 @@ def test_stream_with_back_references_across_batches(tmp_path):
         with npystream.open(path) as arr:
             assert not arr.seekable
             assert_same_elements(arr, expected)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_corpus_in_npz_members(tmp_path, compressed):
+    """Every np.save-written corpus case as an .npz member: streamed (both) and indexed (stored)."""
+    names = [n for n in CASE_NAMES if case(n).protocol is None]
+    arrays = {n: case(n).make() for n in names}
+    path = tmp_path / "corpus.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    with np.load(path, allow_pickle=True) as ref, npystream.open(path) as z:
+        for n in names:
+            expected = expected_elements(ref[n])
+            member = z[n]
+            try:
+                assert isinstance(member, ObjectArray) and member.shape == ref[n].shape
+                assert member.seekable is not compressed
+                assert_same_elements(member, expected)
+                if not compressed and expected:
+                    for i in (len(expected) - 1, 0, len(expected) // 2):
+                        idx = np.unravel_index(i, ref[n].shape) if ref[n].ndim else ()
+                        assert_same_element(member[tuple(int(k) for k in idx)], expected[i])
+            except AssertionError as exc:
+                raise AssertionError(f"member {n}: {exc}") from None
+            finally:
+                member.close()
