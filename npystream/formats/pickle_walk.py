@@ -1559,21 +1559,31 @@ class _Engine:
             )
 
     # -- elements ------------------------------------------------------------------
-    def decode_run(self, buf: Any, base: int, starts: Any, ends: Any, memo: int, first: int) -> list[Any]:
-        """Build the elements ``first .. first+len(starts)-1`` whose opcodes are ``[starts[0], ends[-1])``.
+    def decode_run(self, buf: Any, base: int, starts: Any, ends: Any, memos: Any, first: int) -> list[Any]:
+        """Build the elements ``first .. first+len(starts)-1``: element j is ``[starts[j], ends[j])``.
 
-        Raises :class:`_Partial` when an element fails (elements before it are built).
+        ``memos[j]`` is the memo counter where element j starts.  Elements
+        contiguous in the file (one APPENDS batch) are rewritten as one run;
+        a run may span batches.  Raises :class:`_Partial` when an element
+        fails (the elements before it are built).
         """
         k = len(starts)
         rw = self.rw
-        rw.memo = memo
         rw.fresh.clear()
         rw.freed.clear()
         out = bytearray(self.proto_op)
         out += b"("
         s0 = int(starts[0])
         try:
-            self.rewrite_all(buf, s0, int(ends[k - 1]), base, out, first)
+            if k > 1:
+                cuts = (np.flatnonzero(ends[:-1] != starts[1:]) + 1).tolist()
+            else:
+                cuts = []
+            a = 0
+            for b in [*cuts, k]:
+                rw.memo = int(memos[a])
+                self.rewrite_all(buf, int(starts[a]), int(ends[b - 1]), base, out, first + a)
+                a = b
             out += b"t."
             items = self._run_program(out)
             check_load(self.ctx)
@@ -1583,19 +1593,17 @@ class _Engine:
             self._rollback()
             if k == 1:
                 raise _Partial([], _load_error(exc, self.path, s0, first)) from None
-            return self._one_by_one(buf, base, starts, ends, memo, first)
+            return self._one_by_one(buf, base, starts, ends, memos, first)
         self._commit()
         return self._post(items, starts, first)
 
-    def _one_by_one(self, buf: Any, base: int, starts: Any, ends: Any, memo: int, first: int) -> list[Any]:
+    def _one_by_one(self, buf: Any, base: int, starts: Any, ends: Any, memos: Any, first: int) -> list[Any]:
         got: list[Any] = []
-        rw = self.rw
         for j in range(len(starts)):
             try:
-                got.extend(self.decode_run(buf, base, starts[j : j + 1], ends[j : j + 1], memo, first + j))
+                got.extend(self.decode_run(buf, base, starts[j : j + 1], ends[j : j + 1], memos[j : j + 1], first + j))
             except _Partial as part:
                 raise _Partial(got + part.items, part.error) from None
-            memo = rw.memo
         return got
 
     def _post(self, items: tuple[Any, ...], starts: Any, first: int) -> list[Any]:
@@ -1697,29 +1705,26 @@ def _rough_size(v: Any) -> int:
 
 
 def _chunks(index: PickleIndex, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Split elements [start, stop) into (a, b, ends[a:b]) runs contiguous in the file, ~CHUNK_BYTES long."""
-    if stop <= start:
-        return
+    """Split elements [start, stop) into (a, b, ends[a:b]) runs of ~CHUNK_BYTES of pickle."""
     starts = index.starts
     bf = index.batch_first
     be = index.batch_ends
-    b0 = index.batch_of(start)
-    for b in range(b0, len(be)):
-        lo, hi = max(int(bf[b]), start), min(int(bf[b + 1]), stop)
-        if lo >= stop:
-            break
-        i = lo
-        while i < hi:
-            if int(starts[hi - 1]) - int(starts[i]) < CHUNK_BYTES:
-                j = hi
-            else:
-                j = int(np.searchsorted(starts[i:hi], starts[i] + CHUNK_BYTES, side="left")) + i
-                j = max(j, i + 1)
-            e = np.empty(j - i, dtype=np.int64)
-            e[:-1] = starts[i + 1 : j]
-            e[-1] = starts[j] if j < int(bf[b + 1]) else be[b]
-            yield i, j, e
-            i = j
+    i = start
+    while i < stop:
+        j = int(np.searchsorted(starts, starts[i] + CHUNK_BYTES, side="left"))
+        j = min(max(j, i + 1), stop)
+        e = np.empty(j - i, dtype=np.int64)
+        e[:-1] = starts[i + 1 : j]
+        e[-1] = starts[j] if j < index.count else be[-1]
+        # the last element of each batch ends at the batch's APPENDS, not at the next start
+        b0 = int(np.searchsorted(bf, i, side="right")) - 1
+        b1 = int(np.searchsorted(bf, j, side="left"))
+        for b in range(b0, b1):
+            last = int(bf[b + 1]) - 1
+            if i <= last < j:
+                e[last - i] = be[b]
+        yield i, j, e
+        i = j
 
 
 def _fetcher(src: ByteSource, view: Any) -> Any:
@@ -1827,7 +1832,7 @@ class _IndexedReader:
             rw.memo, rw.fresh, rw.freed, rw.free_on_read = saved
 
     def run(self, a: int, b: int, ends: np.ndarray | None = None) -> list[Any]:
-        """Elements a..b-1, which must be contiguous in the file (one APPENDS batch)."""
+        """Elements a..b-1 (consecutive; they may span APPENDS batches)."""
         idx = self.index
         starts = idx.starts[a:b]
         if ends is None:
@@ -1835,7 +1840,7 @@ class _IndexedReader:
         buf, base = self.fetch(int(starts[0]), int(ends[-1]))
         eng = self.engine
         try:
-            return eng.decode_run(buf, base, starts, ends, int(idx.memo_at[a]), a)
+            return eng.decode_run(buf, base, starts, ends, idx.memo_at[a:b], a)
         finally:
             if not self.sequential:
                 rw = eng.rw
@@ -2006,7 +2011,7 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
             j = int(np.searchsorted(s_arr, s_arr[i] + CHUNK_BYTES, side="left"))
             j = min(max(j, i + 1), k)
             try:
-                items = eng.decode_run(scan.window, scan.wbase, s_arr[i:j], e_arr[i:j], int(memo_at[i]), first + i)
+                items = eng.decode_run(scan.window, scan.wbase, s_arr[i:j], e_arr[i:j], memo_at[i:j], first + i)
             except _Partial as part:
                 yield part.items
                 raise part.error from None
@@ -2029,7 +2034,7 @@ def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop:
                 for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
                     try:
                         item = engine.decode_run(
-                            scan.window, scan.wbase, p_starts[j : j + 1], p_ends[j : j + 1], int(p_memo[j]), produced + j
+                            scan.window, scan.wbase, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], produced + j
                         )[0]
                     except _Partial:
                         break
@@ -2108,11 +2113,9 @@ class ElementDecoder:
         while k < len(order):
             a = order[k]
             j = k + 1
-            batch_end = int(index.batch_first[index.batch_of(a) + 1])
             while (
                 j < len(order)
                 and order[j] == order[j - 1] + 1
-                and order[j] < batch_end
                 and int(index.starts[order[j]]) - int(index.starts[a]) < CHUNK_BYTES
             ):
                 j += 1
