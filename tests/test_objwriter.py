@@ -54,6 +54,14 @@ CASES = {
               np.array(["ab", "c"]), np.array([{"x": 1}, None], dtype=object),
               np.zeros(3, dtype=[("a", "<i4"), ("b", ">f8", (2,))]),
               np.array(["2020-01-01"], dtype="M8[D]")],
+    "big_arrays_every_layout": [  # >= 256 bytes: written from the array's memory
+        np.arange(300, dtype=">i4"), np.arange(600.0).reshape(20, 30).T, np.asfortranarray(np.ones((40, 9), "<c8")),
+        np.zeros(500, dtype=[("a", "<i4"), ("b", ">f8", (2,))]), np.arange(400, dtype="M8[s]"),
+        np.array(["x" * 30] * 20), np.ones(300, dtype=bool), np.arange(500, dtype=np.float16),
+        np.arange(70_000, dtype=np.uint8), np.arange(20_000, dtype=np.float64)[::2],  # strided: generic path
+        np.arange(64, dtype="<i4"), np.arange(63, dtype="<i4"), np.zeros((0, 500), "<f8"),
+        np.arange(1000, dtype=np.float32).reshape(10, 10, 10)[:, :, 0],
+    ],
     "batches_2501": [np.arange(i % 7, dtype=np.int32) for i in range(2501)],
     "exactly_1000": [str(i) for i in range(1000)],
     "batch_of_one_at_end": list(range(1001)),
