@@ -56,7 +56,7 @@ CASES = {
               np.array(["2020-01-01"], dtype="M8[D]")],
     "big_arrays_every_layout": [  # >= 256 bytes: written from the array's memory
         np.arange(300, dtype=">i4"), np.arange(600.0).reshape(20, 30).T, np.asfortranarray(np.ones((40, 9), "<c8")),
-        np.zeros(500, dtype=[("a", "<i4"), ("b", ">f8", (2,))]), np.arange(400, dtype="M8[s]"),
+        np.zeros(500, dtype=[("a", "<i4"), ("b", ">f8", (2,))]), np.arange(400).astype("M8[s]"),
         np.array(["x" * 30] * 20), np.ones(300, dtype=bool), np.arange(500, dtype=np.float16),
         np.arange(70_000, dtype=np.uint8), np.arange(20_000, dtype=np.float64)[::2],  # strided: generic path
         np.arange(64, dtype="<i4"), np.arange(63, dtype="<i4"), np.zeros((0, 500), "<f8"),
