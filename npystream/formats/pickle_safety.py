@@ -589,15 +589,27 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
             and type(shape[0]) is int
             and shape[0] >= 0
             and (fortran is False or fortran is True)
-            and type(raw) is bytes
             and isinstance(d, np.dtype)
         ):
-            dc = _checked_dtype(ctx, d)
-            if not dc.hasobject and len(raw) == shape[0] * dc.itemsize:
-                arr = _real_reconstruct(np.ndarray, (0,), b"b")
-                arr.__setstate__((1, shape, dc, fortran, raw))
-                proto[:] = (DONE, arr)
-                return arr
+            tr = type(raw)
+            if tr is bytes:
+                dc = _checked_dtype(ctx, d)
+                if not dc.hasobject and len(raw) == shape[0] * dc.itemsize:
+                    arr = _real_reconstruct(np.ndarray, (0,), b"b")
+                    arr.__setstate__((1, shape, dc, fortran, raw))
+                    proto[:] = (DONE, arr)
+                    return arr
+            elif tr is memoryview:  # zero-copy: a read-only view of the mapped file
+                dc = _checked_dtype(ctx, d)
+                if (
+                    not dc.hasobject
+                    and dc.itemsize
+                    and dc.byteorder != _SWAPPED
+                    and raw.nbytes == shape[0] * dc.itemsize
+                ):
+                    arr = np.frombuffer(raw, dtype=dc)
+                    proto[:] = (DONE, arr)
+                    return arr
     if type(state) is not tuple or len(state) not in (4, 5):
         raise FormatError(f"ndarray state is {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
     if len(state) == 5:

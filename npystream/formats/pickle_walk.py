@@ -1831,6 +1831,49 @@ class _IndexedReader:
         finally:
             rw.memo, rw.fresh, rw.freed, rw.free_on_read = saved
 
+    def one(self, i: int) -> Any:
+        """Element ``i`` alone (random access: the shortest path through rewrite, load and finalise)."""
+        idx = self.index
+        s = idx.starts.item(i)
+        e = idx.ends.item(i)
+        eng = self.engine
+        rw = eng.rw
+        rw.fresh.clear()
+        rw.freed.clear()
+        buf, base = self.fetch(s, e)
+        out = bytearray(eng.proto_op)
+        out += b"("
+        try:
+            try:
+                rw.memo = idx.memo_at.item(i)
+                eng.rewrite_all(buf, s, e, base, out, i)
+                out += b"t."
+                items = eng._run_program(out)
+                check_load(eng.ctx)
+            except Exception as exc:
+                eng._rollback()
+                raise _load_error(exc, self.src.name, s, i) from None
+            eng._commit()
+            item = items[0] if type(items) is tuple and len(items) == 1 else None
+            if type(item) is ArrayProto:
+                try:
+                    return _build_array(item, eng.ctx, {}, 0)
+                except Exception as exc:
+                    raise _load_error(exc, self.src.name, s, i) from None
+            try:
+                return eng._post(items, idx.starts[i : i + 1], i)[0]
+            except _Partial as part:
+                raise part.error from None
+        finally:
+            if not self.sequential and rw.fresh:
+                for k in rw.fresh:
+                    if k in self.pinned or k in self.prefix_slots:
+                        continue
+                    slot = rw.slot_of.pop(k, None)
+                    if slot is not None:
+                        rw.free.append(slot)
+                rw.fresh.clear()
+
     def run(self, a: int, b: int, ends: np.ndarray | None = None) -> list[Any]:
         """Elements a..b-1 (consecutive; they may span APPENDS batches)."""
         idx = self.index
@@ -2082,20 +2125,17 @@ class ElementDecoder:
         self._reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=False)
 
     def _check(self, i: Any) -> int:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"element index must be an int, got {type(i).__name__}")
-        i = int(i)
+        if type(i) is not int:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"element index must be an int, got {type(i).__name__}")
+            i = int(i)
         if not 0 <= i < self.count:
             raise IndexError(f"element {i} out of range for {self.count} elements")
         return i
 
     def decode(self, i: int) -> Any:
         """Element ``i`` (flat C-order index)."""
-        i = self._check(i)
-        try:
-            return self._reader.run(i, i + 1)[0]
-        except _Partial as part:
-            raise part.error from None
+        return self._reader.one(self._check(i))
 
     def decode_many(self, indices: Sequence[int] | range) -> list[Any]:
         """Elements at ``indices`` in the given order (contiguous runs are decoded together)."""
