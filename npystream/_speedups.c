@@ -282,6 +282,7 @@ text_int_kind(PyObject *obj, int64_t *v)
 
 typedef struct {
     PyObject *list; /* borrowed from the state object for the duration of the call */
+    int packed;     /* 0: a list of ints; 1: a bytearray of little-endian int64 (ScanState.starts/memo_at) */
     int64_t *v;
     Py_ssize_t n, cap;
     Py_ssize_t low; /* items [0, low) are unchanged since the load */
@@ -322,6 +323,27 @@ ivec_load(ivec *a, PyObject *list, const char *what)
             return -1;
         a->v[i] = x;
     }
+    a->n = a->low = n;
+    return 0;
+}
+
+/* the same for a bytearray of little-endian int64 (py: starts += _pack_q(x) ... del starts[-8:]) */
+static int
+ivec_load_packed(ivec *a, PyObject *arr, const char *what)
+{
+    if (!PyByteArray_Check(arr) || PyByteArray_GET_SIZE(arr) % 8) {
+        PyErr_Format(PyExc_TypeError, "state attribute %s must be a bytearray of int64 (a multiple of 8 bytes)",
+                     what);
+        return -1;
+    }
+    a->list = arr;
+    a->packed = 1;
+    Py_ssize_t n = PyByteArray_GET_SIZE(arr) / 8;
+    if (ivec_reserve(a, n + 64) < 0)
+        return -1;
+    const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(arr);
+    for (Py_ssize_t i = 0; i < n; i++)
+        a->v[i] = (int64_t)rd_u8(p + 8 * i);
     a->n = a->low = n;
     return 0;
 }
@@ -427,6 +449,20 @@ ivec_store(ivec *a)
 {
     if (a->list == NULL)
         return 0;
+    if (a->packed) {
+        Py_ssize_t cur = PyByteArray_GET_SIZE(a->list) / 8;
+        if (a->low == cur && a->n == cur)
+            return 0;
+        Py_ssize_t low = a->low < cur ? a->low : cur;
+        if (PyByteArray_Resize(a->list, a->n * 8) < 0)
+            return -1;
+        unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(a->list);
+        for (Py_ssize_t i = low; i < a->n; i++)
+            for (int b = 0; b < 8; b++)
+                p[8 * i + b] = (unsigned char)((uint64_t)a->v[i] >> (8 * b));
+        a->low = a->n;
+        return 0;
+    }
     Py_ssize_t cur = PyList_GET_SIZE(a->list);
     if (a->low == cur && a->n == cur)
         return 0;
@@ -633,8 +669,8 @@ scan_ops(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "ScanState.reads and ScanState.memo_depth must be dicts");
         goto finish;
     }
-    if (ivec_load(&marks, l_marks, "marks") || ivec_load(&starts, l_starts, "starts") ||
-        ivec_load(&memo_at, l_memo_at, "memo_at") || ivec_load(&dep, l_dep, "dep"))
+    if (ivec_load(&marks, l_marks, "marks") || ivec_load_packed(&starts, l_starts, "starts") ||
+        ivec_load_packed(&memo_at, l_memo_at, "memo_at") || ivec_load(&dep, l_dep, "dep"))
         goto finish;
     loaded = 1;
 
@@ -1066,9 +1102,8 @@ scan_ops(PyObject *self, PyObject *args)
                 if (depth == td) {
                     if (n <= tbase)
                         FAIL("format", 0, 0, "POP reaches into the element list");
-                    int64_t ignored;
-                    TRY(ivec_pop(&starts, &ignored));
-                    TRY(ivec_pop(&memo_at, &ignored));
+                    ivec_del_from(&starts, -1); /* py: del starts[-8:]; del memo_at[-8:] */
+                    ivec_del_from(&memo_at, -1);
                 }
                 n -= 1;
                 TRY(ivec_pop(&dep, &d));
@@ -1723,9 +1758,24 @@ static struct PyModuleDef moduledef = {
     methods, NULL, NULL, NULL, NULL,
 };
 
+/* Safe-mode array building (engineer "stream") may live in npystream/_speedups_build.c, which setup.py's
+   _speedups*.c glob compiles into this module; it adds its names to the module through this hook.  A weak
+   reference, so that the module builds and works without that file. */
+#if defined(__GNUC__) || defined(__clang__)
+extern int npystream_build_init(PyObject *module) __attribute__((weak));
+#define HAVE_BUILD_HOOK 1
+#endif
+
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     init_tables();
-    return PyModule_Create(&moduledef);
+    PyObject *m = PyModule_Create(&moduledef);
+#ifdef HAVE_BUILD_HOOK
+    if (m != NULL && npystream_build_init != NULL && npystream_build_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
 }
