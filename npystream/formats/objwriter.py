@@ -38,7 +38,13 @@ elements:
    referenced by nothing but the memo are removed.  Such an object can never
    be met again (nothing else holds it), so dropping it changes no byte of the
    output, and memory stays bounded by one element plus what the caller keeps
-   alive.
+   alive;
+4. a contiguous ndarray element of 256 bytes or more (dtype without objects,
+   protocols 3/4) is reduced by hand to exactly ``ndarray.__reduce__``'s
+   value, except that the raw data is a view of the array's memory instead of
+   a ``tobytes()`` copy (smaller payloads take numpy's path: CPython shares the
+   empty and one-byte ``bytes`` objects, which the memo turns into
+   back-references).
 
 The output is byte-identical to ``np.save`` for the same elements (tested).
 
