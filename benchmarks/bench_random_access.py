@@ -13,7 +13,8 @@ seeded generator, ``bench_objects.make()``) as ``bench_objects.FILES[1]``
   read-only views; ``random reads copy`` -- the same with ``zero_copy=False``;
 * peer: ``np.load(allow_pickle=True)`` then the same 100,000 reads of the loaded array.
 
-Each row reports wall time and the peak *anonymous* memory of this process
+Each row reports wall time, CPU time of this process (less sensitive to other
+processes on a shared machine) and the peak *anonymous* memory of this process
 during the row (``RssAnon`` from ``/proc/self/status`` sampled every 2 ms by a
 thread, minus the value before the row).  Reads check ``x.shape`` of every
 element (no payload is summed: the point is the cost of finding and decoding an
@@ -100,13 +101,16 @@ def generate() -> None:
     bench_objects.make()
 
 
-def timed(label: str, fn: Callable[[], object], rows: list[tuple[str, float, float, str]], note: str = "") -> object:
+def timed(label: str, fn: Callable[[], object], rows: list[tuple[str, float, float, float, str]], note: str = "") -> object:
+    """Run ``fn`` once: wall seconds, CPU seconds of this process (all threads), peak RssAnon."""
     with PeakAnon() as mem:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-    rows.append((label, seconds, mem.mib, note))
-    print(f"  {label:<38} {seconds:9.3f} s  {mem.mib:8.1f} MiB  {note}", flush=True)
+        cpu = time.process_time() - c0
+    rows.append((label, seconds, cpu, mem.mib, note))
+    print(f"  {label:<46} {seconds:8.3f} s wall {cpu:8.3f} s cpu {mem.mib:8.1f} MiB  {note}", flush=True)
     return out
 
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     accel = speed() if callable(speed) else speed
     print(f"file {path} ({size / 1e9:.2f} GB); reads {args.reads}; seed {args.seed}; "
           f"C accelerator: {accel}; NPYSTREAM_PURE_PYTHON={os.environ.get('NPYSTREAM_PURE_PYTHON', '')}")
-    rows: list[tuple[str, float, float, str]] = []
+    rows: list[tuple[str, float, float, float, str]] = []
 
     if args.drop_caches:
         os.sync()
@@ -157,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     arr = ObjectArray(path)
     timed("index build + save .nsidx", arr.build_index, rows)
-    rows[-1] = (*rows[-1][:3], f"{arr.index_state}, {ipath.stat().st_size / 1024:.0f} KiB")
+    rows[-1] = (*rows[-1][:4], f"{arr.index_state}, {ipath.stat().st_size / 1024:.0f} KiB")
     arr.close()
     arr = ObjectArray(path)
     timed("open + load .nsidx", arr.build_index, rows)
-    rows[-1] = (*rows[-1][:3], f"index_state={arr.index_state}")
+    rows[-1] = (*rows[-1][:4], f"index_state={arr.index_state}")
     arr.close()
 
     # what a user sees: open() and the first arr[i], with and without a saved index
@@ -210,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         del loaded
     ipath.unlink(missing_ok=True)
 
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
     print()
-    print("| row | seconds | peak RssAnon (MiB) | note |")
-    print("|---|---:|---:|---|")
-    for label, seconds, mib, note in rows:
-        print(f"| {label} | {seconds:.3f} | {mib:.1f} | {note} |")
+    print(f"load average at the end: {' '.join(load)} ({os.cpu_count()} CPUs)")
+    print("| row | wall s | CPU s (this process) | peak RssAnon above start (MiB) | note |")
+    print("|---|---:|---:|---:|---|")
+    for label, seconds, cpu, mib, note in rows:
+        print(f"| {label} | {seconds:.3f} | {cpu:.3f} | {mib:.1f} | {note} |")
     return 0
 
 
