@@ -781,3 +781,35 @@ def test_corpus_in_npz_members(tmp_path, compressed):
                 raise AssertionError(f"member {n}: {exc}") from None
             finally:
                 member.close()
+
+
+def test_forged_nsidx_pointing_into_a_payload_runs_nothing(tmp_path):
+    """A .nsidx whose element start points at pickle opcodes hidden in a bytes payload: refused, nothing runs."""
+    marker = tmp_path / "PWNED"
+    hidden = b"cos\nsystem\n" + b"X" + len(f"touch {marker}").to_bytes(4, "little") + f"touch {marker}".encode() + b"\x85R."
+    path = tmp_path / "h.npy"
+    np.save(path, obj_array([b"\x00" * 8 + hidden + b"\x00" * 8, "second", "third"]))
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert arr.index_state == "saved"
+    data = path.read_bytes()
+    at = data.index(hidden)
+    ipath = index_path_for(path)
+    with np.load(ipath) as z:
+        arrays = {k: z[k] for k in z.files}
+    starts = arrays["i_starts"].copy()
+    assert starts[0] < at < starts[1]
+    starts[1] = at
+    arrays["i_starts"] = starts
+    np.savez(ipath, **arrays)
+    for zero_copy in (True, False):
+        with npystream.open(path, zero_copy=zero_copy) as arr:
+            arr.build_index()
+            assert arr.index_state == "loaded"  # the forged index is used, not rebuilt
+            try:  # a refusal or the right answer; never the hidden call, never garbage
+                assert arr[1] == "second"
+            except (npystream.UnsafePickleError, FormatError):
+                pass
+            assert not marker.exists()
+            assert arr[2] == "third"
+    assert not marker.exists()
