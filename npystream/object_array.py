@@ -668,6 +668,36 @@ class ObjectArray:
             if owned:
                 fresh.close()
 
+    def iter_range(self, start: int = 0, stop: int | None = None) -> Iterator[Any]:
+        """Stream elements ``start..stop-1`` (flat C order; negative values count from the end).
+
+        Goes through the offset index, so it starts at ``start`` without reading
+        what comes before (a worker's shard of a big file), with the memory of
+        one decoded chunk.  Elements are what ``arr[i]`` gives (read-only views
+        with ``zero_copy``).  Needs a seekable source.
+        """
+        for name, value in (("start", start), ("stop", stop)):
+            if value is not None and (isinstance(value, (bool, np.bool_)) or not _is_intlike(value)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        self._require_seekable("iter_range()")
+        lo, hi, _ = slice(start, stop).indices(self.size)
+        with self._lock:
+            if self._index is None:
+                self._build_index(save=None, rebuild=False)
+        if hi <= lo:
+            return iter(())
+        fresh, owned = self._fresh_source()
+        return self._iterate_range(fresh, owned, lo, hi)
+
+    def _iterate_range(self, fresh: ByteSource, owned: bool, lo: int, hi: int) -> Iterator[Any]:
+        try:
+            yield from _engine().iter_elements(
+                fresh, self._header, self._policy, index=self._index, zero_copy=self._zero_copy, start=lo, stop=hi
+            )
+        finally:
+            if owned:
+                fresh.close()
+
     # -- the offset index ------------------------------------------------------
     def _require_seekable(self, what: str) -> ByteSource:
         src = self._live()

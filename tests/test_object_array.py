@@ -813,3 +813,28 @@ def test_forged_nsidx_pointing_into_a_payload_runs_nothing(tmp_path):
             assert not marker.exists()
             assert arr[2] == "third"
     assert not marker.exists()
+
+
+def test_iter_range_streams_a_shard(tmp_path):
+    path = tmp_path / "r.npy"
+    loaded = write_case(case("many_2500"), path)
+    expected = expected_elements(loaded)
+    with npystream.open(path) as arr:
+        for lo, hi in [(0, 10), (990, 1010), (2400, None), (-5, None), (7, 7), (10, 3), (0, None)]:
+            got = list(arr.iter_range(lo, hi))
+            assert_same_elements(got, expected[lo:hi])
+        views = [x for x in arr.iter_range(0, 50) if _is_plain_array(x) and x.size]
+        assert views and all(not v.flags.writeable for v in views)
+        it1, it2 = arr.iter_range(100, 200), arr.iter_range(1000, 1100)
+        for k in range(100):  # two shards interleaved, and indexing in between
+            assert_same_element(next(it1), expected[100 + k])
+            assert_same_element(next(it2), expected[1000 + k])
+            if k % 25 == 0:
+                assert_same_element(arr[k], expected[k])
+        with pytest.raises(TypeError):
+            arr.iter_range(1.5)
+    with npystream.open(path, zero_copy=False) as arr:
+        assert all(x.flags.writeable for x in arr.iter_range(0, 50) if _is_plain_array(x))
+    gz, _ = _gzip_file(tmp_path)
+    with npystream.open(gz) as arr, pytest.raises(NotSeekableError, match="iter_range"):
+        arr.iter_range(0, 10)
