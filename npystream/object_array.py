@@ -53,8 +53,17 @@ an element that is a plain numeric ndarray whose raw bytes lie contiguously
 in the file is returned by indexing as a **read-only** view onto the
 memory-mapped file (``arr[i].flags.writeable`` is False; ``np.array(x)``
 makes a writable copy).  Everything else is a fresh object, as ``np.load``
-would give.  See ``docs/object_array.md`` for the exact list.  Iteration
-always returns copies (it streams; there is no mapping to point into).
+would give.  See ``docs/object_array.md`` for the exact list.  Plain
+iteration returns copies (it streams, like ``iter_objects``, on any source);
+:meth:`ObjectArray.iter_range` streams a range through the index and gives
+what indexing gives.
+
+Sharing
+-------
+Indexing is serialised by a lock (the decoder keeps unpickler state), so
+threads can share one array; every iteration has its own file handle.  An
+array opened from a path pickles as "open this path again" (spawned worker
+processes); forked workers read through the memory map.
 """
 
 from __future__ import annotations
