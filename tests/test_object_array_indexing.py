@@ -125,3 +125,12 @@ def test_as_run():
     assert _as_run(np.array([3, 5, 4])) == [3, 5, 4]
     assert _as_run(np.array([1, 3, 2, 4])) == [1, 3, 2, 4]  # same ends, not consecutive
     assert _as_run(np.array([4, 3])) == [4, 3]
+
+
+def test_module_doctests():
+    import doctest
+
+    import npystream.object_array as mod
+
+    result = doctest.testmod(mod)
+    assert result.attempted > 0 and result.failed == 0
