@@ -148,3 +148,21 @@ def test_index_several_files_continues_after_a_bad_one(tmp_path, capsys):
     assert str(bad) in captured.err and "at byte" in captured.err
     assert os.path.exists(index_path_for(good1)) and os.path.exists(index_path_for(good2))
     assert not os.path.exists(index_path_for(bad))
+
+
+def test_head_from_stdin(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.npy"
+    write_case(case("strings_3000"), path)
+    with open(path, "rb") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "npystream", "head", "-", "-n", "2"],
+            stdin=f, capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "-: object array, shape (3000,), dtype object, 3000 elements"
+    assert lines[1].strip() == "[0] str len=5: 'str-0'"
+    assert lines[3].strip() == "... 2998 more"
