@@ -189,11 +189,16 @@ def _wait(cond, proc, timeout=30.0):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_signal_leaves_no_dst(tmp_path, big_npy, sig):
     dst = tmp_path / "out.ragged"
-    proc = _spawn(big_npy, dst)
-    assert _wait(lambda: _leftovers(tmp_path), proc), "finished before it could be interrupted"
-    time.sleep(0.1)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    for _attempt in range(5):  # a fast machine may finish before the signal lands: try again
+        proc = _spawn(big_npy, dst)
+        seen = _wait(lambda: _leftovers(tmp_path), proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if seen and proc.returncode != 0:
+            break
+        shutil.rmtree(dst, ignore_errors=True)
+    else:
+        pytest.fail("every conversion finished before it could be interrupted")
     assert not dst.exists()
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
@@ -221,10 +226,16 @@ def _partial_count(d):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_interruption(tmp_path, big_npy, sig, capsys):
     dst = tmp_path / "out.ragged"
-    proc = _spawn(big_npy, dst, "--resume")
-    assert _wait(lambda: _partial_count(tmp_path) > 0, proc), "no commit seen before the end"
-    proc.send_signal(sig)
-    proc.communicate(timeout=60)
+    for _attempt in range(5):  # a fast machine may finish before the signal lands: try again
+        proc = _spawn(big_npy, dst, "--resume")
+        seen = _wait(lambda: _partial_count(tmp_path) > 0, proc)
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+        if seen and proc.returncode != 0:
+            break
+        shutil.rmtree(dst, ignore_errors=True)
+    else:
+        pytest.fail("every conversion finished before a commit could be interrupted")
     assert not dst.exists()
     done = _partial_count(tmp_path)
     assert done > 0
