@@ -838,3 +838,19 @@ def test_iter_range_streams_a_shard(tmp_path):
     gz, _ = _gzip_file(tmp_path)
     with npystream.open(gz) as arr, pytest.raises(NotSeekableError, match="iter_range"):
         arr.iter_range(0, 10)
+
+
+def test_index_saved_in_trusted_mode_does_not_trust_later_opens(tmp_path):
+    """The .nsidx holds positions, not a verdict: a safe open still refuses what the policy refuses."""
+    from hostile_pickles import envelope, glob, integer, npy_file
+
+    path = tmp_path / "t.npy"
+    path.write_bytes(npy_file(envelope([integer(1), glob("collections", "OrderedDict") + b")R", integer(3)]), (3,)))
+    with npystream.open(path, trusted=True) as arr:
+        assert type(arr[1]).__name__ == "OrderedDict"
+        assert arr.index_state == "saved"
+    with npystream.open(path) as arr:
+        arr.build_index()
+        assert arr.index_state == "loaded"
+        with pytest.raises(npystream.UnsafePickleError, match="OrderedDict"):
+            arr[1]
