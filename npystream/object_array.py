@@ -329,6 +329,8 @@ def load_saved_index(
     if stat is None or isize > _MAX_NSIDX_BYTES:
         return None
     try:
+        if not _members_fit(ipath):
+            return None
         with np.load(ipath, allow_pickle=False) as z:
             meta = z["nsidx_meta"]
             if meta.shape != (len(_META_FIELDS),) or meta.dtype.kind not in "iu":
@@ -341,8 +343,28 @@ def load_saved_index(
             if str(z["nsidx_kind"][()]) != kind:
                 return None
             return {name[2:]: z[name] for name in z.files if name.startswith("i_")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError, MemoryError):
         return None
+
+
+def _members_fit(ipath: str) -> bool:
+    """True when every member of the ``.nsidx`` zip is a fixed-dtype ``.npy`` no larger than its bytes.
+
+    A forged member header could declare a huge shape and make ``np.load``
+    allocate it before noticing the data is missing; checked here first.
+    """
+    with zipfile.ZipFile(ipath) as zf:
+        infos = zf.infolist()
+        if len(infos) > 64:
+            return False
+        for info in infos:
+            if info.file_size > _MAX_NSIDX_BYTES:
+                return False
+            with zf.open(info) as f:
+                member = read_header(f)
+            if member.pickled or member.nbytes is None or member.data_offset + member.nbytes != info.file_size:
+                return False
+    return True
 
 
 def save_index(

@@ -854,3 +854,40 @@ def test_index_saved_in_trusted_mode_does_not_trust_later_opens(tmp_path):
         assert arr.index_state == "loaded"
         with pytest.raises(npystream.UnsafePickleError, match="OrderedDict"):
             arr[1]
+
+
+def test_nsidx_with_a_huge_declared_member_is_ignored_without_allocating(tmp_path):
+    """A forged .nsidx member header claiming 10**11 int64s: ignored (rebuilt), nothing allocated."""
+    import tracemalloc
+
+    path = tmp_path / "b.npy"
+    loaded = write_case(case("exactly_1001"), path)
+    with npystream.open(path) as arr:
+        arr.build_index()
+    ipath = index_path_for(path)
+    with np.load(ipath) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(ipath, **arrays)
+    with zipfile.ZipFile(ipath) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    raw = members["i_starts.npy"]
+    end = raw.index(b"\n") + 1
+    text = raw[:end].decode("latin1")
+    forged = text.replace(f"({len(arrays['i_starts'])},)", "(100000000000,)")
+    extra = len(forged) - len(text)
+    assert forged[-1 - extra : -1] == " " * extra
+    forged = forged[: -1 - extra] + "\n"
+    assert len(forged) == end and forged != text
+    members["i_starts.npy"] = forged.encode("latin1") + raw[end:]
+    with zipfile.ZipFile(ipath, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    tracemalloc.start()
+    try:
+        with npystream.open(path) as arr:
+            assert_same_element(arr[1000], expected_elements(loaded)[1000])
+            assert arr.index_state == "saved"  # rebuilt, not loaded
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 << 20
