@@ -540,12 +540,12 @@ def _object_to_ragged(
             remove_path(tmp)
             remove_path(sidecar)
             notes.append("removed a stale partial conversion (pass --resume to continue one)")
-    if mode == "w" and info.stream is None:
-        with open(sidecar, "w", encoding="utf-8") as fh:
-            json.dump(identity, fh)
     bar = _Progress(info.count, show, "convert")
     count = start = 0
     try:
+        if mode == "w" and info.stream is None:
+            with open(sidecar, "w", encoding="utf-8") as fh:
+                json.dump(identity, fh)
         # A small buffer: elements larger than it are pwrite()n straight from the
         # (zero-copy) element instead of being copied into the buffer first;
         # measured 1.84 s vs 2.70 s with the default 4 MiB on the 2 GB benchmark.
