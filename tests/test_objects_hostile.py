@@ -408,6 +408,9 @@ def test_misused_allowed_callables_refused(tmp_path, name, tail):
     got, exc = _drain(path)
     _check_error(exc, path, len(data), UNSAFE_OR_FORMAT, lo=header_len((3,)))
     assert_same_elements(got, GOOD_VALUES[: len(got)])
+    for zero_copy in (True, False):  # random access refuses it too
+        with npystream.open(path, zero_copy=zero_copy, nsidx=False) as arr, pytest.raises(UNSAFE_OR_FORMAT):
+            arr[2]
 
 
 # ---------------------------------------------------------------------------
