@@ -234,11 +234,15 @@ def test_file_object_and_bytes_sources(tmp_path):
     path = tmp_path / "f.npy"
     loaded = write_case(case("many_2500"), path)
     expected = expected_elements(loaded)
-    with open(path, "rb") as f, ObjectArray(f) as arr:
-        assert_same_element(arr[2499], expected[2499])
-        assert_same_elements(arr, expected)
-        assert_same_element(arr[-2], expected[-2])
-    assert not f.closed or True
+    with open(path, "rb") as f:
+        with ObjectArray(f) as arr:
+            assert arr.zero_copy  # a real file object can be mapped
+            assert_same_element(arr[2499], expected[2499])
+            assert_same_elements(arr, expected)
+            assert_same_element(arr[-2], expected[-2])
+        assert not f.closed  # the caller's file stays open
+        f.seek(0)
+        assert f.read(6) == b"\x93NUMPY"
     with ObjectArray(path.read_bytes()) as arr:
         assert_same_element(arr[1234], expected[1234])
         assert_same_elements(arr[10:20], expected[10:20])
