@@ -189,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
             return total
         return run
 
+    def full_pass(it_factory: Callable[[], object]) -> Callable[[], int]:
+        def run() -> int:
+            return sum(x.shape[0] for x in it_factory())  # type: ignore[attr-defined, union-attr]
+        return run
+
     arr = npystream.open(path)
     arr.build_index()
+    timed("full pass: for x in arr (copies)", full_pass(lambda: iter(arr)), rows)
+    timed("full pass: arr.iter_range(0, n) (views)", full_pass(lambda: arr.iter_range(0, n)), rows)
     total_zc = timed(f"{args.reads} random reads, zero-copy", reads(arr), rows)
     sample_zc = [arr[i] for i in picks[:200]]
     arr.close()
