@@ -112,7 +112,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _print_head(arr: Any, n: int, width: int, label: str) -> None:
     shape = arr.shape
     order = ", Fortran order" if arr.fortran_order else ""
-    print(f"{label}: object array, shape {shape}, dtype {arr.dtype}, {arr.size} elements{order}")
+    count = f"{arr.size} element" + ("" if arr.size == 1 else "s")
+    print(f"{label}: object array, shape {shape}, dtype {arr.dtype}, {count}{order}")
     shown = 0
     for i, value in enumerate(itertools.islice(iter(arr), n)):
         print(f"  {_index_text(i, shape)} {describe_element(value, width)}")

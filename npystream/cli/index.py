@@ -75,7 +75,8 @@ def _one(path: str, args: argparse.Namespace) -> bool:
         state = arr.index_state
         size = src.size or 0
         print(
-            f"{path}: {arr.size} elements, shape {arr.shape}, dtype {arr.dtype}, {_human(size)}"
+            f"{path}: {arr.size} element{'' if arr.size == 1 else 's'}, shape {arr.shape}, "
+            f"dtype {arr.dtype}, {_human(size)}"
         )
         ipath = arr.index_path
         nbytes = os.path.getsize(ipath) if ipath and os.path.exists(ipath) else None
