@@ -78,7 +78,7 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 _CONVERT = """
 import json, sys, time
 t = time.perf_counter()
-from npystream.convert import convert
+from npystream.conversion import convert
 r = convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """

@@ -34,8 +34,8 @@ _EXPORTS: dict[str, str] = {
     "RaggedWriter": "npystream.formats.ragged",
     "save_ragged": "npystream.formats.ragged",
     "save_objects": "npystream.formats.objwriter",
-    "convert": "npystream.convert",
-    "verify": "npystream.verify",
+    "convert": "npystream.conversion",
+    "verify": "npystream.verification",
 }
 
 __all__ = [

@@ -135,7 +135,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "checksum": total, "n": n
 
 _CONVERT_CHILD = """
 import json, sys, time
-from npystream.convert import convert
+from npystream.conversion import convert
 src, dst, progress = sys.argv[1], sys.argv[2], sys.argv[3]
 res = convert(src, dst, overwrite=True, progress={"1": True, "0": False}[progress])
 print(json.dumps({"seconds": res.seconds, "n": res.elements, "bytes_in": res.bytes_in,

@@ -17,10 +17,10 @@ import pytest
 
 import npystream
 from npystream.cli import main
-from npystream.convert import SUPPORTED, convert
+from npystream.conversion import SUPPORTED, convert
 from npystream.errors import FormatError, TruncatedError, UnsupportedError
 from npystream.formats.ragged import save_ragged
-from npystream.verify import equal
+from npystream.verification import equal
 
 
 def _gz(src, dst):
@@ -267,3 +267,13 @@ def test_signal_leaves_no_dst(tmp_path, big_store, sig):
     # a later run succeeds
     assert main(["convert", str(big_store), str(dst), "-q"]) == 0
     assert len(np.load(dst, allow_pickle=True)) == len(npystream.open(big_store))
+
+
+def test_public_names_stay_functions_whatever_is_imported_first():
+    code = ("import npystream, npystream.conversion, npystream.verification, npystream.cli.convert; "
+            "import npystream.cli.verify; "
+            "assert callable(npystream.convert) and callable(npystream.verify), "
+            "(npystream.convert, npystream.verify); "
+            "assert callable(npystream.save_objects)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

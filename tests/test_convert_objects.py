@@ -20,11 +20,11 @@ pytest.importorskip("npystream.objects", reason="iter_objects (issue 3) not in t
 
 import npystream  # noqa: E402
 from npystream.cli import main  # noqa: E402
-from npystream.convert import convert  # noqa: E402
+from npystream.conversion import convert  # noqa: E402
 from npystream.demo import measure  # noqa: E402
 from npystream.errors import CastError, UnsafePickleError  # noqa: E402
 from npystream.formats.objwriter import object_npy_header, save_objects  # noqa: E402
-from npystream.verify import equal, verify  # noqa: E402
+from npystream.verification import equal, verify  # noqa: E402
 
 
 def _f32(n=200, seed=0, lo=0, hi=300):
@@ -254,7 +254,7 @@ def test_resume_refuses_a_different_source(tmp_path):
 
     partial = temp_name(str(tmp_path / "o.ragged"), "partial")
     save_ragged(partial, _f32(10)[:4])
-    info = npystream.convert.describe_source(str(tmp_path / "a.npy")).identity
+    info = npystream.conversion.describe_source(str(tmp_path / "a.npy")).identity
     with open(partial + ".json", "w") as f:
         json.dump(dict(info, kind=None, cast=None), f)
     with pytest.raises(npystream.FormatError, match="different source"):
@@ -265,7 +265,7 @@ def test_resume_refuses_a_different_source(tmp_path):
 
 _CONVERT_CHILD = """
 import json, sys
-from npystream.convert import convert
+from npystream.conversion import convert
 r = convert(sys.argv[1], sys.argv[2], progress=False)
 print(json.dumps({"n": r.elements}))
 """

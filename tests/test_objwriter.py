@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from npystream.formats.objwriter import object_npy_header, save_objects
-from npystream.verify import equal
+from npystream.verification import equal
 
 
 def _obj_array(items):

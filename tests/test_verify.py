@@ -12,7 +12,7 @@ from npystream.cli import main
 from npystream.errors import UnsupportedError
 from npystream.formats.objwriter import save_objects
 from npystream.formats.ragged import save_ragged
-from npystream.verify import describe, equal, verify
+from npystream.verification import describe, equal, verify
 
 
 def _arrays(n=50, seed=0):
@@ -112,3 +112,14 @@ def test_describe():
     assert describe(np.zeros((2, 3), ">f4")) == "ndarray shape=(2, 3) dtype=>f4"
     assert describe("x" * 100).startswith("str len=100 'xxx")
     assert len(describe("x" * 100)) < 80
+
+
+def test_module_doctests():
+    import doctest
+
+    import npystream.formats.objwriter as objwriter
+    import npystream.verification as verification
+
+    for mod in (objwriter, verification):
+        res = doctest.testmod(mod)
+        assert res.attempted > 0 and res.failed == 0, (mod.__name__, res)

@@ -1,6 +1,6 @@
 """``npystream convert SRC DST [options]``: one-shot conversion with bounded memory and atomic output.
 
-See :mod:`npystream.convert` for the directions.  Progress goes to stderr
+See :mod:`npystream.conversion` for the directions.  Progress goes to stderr
 (a tqdm bar when stderr is a terminal, ``--progress`` to force, ``--quiet``
 to silence), then one summary line on stderr; stdout stays clean.  SIGTERM
 is handled like Ctrl-C: the temporary output is removed, exit code 130.
@@ -25,7 +25,7 @@ def add_safety_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the ``convert`` subcommand."""
-    from npystream.convert import SUPPORTED
+    from npystream.conversion import SUPPORTED
 
     p = subparsers.add_parser(
         "convert",
@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one conversion; print the summary line on stderr."""
     from npystream._atomic import signals_as_exceptions
-    from npystream.convert import convert
+    from npystream.conversion import convert
 
     progress = False if args.quiet else (True if args.progress else None)
     with signals_as_exceptions():

@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print ``equal: N elements`` or the first difference."""
-    from npystream.verify import verify
+    from npystream.verification import verify
 
     res = verify(args.a, args.b, trusted=args.trusted, allowed_globals=tuple(args.allow_global))
     if res.equal:

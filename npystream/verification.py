@@ -1,5 +1,8 @@
 """Compare two sources element by element, streaming, and report the first difference.
 
+The public function is ``npystream.verify`` (module named ``verification`` so that importing
+it never rebinds ``npystream.verify`` to a module).
+
 Sources are anything npystream reads as a sequence of elements: an object
 ``.npy`` (path, ``.npy.gz``, ``ARCHIVE.npz:MEMBER``), a ragged store
 directory, or a fixed-dtype ``.npy`` (its rows along axis 0; a 0-d array
@@ -106,7 +109,7 @@ def _fixed_rows(spec: Any) -> Iterator[Any]:
 
 def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
     """Elements of a source, one at a time (see the module docstring for what counts as one)."""
-    from npystream.convert import describe_source, open_elements
+    from npystream.conversion import describe_source, open_elements
 
     info = describe_source(spec)
     if info.kind in ("object", "ragged"):

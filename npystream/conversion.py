@@ -1,5 +1,8 @@
 """One-shot conversion between npystream's formats, with bounded memory and atomic output.
 
+The public function is ``npystream.convert`` (this module is named ``conversion`` so that
+importing it never rebinds ``npystream.convert`` to a module).
+
 Directions (the direction follows from what SRC is and DST's suffix;
 ``to=`` overrides)::
 
@@ -494,7 +497,7 @@ def convert(
     if info.counter is not None:
         res.bytes_in = info.counter.count
     if verify:
-        from npystream.verify import verify as run_verify
+        from npystream.verification import verify as run_verify
 
         outcome = run_verify(src_s, dst_s, trusted=trusted, allowed_globals=allowed_globals)
         if not outcome.equal:
