@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("npystream._speedups is not built", file=sys.stderr)
         return 1
-    _speedups.setup(pw.ScanError, pw.ScanState, pw.RewriteState, pw._text_int)
+    _speedups.setup(pw.ScanError, pw.ScanState, pw.RewriteState, getattr(pw, "_text_int", None))
 
     print("| workload | file MB | loop | C s | Python s | Python / C |")
     print("|---|---:|---|---:|---:|---:|")

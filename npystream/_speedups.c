@@ -625,7 +625,7 @@ scan_ops(PyObject *self, PyObject *args)
     ivec marks = {0}, starts = {0}, memo_at = {0}, dep = {0};
     int64_t cache_idx[READS_CACHE], cache_off[READS_CACHE];
     for (int i = 0; i < READS_CACHE; i++)
-        cache_idx[i] = -1;
+        cache_idx[i] = INT64_MIN; /* empty */
 
     /* py: the locals loaded from st (the lists are mirrored by ivecs) */
     int64_t phase = 0, depth = 0, n = 0, memo = 0, memo_base = 0, done = 0, count = 0, frame_end = 0,
@@ -864,7 +864,7 @@ scan_ops(PyObject *self, PyObject *args)
                 /* py: reads[idx] = base + pos (through a small cache: numpy reads a few entries often) */
                 int c = (int)(idx & (READS_CACHE - 1));
                 if (cache_idx[c] != idx) {
-                    if (cache_idx[c] >= 0)
+                    if (cache_idx[c] != INT64_MIN)
                         TRY(dict_set_i64(reads, cache_idx[c], cache_off[c]));
                     cache_idx[c] = idx;
                 }
@@ -1175,7 +1175,7 @@ finish:
             error_save(&err);
         int bad = 0;
         for (int i = 0; i < READS_CACHE; i++)
-            if (cache_idx[i] >= 0 && dict_set_i64(reads, cache_idx[i], cache_off[i]) < 0)
+            if (cache_idx[i] != INT64_MIN && dict_set_i64(reads, cache_idx[i], cache_off[i]) < 0)
                 bad = 1;
         if (ivec_store(&marks) || ivec_store(&starts) || ivec_store(&memo_at) || ivec_store(&dep))
             bad = 1;

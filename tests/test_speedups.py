@@ -35,7 +35,7 @@ from npystream.sources import MemorySource
 
 _speedups = pytest.importorskip("npystream._speedups", reason="C accelerator not built (pure-Python only)")
 # Under NPYSTREAM_PURE_PYTHON=1 pickle_walk does not call setup(); these tests do.
-_speedups.setup(pw.ScanError, pw.ScanState, pw.RewriteState, pw._text_int)
+_speedups.setup(pw.ScanError, pw.ScanState, pw.RewriteState, getattr(pw, "_text_int", None))
 
 SAFE = SafetyPolicy.make()
 GLOBAL_CHECK = make_global_check(SAFE)
@@ -492,6 +492,7 @@ def test_bad_arguments_raise_not_crash() -> None:
         (b"a", {"phase": 1, "depth": 1, "n": 6, "dep": []}),  # batch-of-one APPEND with nothing in dep
         (b"e", {"phase": 1, "depth": 2, "n": 0, "in_batch": True, "marks": [5, 0, 0], "dep": []}),
         (b"0", {"phase": 1, "depth": 2, "n": 3, "in_batch": True, "dep": [0, 0, 0]}),  # POP with no starts
+        (b"Ng-1\n", {"memo_base": -1}),  # a negative memo base: GET -1 is accepted and recorded
     ],
 )
 def test_inconsistent_state_same_outcome(body: bytes, attrs: dict[str, Any]) -> None:
