@@ -499,11 +499,45 @@ def convert(
     if verify:
         from npystream.verification import verify as run_verify
 
-        outcome = run_verify(src_s, dst_s, trusted=trusted, allowed_globals=allowed_globals)
-        if not outcome.equal:
-            raise FormatError(f"verification failed: {outcome.message}", path=dst_s)
-        res.notes.append(f"verified: {outcome.count} elements equal")
+        pairs = [(src_s, dst_s)]
+        if target == "npz-dir":  # member by member
+            with zipfile.ZipFile(info.path) as zf:
+                names = [zi.filename for zi in zf.infolist() if not zi.is_dir()]
+            pairs = [(f"{info.path}:{n}", os.path.join(dst_s, _safe_member_file(n, info.path)))
+                     for n in names]
+        total = 0
+        if res.direction.endswith("-> .npy") and info.kind == "fixed":
+            # a decompressed copy: compare the bytes (rows of a Fortran-ordered
+            # array cannot be streamed from a compressed source)
+            _compare_bytes(info, dst_s)
+            pairs = []
+            total = res.elements
+        for a, b in pairs:
+            outcome = run_verify(a, b, trusted=trusted, allowed_globals=allowed_globals)
+            if not outcome.equal:
+                raise FormatError(f"verification failed: {outcome.message}", path=b)
+            total += outcome.count
+        res.notes.append(f"verified: {total} elements equal")
     return res
+
+
+def _compare_bytes(info: SourceInfo, dst: str) -> None:
+    stream = info.open_stream()
+    try:
+        with open(dst, "rb") as f:
+            offset = 0
+            while True:
+                a = stream.read(_COPY_CHUNK)
+                b = f.read(_COPY_CHUNK)
+                if a != b:
+                    k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+                    raise FormatError(f"verification failed: bytes differ from the source's "
+                                      f"decompressed bytes at byte {offset + k}", path=dst, offset=offset + k)
+                if not a:
+                    return
+                offset += len(a)
+    finally:
+        stream.close()
 
 
 def _partial_paths(dst: str) -> tuple[str, str]:

@@ -95,15 +95,13 @@ def equal(a: Any, b: Any) -> bool:
         return False
 
 
-def _fixed_rows(spec: Any) -> Iterator[Any]:
+def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
     from npystream.formats.fixed import iter_batches
-    from npystream.formats.npy import read_header
 
-    header = read_header(spec) if not hasattr(spec, "read") else None
-    if header is not None and header.shape == ():
-        yield from iter_batches(spec)  # a 0-d array yields itself once
+    if header.shape == ():
+        yield from iter_batches(source)  # a 0-d array yields itself once
         return
-    for block in iter_batches(spec):
+    for block in iter_batches(source):
         yield from block
 
 
@@ -116,8 +114,8 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
         return open_elements(info, trusted=trusted, allowed_globals=allowed_globals, views=True)
     if info.kind == "fixed":
         if info.member is not None:
-            return _fixed_rows(info.open_stream())
-        return _fixed_rows(info.spec if info.stream is None else info.stream)
+            return _fixed_rows(info.open_stream(), info.header)
+        return _fixed_rows(info.spec if info.stream is None else info.stream, info.header)
     raise UnsupportedError(
         "a whole .npz has no single element sequence; name a member as ARCHIVE.npz:MEMBER",
         path=info.label,

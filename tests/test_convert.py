@@ -44,7 +44,8 @@ def _leftovers(d):
 def test_gzip_to_npy_is_the_original_file(tmp_path, arr):
     np.save(tmp_path / "a.npy", arr)
     _gz(tmp_path / "a.npy", tmp_path / "a.npy.gz")
-    res = convert(tmp_path / "a.npy.gz", tmp_path / "b.npy")
+    res = convert(tmp_path / "a.npy.gz", tmp_path / "b.npy", verify=True)
+    assert res.notes and res.notes[-1].startswith("verified:")
     assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "a.npy").read_bytes()
     m = npystream.open(tmp_path / "b.npy")
     assert isinstance(m, np.memmap) and m.dtype == arr.dtype and np.array_equal(m, arr)
@@ -98,6 +99,8 @@ def test_npz_to_directory(tmp_path, compressed):
         assert isinstance(m, np.memmap) or m.shape == ()
         assert m.dtype == v.dtype and np.array_equal(m, v)
     assert res.elements == 3 and res.notes == []
+    res = convert(tmp_path / "a.npz", tmp_path / "out2", verify=True)
+    assert res.notes == ["verified: 3 elements equal"] or res.notes[-1].startswith("verified:")
 
 
 def test_npz_object_member_copied_with_note(tmp_path):
