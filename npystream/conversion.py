@@ -35,6 +35,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import sys
 import time
 import zipfile
@@ -161,6 +162,7 @@ class SourceInfo:
     member: str | None = None
     compressed: bool = False
     stream: Any = None  # stdin only: a replaying stream (can be consumed once)
+    from_stdin: bool = False  # "-" redirected from a regular file (read as that file)
     counter: Any = None
     identity: dict[str, Any] = field(default_factory=dict)
 
@@ -214,10 +216,36 @@ def _zip_member_name(zf: zipfile.ZipFile, name: str, archive: str) -> str:
     )
 
 
+def _stdin_regular_file() -> str | None:
+    """The path of the regular file stdin is redirected from, if it is still at byte 0."""
+    try:
+        fd = sys.stdin.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or os.lseek(fd, 0, os.SEEK_CUR) != 0:
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    link = f"/proc/self/fd/{fd}"
+    real = os.path.realpath(link)
+    for cand in (real, link):
+        try:
+            if os.path.samestat(os.stat(cand), st):
+                return cand
+        except OSError:
+            continue
+    return None
+
+
 def describe_source(spec: str) -> SourceInfo:
     """Open ``spec`` just enough to know what it is (reads at most a header)."""
     spec = os.fspath(spec)
     if spec == "-":
+        real = _stdin_regular_file()
+        if real is not None:  # `< file`: read the file itself (seekable: index, zero-copy)
+            info = describe_source(real)
+            info.label = f"<stdin: {real}>"
+            info.from_stdin = True
+            return info
         raw = sys.stdin.buffer
         head = _read_upto(raw, 2)
         replay = _Replay(head, raw)
@@ -488,7 +516,7 @@ def convert(
     elif info.kind == "npz" and target == "npz-dir":
         res = _npz_to_dir(info, dst_s, overwrite=overwrite, show=show, durable=durable)
     elif info.kind in ("fixed", "object") and target == "npy" and (
-        info.compressed or info.stream is not None or info.member is not None
+        info.compressed or info.stream is not None or info.member is not None or info.from_stdin
     ):
         res = _stream_to_npy(info, dst_s, overwrite=overwrite, show=show, durable=durable)
     else:

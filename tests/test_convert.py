@@ -53,13 +53,28 @@ def test_gzip_to_npy_is_the_original_file(tmp_path, arr):
     assert res.bytes_in == os.path.getsize(tmp_path / "a.npy.gz")
 
 
-def test_stdin_fixed_and_gzip_to_npy(tmp_path):
+def _pipe_into(args, path):
+    """Run `npystream ARGS` with `path` fed through a real pipe (cat | npystream ...)."""
+    cat = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)
+    out = subprocess.run([sys.executable, "-m", "npystream", *args], stdin=cat.stdout,
+                         capture_output=True, text=True)
+    cat.stdout.close()
+    cat.wait()
+    return out
+
+
+@pytest.mark.parametrize("how", ["pipe", "redirect"])
+def test_stdin_fixed_and_gzip_to_npy(tmp_path, how):
     np.save(tmp_path / "a.npy", np.arange(1000, dtype="<i8"))
     _gz(tmp_path / "a.npy", tmp_path / "a.npy.gz")
     for i, name in enumerate(("a.npy", "a.npy.gz")):
-        with open(tmp_path / name, "rb") as f:
-            out = subprocess.run([sys.executable, "-m", "npystream", "convert", "-", str(tmp_path / f"o{i}.npy")],
-                                 stdin=f, capture_output=True, text=True)
+        args = ["convert", "-", str(tmp_path / f"o{i}.npy")]
+        if how == "pipe":
+            out = _pipe_into(args, tmp_path / name)
+        else:
+            with open(tmp_path / name, "rb") as f:
+                out = subprocess.run([sys.executable, "-m", "npystream", *args], stdin=f,
+                                     capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout == ""  # nothing on stdout
         assert "1000 elements" in out.stderr

@@ -81,12 +81,21 @@ def test_npz_member_gzip_and_stdin_sources(tmp_path):
         convert(src, tmp_path / f"o{i}.ragged")
         assert verify(tmp_path / "a.npy", tmp_path / f"o{i}.ragged").equal
     for i, name in enumerate(("a.npy", "a.npy.gz")):
-        with open(tmp_path / name, "rb") as f:
-            out = subprocess.run([sys.executable, "-m", "npystream", "convert", "-",
-                                  str(tmp_path / f"stdin{i}.ragged")], stdin=f, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout == ""
-        assert verify(tmp_path / "a.npy", tmp_path / f"stdin{i}.ragged").equal
+        for how in ("pipe", "redirect"):
+            dst = tmp_path / f"stdin{i}{how}.ragged"
+            if how == "pipe":
+                cat = subprocess.Popen(["cat", str(tmp_path / name)], stdout=subprocess.PIPE)
+                out = subprocess.run([sys.executable, "-m", "npystream", "convert", "-", str(dst)],
+                                     stdin=cat.stdout, capture_output=True, text=True)
+                cat.stdout.close()
+                cat.wait()
+            else:
+                with open(tmp_path / name, "rb") as f:
+                    out = subprocess.run([sys.executable, "-m", "npystream", "convert", "-", str(dst)],
+                                         stdin=f, capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout == ""
+            assert verify(tmp_path / "a.npy", dst).equal
 
 
 def test_mismatched_element_names_index_and_fix(tmp_path, capsys):
