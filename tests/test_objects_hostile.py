@@ -529,3 +529,41 @@ def test_trusted_mode_never_crashes_on_misuse(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}; last lines: {proc.stdout[-300:]} {proc.stderr[-500:]}"
     assert "Error" not in proc.stderr, proc.stderr[-500:]
     assert len(proc.stdout.splitlines()) == len(MISUSE)
+
+
+def test_random_byte_mutations_raise_only_our_errors():
+    """300 seeded 1-3 byte mutations of corpus files: every failure is an NpyStreamError (never IndexError, struct.error...).
+
+    (UnicodeError / ImportError are what np.load raises for Python-2 encodings and module names.)
+    """
+    import random
+    import warnings
+
+    from objcases import case, case_bytes
+
+    seeds = ["python_objects", "ndarrays_every_dtype", "memo_backrefs", "structured_object_fields",
+             "protocol2_mixed", "nested_object_arrays", "numpy1_protocol3", "many_2500"]
+    originals = {n: case_bytes(case(n)) for n in seeds}
+    rng = random.Random(20261122)
+    surprises = {}
+    for _ in range(300):
+        name = rng.choice(seeds)
+        data = bytearray(originals[name])
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(128, len(data))] = rng.randrange(256)
+        payload = bytes(data)
+        for mode in ("iter", "index"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if mode == "iter":
+                        for _ in npystream.iter_objects(payload):
+                            pass
+                    else:
+                        with npystream.open(io.BytesIO(payload)) as arr:
+                            arr.get(range(arr.size))
+            except (npystream.NpyStreamError, UnicodeError, ImportError):
+                pass
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                surprises.setdefault((mode, type(exc).__name__, str(exc)[:80]), name)
+    assert not surprises, surprises
