@@ -940,8 +940,9 @@ scan_ops(PyObject *self, PyObject *args)
             /* py: pops = _POPS[kind]; pushes = 1 if kind <= K_P3 else 0 */
             const int pops = (kind == K_P1 || kind == K_POP1) ? 1 : (kind == K_P3 ? 3 : 2);
             const int pushes = kind <= K_P3;
-            if (n < pops)
-                FAIL("format", 0, 0, "%s needs %d stack items, %lld available", name, pops, (long long)n);
+            const int need = pops + 1 - pushes; /* APPEND/BUILD/SETITEM also need their container */
+            if (n < need)
+                FAIL("format", 0, 0, "%s needs %d stack items, %lld available", name, need, (long long)n);
             if (depth == td) {
                 if (op == OP_APPEND && !in_batch && n == 6) {
                     /* a batch of one element: "e APPEND" */

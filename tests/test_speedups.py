@@ -376,7 +376,23 @@ DAMAGE = {
     "many_elements": b"N" * 20,
     "build_nothing": b"b",
     "deep_memo": b"]" * 40 + b"\x94" + b"a" * 39 + b"h\x00",
+    "append_empties_level": b"(Ka",
+    "build_empties_level": b"(Nb",
+    "setitem_empties_level": b"(KKs",
 }
+
+
+def test_build_that_empties_the_stack_is_a_format_error() -> None:
+    """A 1-byte mutation (the prefix's MARK turned into BUILD) used to raise IndexError from iter_objects."""
+    import npystream
+    from npystream.errors import FormatError
+
+    data = _file("numpy1_protocol2_fortran")
+    assert data[241:242] == b"("
+    bad = data[:241] + b"b" + data[242:]
+    with pytest.raises(FormatError, match="BUILD needs 2 stack items"):
+        list(npystream.iter_objects(bad))
+    assert lockstep_scan(bad)[:2] == ("scan", "format")
 
 
 @pytest.mark.parametrize("name", sorted(DAMAGE))

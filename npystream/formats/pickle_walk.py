@@ -546,8 +546,9 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
             elif kind <= K_POP2:  # K_P1, K_P2, K_P3, K_POP1, K_POP2
                 pops = _POPS[kind]
                 pushes = 1 if kind <= K_P3 else 0
-                if n < pops:
-                    raise fail("format", f"{OP_NAME[op]} needs {pops} stack items, {n} available", pos)
+                need = pops + 1 - pushes  # APPEND/BUILD/SETITEM also need their container (on this MARK level)
+                if n < need:
+                    raise fail("format", f"{OP_NAME[op]} needs {need} stack items, {n} available", pos)
                 if depth == td:
                     if op == OP_APPEND and not in_batch and n == 6:
                         # a batch of one element: "e APPEND"
