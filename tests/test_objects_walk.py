@@ -342,7 +342,7 @@ def test_truncation_stream_and_file_yield_elements_before_damage(tmp_path, corpu
     step = max(1, len(data) // 60)
     for cut in range(130, len(data), step):
         piece = data[:cut]
-        for source in (lambda: _Pipe(piece), lambda: piece):
+        for source in (lambda p=piece: _Pipe(p), lambda p=piece: p):
             got = []
             with pytest.raises(npystream.TruncatedError) as info:
                 for x in npystream.iter_objects(source()):
