@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import mmap
+import os
 import pickle
 import random
 from functools import cache
@@ -41,6 +42,8 @@ SAFE = SafetyPolicy.make()
 GLOBAL_CHECK = make_global_check(SAFE)
 SCAN_FIELDS = [f for f in pw.ScanState.__slots__ if f != "global_check"]
 RW_FIELDS = list(pw.RewriteState.__slots__)
+# hypothesis examples per mutation test; raise it for a long one-off run (docs/speedups.md)
+FUZZ_EXAMPLES = int(os.environ.get("NPYSTREAM_FUZZ_EXAMPLES", "80"))
 SMALL = ["protocol2_memo", "protocol3_memo", "protocol4_structured", "numpy1_protocol2_fortran", "protocol5_memo",
          "python_objects", "numpy1_protocol3", "text_protocol0", "text_protocol1"]
 
@@ -440,7 +443,7 @@ _EDITS = hst.lists(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(which=hst.sampled_from(SMALL), edits=_EDITS, chunk=hst.sampled_from([None, None, 3, 64]))
 def test_mutated_files_scan(which: str, edits: list[tuple[int, int, int]], chunk: int | None) -> None:
     data = _file(which)
@@ -449,7 +452,7 @@ def test_mutated_files_scan(which: str, edits: list[tuple[int, int, int]], chunk
     lockstep_scan(bad, chunk=chunk, count=_header(data).count)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     which=hst.sampled_from(SMALL),
     edits=_EDITS,
