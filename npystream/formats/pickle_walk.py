@@ -432,6 +432,35 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     continue
                 break
             op = buf[pos]
+            if (op == 0x8C or op == 0x43) and in_batch and depth == 2:
+                # fast path (pure Python only matters here): a run of elements that are each one
+                # short literal + MEMOIZE (a list of strings); same effects as the generic code
+                q = pos
+                room = min(st.count + 8 - done - (len(starts) >> 3), MAX_STACK - 1 - n)
+                offs = []
+                while q + 1 < lim and room > 0:
+                    nq = q + 2 + buf[q + 1]
+                    if nq >= lim or buf[nq] != OP_MEMOIZE:
+                        break
+                    offs.append(base + q)
+                    room -= 1
+                    q = nq + 1
+                    if q >= lim:
+                        break
+                    op = buf[q]
+                    if op != 0x8C and op != 0x43:
+                        break
+                if offs:
+                    k = len(offs)
+                    starts += struct.pack(f"<{k}q", *offs)
+                    memo_at += struct.pack(f"<{k}q", *range(memo, memo + k))
+                    n += k
+                    dep.extend([0] * k)
+                    memo += k
+                    st.memo_seen = True
+                    pos = q
+                    continue
+                op = buf[pos]
             a = arg_t[op]
             kind = kind_t[op]
             # ---- where the opcode ends ---------------------------------------
@@ -868,12 +897,34 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
     freed = rw.freed
     zero_copy = rw.zero_copy
     free_on_read = rw.free_on_read and live is not None
+    live_max = None  # computed on first use by the fast path
     arg_t = OP_ARG_T
     kind_t = OP_KIND_T
     run = pos
     status = RW_OK
     while pos < end:
         op = buf[pos]
+        if (op == 0x8C or op == 0x43) and not zero_copy:
+            # fast path: runs of "short literal + MEMOIZE" whose memo entry nobody reads
+            q = pos
+            if live_max is None:
+                live_max = (max(live) if live else -1) if live is not None and len(live) < 4096 else _INF
+            while q + 1 < end:
+                nq = q + 2 + buf[q + 1]
+                if nq >= end or buf[nq] != OP_MEMOIZE or live is None or (memo <= live_max and memo in live):
+                    break
+                out += buf[run:nq]
+                memo += 1
+                run = q = nq + 1
+                if q >= end:
+                    break
+                op = buf[q]
+                if op != 0x8C and op != 0x43:
+                    break
+            if q != pos:
+                pos = q
+                continue
+            op = buf[pos]
         a = arg_t[op]
         if a == 0:
             npos = pos + 1
