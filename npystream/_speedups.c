@@ -24,9 +24,12 @@
  *
  * Deliberate differences (arguments/states the Python callers never pass):
  *   - pos < 0, end > len(buf) or base outside [0, 2**62): ValueError up front;
- *   - list items of the state must be ints that fit in 64 bits (TypeError/OverflowError);
+ *   - list items of the state must be ints that fit in 64 bits (TypeError/OverflowError),
+ *     ScanState.starts/memo_at bytearrays a multiple of 8 bytes long (TypeError);
  *   - rewrite_ops: a text PUT whose index does not fit in 64 bits raises
  *     OverflowError; a slot number outside [0, 2**32) raises OverflowError;
+ *     values of rw.live are compared with the GET's offset as ints (a float
+ *     equal to it does not count as the last read);
  *   - the scanner's global_check callback must not modify the ScanState
  *     (the C code keeps the state in C variables during a call).
  *
