@@ -360,3 +360,15 @@ def test_doctest_of_iter_objects():
     import npystream.objects as mod
 
     assert doctest.testmod(mod).failed == 0
+
+
+@pytest.mark.skipif(not pw.speedups_active(), reason="C accelerator not built or disabled")
+def test_c_array_building_is_linked():
+    """_speedups_build.c (Reconstructor, build_arrays) is part of the extension, and used."""
+    from npystream.formats import pickle_safety as ps
+
+    assert ps.build_arrays_c is not None and ps._FastReconstruct is not None
+    arr = obj_array([np.arange(n, dtype=np.int32) for n in range(50)])
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    assert_same_elements(npystream.iter_objects(buf.getvalue()), list(arr.flat))
