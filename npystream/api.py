@@ -71,6 +71,12 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
         if header.pickled:
             from npystream.object_array import ObjectArray
 
+            if mode != "r":
+                raise ValueError(
+                    f"object arrays open read-only (mode='r'), got mode={mode!r}: their elements "
+                    "are unpickled, not mapped; write a new file with npystream.save_objects"
+                )
+
             return ObjectArray(src, header=header, **options)
         from npystream.formats.fixed import open_npy
 

@@ -156,3 +156,26 @@ def _npy(arr):
     buf = io.BytesIO()
     np.save(buf, arr)
     return buf.getvalue()
+
+
+def test_info_on_a_ragged_store(tmp_path, capsys):
+    import npystream
+
+    store = tmp_path / "t.ragged"
+    npystream.save_ragged(store, [np.arange(n, dtype="<i4") for n in (3, 0, 5)])
+    assert main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "ragged store" in out and "3 (0-5 items per element)" in out and "<i4" in out
+    assert main(["info", "--json", str(store)]) == 0
+    (d,) = json.loads(capsys.readouterr().out)
+    assert d["kind"] == "ragged" and d["count"] == 3 and d["nitems"] == 8
+
+
+def test_open_object_npy_refuses_write_modes(tmp_path):
+    import npystream
+
+    a = np.empty(2, object)
+    a[0], a[1] = 1, "x"
+    np.save(tmp_path / "o.npy", a)
+    with pytest.raises(ValueError, match="read-only"):
+        npystream.open(tmp_path / "o.npy", mode="r+")

@@ -67,7 +67,12 @@ def _sniff(path: str) -> bytes:
 
 
 def describe(path: str) -> dict[str, Any]:
-    """A JSON-able description of one file; raises NpyStreamError/OSError on a bad one."""
+    """A JSON-able description of one file or ragged store; raises NpyStreamError/OSError on a bad one."""
+    if path != "-" and os.path.isdir(path):
+        from npystream.formats.ragged import describe_store
+
+        store = describe_store(path)
+        return {**store, "path": path, "kind": "ragged", "kind_of_elements": store["kind"]}
     magic = _sniff(path)
     if magic in _ZIP_MAGICS:
         with NpzArchive(path) as archive:
@@ -106,6 +111,20 @@ def describe(path: str) -> dict[str, Any]:
 
 
 def _text(d: dict[str, Any]) -> str:
+    if d["kind"] == "ragged":
+        lengths = (
+            f"{d['min_length']}-{d['max_length']} items per element" if d["count"] else "empty"
+        )
+        rows = [
+            ("format", f"ragged store, {d['format']} v{d['version']}"),
+            ("elements", f"{d['count']} ({lengths})"),
+            ("kind", d["kind_of_elements"]),
+            ("dtype", d["dtype_text"]),
+            ("ndim", str(d["ndim"])),
+            ("data", f"{d['nbytes']} bytes in {d['nitems']} items"),
+            ("parts", ", ".join(f"{k} ({v} bytes)" for k, v in d["parts"].items())),
+        ]
+        return "\n".join([d["path"], *(f"  {k:<12}{v}" for k, v in rows)])
     if d["kind"] == "npz":
         count = len(d["members"])
         lines = [f"{d['path']}: .npz archive, {count} member{'' if count == 1 else 's'}"]
