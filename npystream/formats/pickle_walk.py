@@ -44,7 +44,11 @@ Design (and why)
    stripping FRAMEs (the C unpickler silently misreads bytes that straddle a
    frame end once lengths change) and, for zero-copy, replacing an array's
    raw-data BINBYTES by a persistent id ``(offset, length)`` that resolves to
-   a read-only view of the mapped file.
+   a read-only view of the mapped file.  The copying mode on a mapped file
+   does the same for chunks whose elements average >= 64 KiB
+   (``LARGE_ELEMENT_BYTES``), resolving the id to a fresh writeable copy
+   (:class:`_CopyingView`): one copy per payload instead of two (into the
+   program, then into the ``bytes`` numpy's ``__setstate__`` keeps).
 3. **Build**: ONE persistent C ``pickle.Unpickler`` (subclassed for the
    safety policy, see :mod:`npystream.formats.pickle_safety`) loads each
    program ``PROTO MARK <elements> TUPLE STOP`` of ~1 MiB of elements
@@ -149,6 +153,7 @@ MAX_NESTING = 1000  # object nesting depth (containers in containers); Python re
 MEMO_DEPTH_NOTE = 32  # memo entries deeper than this remember their depth (for GET-built nesting)
 MAX_LINE = 1 << 16  # text opcodes (protocol 0-2 GLOBAL/INT/PUT...) are short lines
 CHUNK_BYTES = 1 << 20  # bytes of pickle per unpickler load (bounds the decoded chunk)
+LARGE_ELEMENT_BYTES = 64 << 10  # copying mode: chunks averaging this much per element copy payloads once (see _CopyingView)
 STREAM_READ = 1 << 20  # read size for non-mappable sources
 RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
 RETAIN_BYTES = 16 << 20  # streaming: ... and at most this many bytes of them
@@ -1502,11 +1507,14 @@ class _Engine:
         zero_copy: bool,
         free_on_read: bool,
         proto: int,
+        copy_view: Any = None,
     ) -> None:
         self.path = path
         self.header = header
         self.feed = _Feed()
-        self.unpickler = SafeUnpickler(self.feed, policy, zero_copy_view=view if zero_copy else None)
+        # copy_view (copying mode on a mapped file): persistent ids resolve to fresh writeable
+        # copies instead of views; the rewriter emits them only while rw.zero_copy is switched on
+        self.unpickler = SafeUnpickler(self.feed, policy, zero_copy_view=view if zero_copy else copy_view)
         self.ctx = self.unpickler.ctx
         self.rw = RewriteState(live, zero_copy=zero_copy and view is not None, free_on_read=free_on_read)
         self.proto_op = bytes([0x80, proto]) if proto >= 2 else b""
@@ -1779,6 +1787,29 @@ def _chunks(index: PickleIndex, start: int, stop: int) -> Iterator[tuple[int, in
         i = j
 
 
+class _CopyingView:
+    """The mapped file as the copying mode's persistent-id resolver: a slice is a fresh writeable copy.
+
+    Copying mode on a mapped file, for chunks of large elements: the rewriter
+    replaces an array's raw-data BINBYTES by ``(offset, length)`` exactly as
+    for zero-copy, and the unpickler's ``persistent_load`` slices this object,
+    which copies the payload once from the mapping into a new uint8 array and
+    returns its (writeable) memoryview.  ``_build_array`` then makes the
+    element with ``np.frombuffer`` on it: writeable, backed by memory it alone
+    references (never the mapping), with numpy's dtype/shape/order; byte-swapped
+    dtypes still go through ``__setstate__`` like ``np.load``.  One copy
+    per payload instead of two (program bytes, then the ``bytes`` numpy keeps).
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+
+    def __getitem__(self, key: slice) -> memoryview:
+        return np.array(self.view[key]).data
+
+
 def _fetcher(src: ByteSource, view: Any) -> Any:
     if view is not None:
         return lambda s, e: (view, 0)
@@ -1805,6 +1836,7 @@ class _IndexedReader:
         *,
         zero_copy: bool,
         sequential: bool,
+        copy_large: bool = False,
     ) -> None:
         if index.count != header.count and index.count > header.count:
             raise FormatError("index does not match the header", path=src.name)
@@ -1815,6 +1847,9 @@ class _IndexedReader:
         self.sequential = sequential
         self.fetch = _fetcher(src, view)
         live = dict(zip(index.live_memo.tolist(), index.live_last.tolist()))
+        # copying mode, mapped file, safe mode (whose array placeholders the copies go through):
+        # chunks of large elements reference payloads by offset and copy them once (_CopyingView)
+        self.copy_large = copy_large and not zero_copy and view is not None and not policy.trusted
         self.engine = _Engine(
             src.name,
             header,
@@ -1824,6 +1859,7 @@ class _IndexedReader:
             zero_copy=zero_copy,
             free_on_read=sequential,
             proto=index.proto,
+            copy_view=_CopyingView(view) if self.copy_large else None,
         )
         self.engine.resolver = self._resolve
         self.pinned: dict[int, int] = {}  # random access: memo index -> slot (LRU order)
@@ -1934,6 +1970,8 @@ class _IndexedReader:
             ends = idx.ends[a:b]
         buf, base = self.fetch(int(starts[0]), int(ends[-1]))
         eng = self.engine
+        if self.copy_large:  # per chunk: large elements copy their payloads once (see _CopyingView)
+            eng.rw.zero_copy = int(ends[-1]) - int(starts[0]) >= LARGE_ELEMENT_BYTES * len(starts)
         try:
             return eng.decode_run(buf, base, starts, ends, idx.memo_at[a:b], a)
         finally:
@@ -2032,7 +2070,7 @@ def _iter_indexed(
             raise error
     stop = min(stop, index.count)
     certain = stop if tentative < 0 else min(stop, tentative)
-    reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=True)
+    reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=True, copy_large=True)
     for a, b, ends in _chunks(index, start, certain):
         try:
             items = reader.run(a, b, ends)
