@@ -500,11 +500,6 @@ def test_allowed_globals_do_not_leak_to_other_names(tmp_path):
     assert_same_elements(got, [1, "a", collections.OrderedDict()])
 
 
-@pytest.mark.xfail(
-    reason="stream: trusted=True hands short object state lists to numpy, which segfaults "
-    "(reported in docs/dev/pickle-contract.md, Requests from random, finding 5)",
-    strict=True,
-)
 def test_trusted_mode_never_crashes_on_misuse(tmp_path):
     """trusted=True may accept what np.load accepts, but must not crash the interpreter (run in a subprocess)."""
     paths = {}
@@ -529,6 +524,45 @@ def test_trusted_mode_never_crashes_on_misuse(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}; last lines: {proc.stdout[-300:]} {proc.stderr[-500:]}"
     assert "Error" not in proc.stderr, proc.stderr[-500:]
     assert len(proc.stdout.splitlines()) == len(MISUSE)
+
+
+def test_trusted_mode_arrays_inside_other_objects_match_np_load(tmp_path):
+    """trusted=True checks array states through placeholders; one handed to a non-container object still reads as np.load."""
+    import collections
+    import types
+
+    shared = np.arange(4.0)
+    vals = [[shared], types.SimpleNamespace(a=np.arange(3.0), b=[shared, np.array([None, 1], object)]),
+            collections.OrderedDict(x=shared, y=np.zeros(2, ">i4")), [shared, (shared,)], np.arange(5)]
+    path = tmp_path / "t.npy"
+    np.save(path, obj_array(vals))
+    want = np.load(path, allow_pickle=True)
+
+    def same(a, b):
+        assert type(a) is type(b), (a, b)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            for x, y in zip(a.ravel().tolist(), b.ravel().tolist()) if a.dtype.hasobject else []:
+                same(x, y)
+            if not a.dtype.hasobject:
+                assert np.array_equal(a, b)
+        elif isinstance(a, types.SimpleNamespace):
+            same(vars(a), vars(b))
+        elif isinstance(a, dict):
+            assert list(a) == list(b)
+            for k in a:
+                same(a[k], b[k])
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                same(x, y)
+        else:
+            assert a == b
+
+    same(list(npystream.iter_objects(path, trusted=True)), list(want))
+    for zero_copy in (True, False):
+        with npystream.open(path, trusted=True, zero_copy=zero_copy, nsidx=False) as arr:
+            same([arr[i] for i in range(len(arr))], list(want))
 
 
 def test_random_byte_mutations_raise_only_our_errors():

@@ -35,7 +35,9 @@ never hands numpy's dangerous entry points to the pickle directly:
 Anything else raises :class:`~npystream.errors.UnsafePickleError` naming the
 global before anything is called; ``allowed_globals`` extends the list
 (resolved with the normal ``find_class``), ``trusted=True`` resolves every
-global like ``np.load(allow_pickle=True)``.  Persistent ids and extension
+global like ``np.load(allow_pickle=True)`` except numpy's ``_reconstruct`` and
+``dtype``, which stay checked (placeholders handed to other objects: see
+``_trusted_rerun`` in pickle_walk).  Persistent ids and extension
 codes are refused by the scanner in both modes.
 
 A wrapper returned for a global that is itself an element (an object array
@@ -339,8 +341,14 @@ class _ReconstructChecked(_Refusing):
         self._ctx = ctx
 
     def __call__(self, subtype: Any, shape: Any, typecode: Any) -> Any:
-        if (subtype is NDARRAY_TOKEN or subtype is np.ndarray) and shape == (0,) and (typecode == b"b" or typecode == "b"):
-            self._ctx.protos = 1
+        ctx = self._ctx
+        if (
+            ctx.made is None
+            and (subtype is NDARRAY_TOKEN or subtype is np.ndarray)
+            and shape == (0,)
+            and (typecode == b"b" or typecode == "b")
+        ):
+            ctx.protos = 1
             return ArrayProto()
         return _reconstruct_checked(self._ctx, subtype, shape, typecode)
 
@@ -351,8 +359,13 @@ def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: A
             raise UnsafePickleError(
                 f"_reconstruct called with ({shape!r}, {typecode!r}); numpy writes ((0,), b'b')"
             )
+        if ctx.real:  # trusted mode's second pass, after every array state of the first was checked
+            return _real_reconstruct(np.ndarray, shape, typecode)
         ctx.protos += 1
-        return ArrayProto()
+        proto = ArrayProto()
+        if ctx.made is not None:
+            ctx.made.append(proto)
+        return proto
     if ctx.trusted:
         return _real_reconstruct(subtype, shape, typecode)
     raise UnsafePickleError(
@@ -471,10 +484,13 @@ def _numpy_alias(module: str) -> str:
 class LoadContext:
     """Per-unpickler bookkeeping for one ``load()``: dtypes to check, placeholders made."""
 
-    __slots__ = ("trusted", "dtypes", "protos", "view", "checked")
+    __slots__ = ("trusted", "dtypes", "protos", "view", "checked", "made", "real")
 
     def __init__(self, trusted: bool) -> None:
         self.trusted = trusted
+        # trusted mode: the placeholders made by the current load (see pickle_walk's _run_program)
+        self.made: list[ArrayProto] | None = [] if trusted else None
+        self.real = False  # trusted mode's second pass: _reconstruct returns real arrays
         self.dtypes: list[np.dtype] = []
         self.protos = 0  # set once any array placeholder was made (then containers are walked)
         self.view: Any = None
@@ -489,7 +505,8 @@ class SafeUnpickler(pickle.Unpickler):
         self.policy = policy
         self.ctx = LoadContext(policy.trusted)
         self.ctx.view = zero_copy_view
-        self.use_protos = (not policy.trusted) or zero_copy_view is not None
+        # trusted mode too: numpy's _reconstruct and dtype go through the checked versions
+        self.use_protos = True
         self._cache: dict[tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
@@ -514,10 +531,10 @@ class SafeUnpickler(pickle.Unpickler):
                 f"No module named {module!r} (a Python 2 pickle: pass fix_imports=True, as np.load does by default)"
             )
         key = (mmod, mname)
-        if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] == "_reconstruct"):
+        if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] in ("_reconstruct", "dtype")):
             fn, real = _CHECKED[key]
             if fn is _reconstruct_checked:
-                if _FastReconstruct is not None:
+                if _FastReconstruct is not None and not policy.trusted:
                     ctx = self.ctx
                     return _FastReconstruct(
                         ArrayProto, NDARRAY_TOKEN, np.ndarray, lambda *a: _reconstruct_checked(ctx, *a), ctx
@@ -548,6 +565,8 @@ class SafeUnpickler(pickle.Unpickler):
         view = self.ctx.view
         if view is not None and type(pid) is tuple and len(pid) == 2:
             off, n = pid
+            if self.ctx.real:
+                return bytes(view[off : off + n])
             return view[off : off + n]
         raise UnsafePickleError("persistent id in the pickle; numpy never writes one")
 

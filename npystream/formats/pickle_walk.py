@@ -94,8 +94,10 @@ is the first pickle byte.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import os
+import pickle
 import struct
 import sys
 import types
@@ -1493,6 +1495,30 @@ _SPECIAL = frozenset({ArrayProto, *TOKEN_TYPES})
 _SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple}
 
 
+class _MemoWriter(pickle.Unpickler):
+    """Puts given objects into memo slots (assigning a dict to ``Unpickler.memo`` loses it in CPython 3.11)."""
+
+    def __init__(self, program: bytes, values: list[Any]) -> None:
+        super().__init__(io.BytesIO(program))
+        self.values = values
+
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
+        return self.values[int(name)]
+
+
+def _memo_with(unpickler: Any, updates: dict[int, Any]) -> Any:
+    """A memo proxy equal to ``unpickler.memo`` with ``updates`` (slot -> object) applied."""
+    program = bytearray()
+    for i, k in enumerate(updates):
+        program += b"cx\n%d\n" % i + b"r" + struct.pack("<I", k) + b"0"
+    program += b"N."
+    w = _MemoWriter(bytes(program), list(updates.values()))
+    w.memo = unpickler.memo
+    w.load()
+    return w.memo
+_WALK_REACH = frozenset({ArrayProto, list, dict, tuple})
+
+
 class _Engine:
     """Rewrite runs of elements into programs and build them with one persistent unpickler."""
 
@@ -1523,10 +1549,17 @@ class _Engine:
         self.retained_bytes = 0
 
     # -- low level ---------------------------------------------------------------
-    def _run_program(self, program: bytearray) -> Any:
+    def _run_program(self, program: bytearray, elements: bool = True) -> Any:
         self.feed.set(program)
+        made = self.ctx.made
         try:
-            return self.unpickler.load()
+            if made is None:
+                return self.unpickler.load()
+            made.clear()
+            result = self.unpickler.load()
+            if made and elements:
+                result = self._trusted_rerun(program, result, made)
+            return result
         except BaseException:
             # A failed load leaves unread program bytes in the C unpickler's read-ahead
             # buffer, which the next load() would execute: start a fresh unpickler that
@@ -1541,6 +1574,53 @@ class _Engine:
             raise
         finally:
             self.feed.set(b"")
+
+    def _trusted_rerun(self, program: bytearray, result: Any, made: list[ArrayProto]) -> Any:
+        """Trusted mode: placeholders that escaped into objects the finaliser does not walk.
+
+        Array placeholders reachable through lists, dicts, tuples and object
+        arrays are built by the finaliser.  One handed to anything else (a
+        class's ``__setstate__``, a constructor) would stay a placeholder, so
+        then every array state of this load is checked (FormatError for a
+        hostile one) and the program runs once more with numpy's real
+        ``_reconstruct``, as ``np.load`` would run it.
+        """
+        reach: set[int] = set()
+        stack = [result]
+        while stack:
+            obj = stack.pop()
+            t = type(obj)
+            if t not in _WALK_REACH or id(obj) in reach:
+                continue
+            reach.add(id(obj))
+            if t is dict:
+                stack.extend(obj.values())
+            else:
+                stack.extend(obj)
+        if all(id(p) in reach for p in made):
+            made.clear()
+            return result
+        ctx = self.ctx
+        check_load(ctx)
+        seen: dict[int, Any] = {}
+        for p in made:
+            _build_array(p, ctx, seen, 0)
+        made.clear()
+        # arrays of earlier elements may still be placeholders in the memo: hand out the arrays
+        # (a placeholder without state is the outer array's, from the prefix)
+        old = {
+            k: _build_array(v, ctx, seen, 0)
+            for k, v in self.unpickler.memo.copy().items()
+            if type(v) is ArrayProto and v
+        }
+        if old:
+            self.unpickler.memo = _memo_with(self.unpickler, old)
+        ctx.real = True
+        try:
+            self.feed.set(program)
+            return self.unpickler.load()
+        finally:
+            ctx.real = False
 
     def rewrite_all(self, buf: Any, start: int, end: int, base: int, out: bytearray, index: int | None) -> None:
         """Rewrite ``[start, end)`` (file offsets) of ``buf`` into ``out``, resolving missing memo entries."""
@@ -1594,7 +1674,7 @@ class _Engine:
         self.rewrite_all(buf, start, end, base, out, None)
         out += b"t."
         try:
-            state = self._run_program(out)
+            state = self._run_program(out, elements=False)  # the outer array's placeholder stays unbuilt
             check_load(self.ctx)
         except Exception as exc:
             raise _load_error(exc, self.path, start, None) from None
@@ -1730,7 +1810,7 @@ class _Engine:
             s = slot_of[m]
             out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
         out += b"t."
-        values = self._run_program(out)
+        values = self._run_program(out, elements=False)
         for m, v in zip(cand, values):
             keep = False
             if len(pinned) < RETAIN_MAX:
