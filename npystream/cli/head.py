@@ -127,9 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if args.lines < 0:
         print("npystream head: error: -n must be >= 0", file=sys.stderr)
         return 2
-    from npystream.formats.npy import read_header
+    from npystream.formats.npy import open_with_header
     from npystream.object_array import ObjectArray
-    from npystream.sources import open_source
 
     path = args.file
     magic = b""
@@ -152,12 +151,7 @@ def run(args: argparse.Namespace) -> int:
             if not found:
                 print(f"{path}: no object-dtype members (see: npystream info {path})")
         return 0
-    src = open_source(path)
-    try:
-        header = read_header(src)
-    except BaseException:
-        src.close()
-        raise
+    src, header = open_with_header(path)
     if not header.pickled:
         src.close()
         print(

@@ -50,16 +50,10 @@ def _human(n: float) -> str:
 
 def _one(path: str, args: argparse.Namespace) -> bool:
     from npystream.errors import FormatError
-    from npystream.formats.npy import read_header
+    from npystream.formats.npy import open_with_header
     from npystream.object_array import ObjectArray
-    from npystream.sources import open_source
 
-    src = open_source(path)
-    try:
-        header = read_header(src)
-    except BaseException:
-        src.close()
-        raise
+    src, header = open_with_header(path)
     if not header.pickled:
         src.close()
         raise FormatError(

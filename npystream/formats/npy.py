@@ -45,6 +45,7 @@ __all__ = [
     "read_header",
     "parse_header",
     "encode_header",
+    "open_with_header",
     "MAX_HEADER_SIZE",
     "ARRAY_ALIGN",
     "GROWTH_DIGITS",
@@ -251,6 +252,20 @@ def read_header(source: Any, *, max_header_size: int = MAX_HEADER_SIZE) -> NpyHe
     finally:
         if src is not source:
             src.close()
+
+
+def open_with_header(file: Any, *, max_header_size: int = MAX_HEADER_SIZE) -> tuple[ByteSource, NpyHeader]:
+    """Open ``file`` as a source and read its header; the source is closed if the header is bad.
+
+    The caller owns the returned source (positioned at the data) and closes it.
+    """
+    src = open_source(file)
+    try:
+        return src, read_header(src, max_header_size=max_header_size)
+    except BaseException:
+        if src is not file:
+            src.close()
+        raise
 
 
 def encode_header(

@@ -176,40 +176,34 @@ class _StreamPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         self.memo[key] = idx, obj
         self._recent.append(key)
 
-    def _prune(self) -> None:
-        """Drop memo entries nothing else references (they cannot be met again)."""
+    def _drop_unreferenced(self, keys: Any) -> list[int]:
+        """Delete the memo entries of ``keys`` whose object nothing else holds; return the rest."""
         memo = self.memo
         getrefcount = sys.getrefcount
-        kept = self._kept
+        survivors = []
+        for key in keys:
+            entry = memo.get(key)
+            if entry is None:
+                continue
+            # references: the memo's tuple, `entry[1]` below as an argument
+            if getrefcount(entry[1]) <= 2:
+                del memo[key]
+            else:
+                survivors.append(key)
+        return survivors
+
+    def _prune(self) -> None:
+        """Drop memo entries nothing else references (they cannot be met again)."""
         recent = self._recent
         # Two passes, newest first: a tuple is memoized after its items and a list
         # before them, so one order frees each kind of container before its contents.
         for _ in range(2):
-            survivors = []
-            for key in reversed(recent):
-                entry = memo.get(key)
-                if entry is None:
-                    continue
-                # references: the memo's tuple, `entry[1]` below as an argument
-                if getrefcount(entry[1]) <= 2:
-                    del memo[key]
-                else:
-                    survivors.append(key)
-            recent = survivors
-        kept.extend(recent)
+            recent = self._drop_unreferenced(reversed(recent))
+        self._kept.extend(recent)
         self._recent = []
-        if len(kept) > self._kept_check:
-            survivors = []
-            for key in kept:
-                entry = memo.get(key)
-                if entry is None:
-                    continue
-                if getrefcount(entry[1]) <= 2:
-                    del memo[key]
-                else:
-                    survivors.append(key)
-            self._kept = survivors
-            self._kept_check = max(1024, 2 * len(survivors))
+        if len(self._kept) > self._kept_check:
+            self._kept = self._drop_unreferenced(self._kept)
+            self._kept_check = max(1024, 2 * len(self._kept))
 
     # -- C-pickler batching for exact lists and dicts ------------------------
     def save_list(self, obj: list[Any]) -> None:
