@@ -1,5 +1,5 @@
 /*
- * npystream._speedups: C twins of the two hot loops of npystream/formats/pickle_walk.py.
+ * npystream._speedups: C twins of the two hot loops of npystream/formats/pickle_ops.py.
  *
  *   setup(ScanError, ScanState, RewriteState[, text_int])     called once by pickle_walk._load_speedups()
  *   scan_ops(buf, pos, end, base, st) -> int                  the index/liveness scanner
@@ -42,7 +42,7 @@
 #include <string.h>
 
 /* ------------------------------------------------------------------------ */
-/* constants: pickle_walk's, checked equal by tests/test_speedups.py        */
+/* constants: pickle_ops's, checked equal by tests/test_speedups.py        */
 
 #define MAX_MARK_DEPTH 1000
 #define MAX_STACK (1 << 20)
@@ -176,8 +176,8 @@ init_tables(void)
 /* ------------------------------------------------------------------------ */
 /* module state (single-phase init; set by setup())                         */
 
-static PyObject *ScanError = NULL;   /* pickle_walk.ScanError */
-static PyObject *TextInt = NULL;     /* pickle_walk._text_int(buf, start, stop) or NULL: built-in twin */
+static PyObject *ScanError = NULL;   /* pickle_ops.ScanError */
+static PyObject *TextInt = NULL;     /* pickle_ops._text_int(buf, start, stop) or NULL: built-in twin */
 
 /* keep an exception across calls into the C API (PyErr_Fetch is deprecated from 3.12) */
 typedef struct {
@@ -1746,9 +1746,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"scan_ops", scan_ops, METH_VARARGS,
-     "scan_ops(buf, pos, end, base, st) -> int\n\nC twin of npystream.formats.pickle_walk.scan_ops (same contract)."},
+     "scan_ops(buf, pos, end, base, st) -> int\n\nC twin of npystream.formats.pickle_ops.scan_ops (same contract)."},
     {"rewrite_ops", rewrite_ops, METH_VARARGS,
-     "rewrite_ops(buf, pos, end, base, rw, out) -> int\n\nC twin of npystream.formats.pickle_walk.rewrite_ops."},
+     "rewrite_ops(buf, pos, end, base, rw, out) -> int\n\nC twin of npystream.formats.pickle_ops.rewrite_ops."},
     {"setup", setup, METH_VARARGS,
      "setup(ScanError, ScanState, RewriteState[, text_int])\n\nRegister pickle_walk's exception class (and text-int "
      "parser)."},
@@ -1758,7 +1758,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "npystream._speedups",
-    "C twins of the pickle walker's two hot loops (npystream.formats.pickle_walk.scan_ops / rewrite_ops).", -1,
+    "C twins of the pickle walker's two hot loops (npystream.formats.pickle_ops.scan_ops / rewrite_ops).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 from objcases import CASE_NAMES, case, case_bytes, npy_preamble, obj_array
 
+from npystream.formats import pickle_ops as ops
 from npystream.formats import pickle_walk as pw
 from npystream.formats.npy import read_header
 from npystream.formats.pickle_safety import SafetyPolicy, make_global_check
@@ -183,7 +184,7 @@ def lockstep_rewrite(
             assert b == a, where
             assert bytes(outc) == bytes(outp), where
             _same_state(rp, rc, RW_FIELDS, where)
-            if a[0] != "ok" or rp.status != pw.RW_MISSING or not resolve:
+            if a[0] != "ok" or rp.status != ops.RW_MISSING or not resolve:
                 break
             for rw in (rp, rc):  # a resolver makes the entry available in a new slot
                 rw.slot_of[rw.missing] = rw.nslots
@@ -234,13 +235,13 @@ def _indexed(data: bytes) -> pw.PickleIndex:
 
 def test_tables_match_python() -> None:
     names, args, kinds, consts = _speedups._tables()
-    assert list(names) == pw.OP_NAME
-    assert list(args) == pw.OP_ARG
-    assert list(kinds) == pw.OP_KIND
+    assert list(names) == ops.OP_NAME
+    assert list(args) == ops.OP_ARG
+    assert list(kinds) == ops.OP_KIND
     for key in ("MAX_MARK_DEPTH", "MAX_STACK", "MAX_NESTING", "MEMO_DEPTH_NOTE", "MAX_LINE", "_INF"):
-        assert consts[key] == getattr(pw, key), key
+        assert consts[key] == getattr(ops, key), key
     for key in ("PH_PREFIX", "PH_BODY", "PH_SUFFIX", "PH_DONE", "ST_MORE", "ST_BATCH", "ST_DONE", "RW_OK", "RW_MISSING"):
-        assert consts[key] == getattr(pw, key), key
+        assert consts[key] == getattr(ops, key), key
 
 
 # ---------------------------------------------------------------------------

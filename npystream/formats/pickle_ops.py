@@ -1,0 +1,872 @@
+"""The two hot loops of the object stream in pure Python: the opcode scanner and the rewriter.
+
+:func:`scan_ops` walks whole opcodes, skipping payloads by their length
+fields, and records element starts and memo liveness; :func:`rewrite_ops`
+turns runs of elements into programs for the persistent unpickler.  Both
+are the specification and the pure-Python fallback of their C twins in
+``npystream._speedups`` (chosen in :mod:`npystream.formats.pickle_walk`,
+which also explains the design); their states are plain attribute objects
+so either implementation can continue what the other started.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+# ---------------------------------------------------------------------------
+# limits (each with its reason)
+
+MAX_MARK_DEPTH = 1000  # nesting of MARK-based containers; numpy output needs < 20
+MAX_STACK = 1 << 20  # items on one MARK level; a batch is 1000, so only a bomb gets here
+MAX_NESTING = 1000  # object nesting depth (containers in containers); Python recursion copes up to here
+MEMO_DEPTH_NOTE = 32  # memo entries deeper than this remember their depth (for GET-built nesting)
+MAX_LINE = 1 << 16  # text opcodes (protocol 0-2 GLOBAL/INT/PUT...) are short lines
+
+# ---------------------------------------------------------------------------
+# opcodes as data: argument layout and stack effect per opcode byte
+
+# argument layout codes
+A_NONE, A_LINE, A_LINE2 = 0, 100, 200  # fixed sizes 1, 2, 4, 8 are their own codes
+A_LEN1, A_LEN4, A_SLEN4, A_LEN8 = -1, -4, -5, -8  # length-prefixed payloads
+
+# stack effect kinds
+(
+    K_PUSH,
+    K_P1,
+    K_P2,
+    K_P3,
+    K_POP1,
+    K_POP2,
+    K_POP,
+    K_MARK,
+    K_TOMARK1,
+    K_TOMARK0,
+    K_PUT,
+    K_GET,
+    K_DUP,
+    K_FRAME,
+    K_PROTO,
+    K_STOP,
+    K_REFUSE,
+    K_BAD,
+) = range(18)
+
+_OPS: dict[int, tuple[str, int, int]] = {}
+
+
+def _op(code: bytes, name: str, arg: int, kind: int) -> None:
+    _OPS[code[0]] = (name, arg, kind)
+
+
+_op(b"(", "MARK", A_NONE, K_MARK)
+_op(b".", "STOP", A_NONE, K_STOP)
+_op(b"0", "POP", A_NONE, K_POP)
+_op(b"1", "POP_MARK", A_NONE, K_TOMARK0)
+_op(b"2", "DUP", A_NONE, K_DUP)
+_op(b"F", "FLOAT", A_LINE, K_PUSH)
+_op(b"I", "INT", A_LINE, K_PUSH)
+_op(b"J", "BININT", 4, K_PUSH)
+_op(b"K", "BININT1", 1, K_PUSH)
+_op(b"L", "LONG", A_LINE, K_PUSH)
+_op(b"M", "BININT2", 2, K_PUSH)
+_op(b"N", "NONE", A_NONE, K_PUSH)
+_op(b"P", "PERSID", A_LINE, K_REFUSE)
+_op(b"Q", "BINPERSID", A_NONE, K_REFUSE)
+_op(b"R", "REDUCE", A_NONE, K_P2)
+_op(b"S", "STRING", A_LINE, K_PUSH)
+_op(b"T", "BINSTRING", A_SLEN4, K_PUSH)
+_op(b"U", "SHORT_BINSTRING", A_LEN1, K_PUSH)
+_op(b"V", "UNICODE", A_LINE, K_PUSH)
+_op(b"X", "BINUNICODE", A_LEN4, K_PUSH)
+_op(b"a", "APPEND", A_NONE, K_POP1)
+_op(b"b", "BUILD", A_NONE, K_POP1)
+_op(b"c", "GLOBAL", A_LINE2, K_PUSH)
+_op(b"d", "DICT", A_NONE, K_TOMARK1)
+_op(b"}", "EMPTY_DICT", A_NONE, K_PUSH)
+_op(b"e", "APPENDS", A_NONE, K_TOMARK0)
+_op(b"g", "GET", A_LINE, K_GET)
+_op(b"h", "BINGET", 1, K_GET)
+_op(b"i", "INST", A_LINE2, K_TOMARK1)
+_op(b"j", "LONG_BINGET", 4, K_GET)
+_op(b"l", "LIST", A_NONE, K_TOMARK1)
+_op(b"]", "EMPTY_LIST", A_NONE, K_PUSH)
+_op(b"o", "OBJ", A_NONE, K_TOMARK1)
+_op(b"p", "PUT", A_LINE, K_PUT)
+_op(b"q", "BINPUT", 1, K_PUT)
+_op(b"r", "LONG_BINPUT", 4, K_PUT)
+_op(b"s", "SETITEM", A_NONE, K_POP2)
+_op(b"t", "TUPLE", A_NONE, K_TOMARK1)
+_op(b")", "EMPTY_TUPLE", A_NONE, K_PUSH)
+_op(b"u", "SETITEMS", A_NONE, K_TOMARK0)
+_op(b"G", "BINFLOAT", 8, K_PUSH)
+_op(b"\x80", "PROTO", 1, K_PROTO)
+_op(b"\x81", "NEWOBJ", A_NONE, K_P2)
+_op(b"\x82", "EXT1", 1, K_REFUSE)
+_op(b"\x83", "EXT2", 2, K_REFUSE)
+_op(b"\x84", "EXT4", 4, K_REFUSE)
+_op(b"\x85", "TUPLE1", A_NONE, K_P1)
+_op(b"\x86", "TUPLE2", A_NONE, K_P2)
+_op(b"\x87", "TUPLE3", A_NONE, K_P3)
+_op(b"\x88", "NEWTRUE", A_NONE, K_PUSH)
+_op(b"\x89", "NEWFALSE", A_NONE, K_PUSH)
+_op(b"\x8a", "LONG1", A_LEN1, K_PUSH)
+_op(b"\x8b", "LONG4", A_SLEN4, K_PUSH)
+_op(b"B", "BINBYTES", A_LEN4, K_PUSH)
+_op(b"C", "SHORT_BINBYTES", A_LEN1, K_PUSH)
+_op(b"\x8c", "SHORT_BINUNICODE", A_LEN1, K_PUSH)
+_op(b"\x8d", "BINUNICODE8", A_LEN8, K_PUSH)
+_op(b"\x8e", "BINBYTES8", A_LEN8, K_PUSH)
+_op(b"\x8f", "EMPTY_SET", A_NONE, K_PUSH)
+_op(b"\x90", "ADDITEMS", A_NONE, K_TOMARK0)
+_op(b"\x91", "FROZENSET", A_NONE, K_TOMARK1)
+_op(b"\x92", "NEWOBJ_EX", A_NONE, K_P3)
+_op(b"\x93", "STACK_GLOBAL", A_NONE, K_P2)
+_op(b"\x94", "MEMOIZE", A_NONE, K_PUT)
+_op(b"\x95", "FRAME", 8, K_FRAME)
+_op(b"\x96", "BYTEARRAY8", A_LEN8, K_PUSH)
+_op(b"\x97", "NEXT_BUFFER", A_NONE, K_REFUSE)
+_op(b"\x98", "READONLY_BUFFER", A_NONE, K_P1)
+
+OP_NAME = ["?"] * 256
+OP_ARG = [A_NONE] * 256
+OP_KIND = [K_BAD] * 256
+for _code, (_name, _arg, _kind) in _OPS.items():
+    OP_NAME[_code] = _name
+    OP_ARG[_code] = _arg
+    OP_KIND[_code] = _kind
+OP_ARG_T = tuple(OP_ARG)
+OP_KIND_T = tuple(OP_KIND)
+_POPS = {K_P1: 1, K_P2: 2, K_P3: 3, K_POP1: 1, K_POP2: 2}
+
+_u1 = struct.Struct("<B").unpack_from
+_u2 = struct.Struct("<H").unpack_from
+_u4 = struct.Struct("<I").unpack_from
+_s4 = struct.Struct("<i").unpack_from
+_u8 = struct.Struct("<Q").unpack_from
+_pack_q = struct.Struct("<q").pack
+_LEN_READ = {A_LEN1: (1, _u1), A_LEN4: (4, _u4), A_SLEN4: (4, _s4), A_LEN8: (8, _u8)}
+_FIX_READ = {1: _u1, 2: _u2, 4: _u4}
+
+OP_MEMOIZE = 0x94
+OP_BINPUT = 0x71
+OP_LONG_BINPUT = 0x72
+OP_BINGET = 0x68
+OP_LONG_BINGET = 0x6A
+OP_TUPLE = 0x74
+OP_BUILD = 0x62
+OP_APPEND = 0x61
+OP_APPENDS = 0x65
+OP_EMPTY_LIST = 0x5D
+OP_MARK = 0x28
+OP_FRAME = 0x95
+_BYTES_OPS = frozenset((0x42, 0x43, 0x8E))  # BINBYTES, SHORT_BINBYTES, BINBYTES8
+
+# scan phases and statuses
+PH_PREFIX, PH_BODY, PH_SUFFIX, PH_DONE = 0, 1, 2, 3
+ST_MORE, ST_BATCH, ST_DONE = 0, 1, 2
+RW_OK, RW_MISSING = 0, 1
+
+_INF = 1 << 62
+
+
+class ScanError(Exception):
+    """Raised by :func:`scan_ops`: ``kind`` in {'format', 'truncated', 'unsafe'}, file offset, element index."""
+
+    def __init__(self, kind: str, message: str, offset: int, index: int | None) -> None:
+        super().__init__(kind, message, offset, index)
+        self.kind = kind
+        self.message = message
+        self.offset = offset
+        self.index = index
+
+
+class ScanState:
+    """The scanner's state between calls (plain attributes, so the C twin reads and writes them)."""
+
+    __slots__ = (
+        "phase",
+        "depth",
+        "n",
+        "marks",
+        "memo",
+        "memo_base",
+        "memo_seen",
+        "starts",
+        "memo_at",
+        "reads",
+        "frame_end",
+        "data_end",
+        "in_batch",
+        "done",
+        "count",
+        "proto",
+        "body_start",
+        "body_memo",
+        "batch_end",
+        "status",
+        "global_check",
+        "dep",
+        "memo_depth",
+    )
+
+    def __init__(self, count: int, global_check: Any = None) -> None:
+        self.phase = PH_PREFIX
+        self.depth = 0  # open MARKs
+        self.n = 0  # items above the innermost MARK (or above the stack bottom)
+        self.marks: list[int] = []  # per open MARK, flat: saved n, mark offset, memo counter
+        self.memo = 0  # next memo index
+        self.memo_base = 0  # first memo index (1 for Python 2's cPickle)
+        self.memo_seen = False
+        self.starts = bytearray()  # element-level slot start offsets of the open batch (int64 LE each)
+        self.memo_at = bytearray()  # memo counter at each slot start (int64 LE each)
+        self.reads: dict[int, int] = {}  # memo index -> offset of its last GET
+        self.frame_end = _INF  # file offset where the current FRAME ends
+        self.data_end = -1  # file offset of the end of data when known (mapped files), else -1
+        self.in_batch = False
+        self.done = 0  # elements in closed batches
+        self.count = count  # elements the header promises
+        self.proto = 0
+        self.body_start = -1  # offset just after the element list's EMPTY_LIST
+        self.body_memo = -1  # memo counter there
+        self.batch_end = -1  # offset of the APPENDS/APPEND closing the last batch
+        self.status = ST_MORE
+        self.global_check = global_check  # callable(raw GLOBAL/INST argument bytes) -> error text or None
+        self.dep: list[int] = []  # nesting depth of every stack item (all levels, bottom first)
+        self.memo_depth: dict[int, int] = {}  # memo index -> depth, for entries deeper than MEMO_DEPTH_NOTE
+
+
+def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
+    """Walk whole opcodes of ``buf[pos:end]`` (file offset of ``buf[0]`` is ``base``); return the new pos.
+
+    Contract (mirrored exactly by ``npystream._speedups.scan_ops``):
+
+    * Only opcode bytes and length fields are read; payloads are skipped.
+    * Stops with ``st.status``: ``ST_MORE`` when the next opcode does not lie
+      wholly in ``buf[:end]`` (the returned pos is that opcode's start; the
+      caller supplies more bytes or reports truncation); ``ST_BATCH`` just
+      after the APPENDS (or single APPEND) that closes a batch of elements
+      (``st.starts``/``st.memo_at``, bytearrays of little-endian int64, then
+      hold the batch's element start offsets and memo counters, ``st.batch_end`` the closing opcode's
+      offset, ``st.done`` counts it; the caller consumes and clears both
+      lists before calling again); ``ST_DONE`` after STOP (pos just past it).
+    * Tracks stack *counts* (``st.n``, ``st.depth``, ``st.marks``), the memo
+      counter ``st.memo``, ``st.reads`` (memo index -> offset of its last
+      GET), ``st.frame_end``, ``st.phase`` (prefix, list body, suffix),
+      ``st.body_start``/``st.body_memo`` (just after the list's EMPTY_LIST),
+      ``st.proto``.  State is written back on every exit, errors included.
+    * Raises :class:`ScanError` (kind 'format', 'truncated' or 'unsafe') for
+      any violation, with the file offset of the offending opcode and the
+      element index it belongs to (None outside the element list).
+    """
+    phase = st.phase
+    depth = st.depth
+    n = st.n
+    marks = st.marks
+    memo = st.memo
+    starts = st.starts
+    memo_at = st.memo_at
+    reads = st.reads
+    dep = st.dep
+    in_batch = st.in_batch
+    done = st.done
+    fe = st.frame_end - base if st.frame_end < _INF else _INF
+    if phase == PH_BODY:
+        td, tbase = (2, 0) if in_batch else (1, 5)
+    else:
+        td, tbase = -1, 0
+    arg_t = OP_ARG_T
+    kind_t = OP_KIND_T
+    u4 = _u4
+    pack_q = _pack_q
+    status = ST_MORE
+
+    def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
+        index = None
+        if batch:  # the open batch as a whole is in doubt
+            index = done
+        elif phase == PH_BODY:
+            k = len(starts) >> 3
+            cur = k if (depth == td and push) else max(k - 1, 0)
+            index = done + cur
+        return ScanError(kind, msg, base + at, index)
+
+    try:
+        while True:
+            lim = end if fe > end else fe
+            if pos >= lim:
+                if pos == fe:
+                    fe = _INF
+                    continue
+                break
+            op = buf[pos]
+            if (op == 0x8C or op == 0x43) and in_batch and depth == 2:
+                # fast path (pure Python only matters here): a run of elements that are each one
+                # short literal + MEMOIZE (a list of strings); same effects as the generic code
+                q = pos
+                room = min(st.count + 8 - done - (len(starts) >> 3), MAX_STACK - 1 - n)
+                offs = []
+                while q + 1 < lim and room > 0:
+                    nq = q + 2 + buf[q + 1]
+                    if nq >= lim or buf[nq] != OP_MEMOIZE:
+                        break
+                    offs.append(base + q)
+                    room -= 1
+                    q = nq + 1
+                    if q >= lim:
+                        break
+                    op = buf[q]
+                    if op != 0x8C and op != 0x43:
+                        break
+                if offs:
+                    k = len(offs)
+                    starts += struct.pack(f"<{k}q", *offs)
+                    memo_at += struct.pack(f"<{k}q", *range(memo, memo + k))
+                    n += k
+                    dep.extend([0] * k)
+                    memo += k
+                    st.memo_seen = True
+                    pos = q
+                    continue
+                op = buf[pos]
+            a = arg_t[op]
+            kind = kind_t[op]
+            # ---- where the opcode ends ---------------------------------------
+            if a == 0:
+                npos = pos + 1
+            elif 0 < a < 100:
+                npos = pos + 1 + a
+            elif a < 0:
+                la = 1 if a == -1 else (8 if a == -8 else 4)
+                if pos + 1 + la > lim:
+                    if fe <= end:
+                        raise fail("format", f"{OP_NAME[op]} opcode straddles the end of its FRAME", pos)
+                    break
+                if a == -1:
+                    length = buf[pos + 1]
+                elif a == -4:
+                    length = u4(buf, pos + 1)[0]
+                elif a == -5:
+                    length = _s4(buf, pos + 1)[0]
+                    if length < 0:
+                        raise fail("format", f"{OP_NAME[op]} has a negative length {length}", pos, True)
+                else:
+                    length = _u8(buf, pos + 1)[0]
+                npos = pos + 1 + la + length
+            else:
+                npos = _line_end(buf, pos + 1, lim, 2 if a == A_LINE2 else 1)
+                if npos < 0:
+                    if npos == -2:
+                        raise fail("format", f"{OP_NAME[op]} text argument longer than {MAX_LINE} bytes", pos)
+                    if fe <= end:
+                        raise fail("format", f"{OP_NAME[op]} opcode straddles the end of its FRAME", pos)
+                    break
+            if npos > lim:
+                if fe <= end:
+                    raise fail("format", f"{OP_NAME[op]} opcode straddles the end of its FRAME", pos)
+                if st.data_end >= 0 and npos + base > st.data_end:
+                    raise fail(
+                        "truncated",
+                        f"{OP_NAME[op]} needs {npos - pos} bytes, only {st.data_end - base - pos} remain",
+                        pos,
+                        True,
+                    )
+                break
+            # ---- stack effect --------------------------------------------------
+            if kind == K_PUT:
+                if n == 0:
+                    raise fail("format", f"{OP_NAME[op]} with an empty stack", pos)
+                if op != OP_MEMOIZE:
+                    if op == OP_BINPUT:
+                        idx = buf[pos + 1]
+                    elif op == OP_LONG_BINPUT:
+                        idx = u4(buf, pos + 1)[0]
+                    else:
+                        idx = _text_int(buf, pos + 1, npos - 1)
+                    if idx != memo:
+                        if not st.memo_seen and memo == 0 and idx == 1:
+                            memo = 1  # Python 2's cPickle numbers its memo from 1
+                            st.memo_base = 1
+                        else:
+                            raise fail(
+                                "format",
+                                f"memo index {idx} written where {memo} was expected (memo indices must be "
+                                "sequential: a forged index makes unpicklers allocate without bound)",
+                                pos,
+                            )
+                st.memo_seen = True
+                if dep[-1] > MEMO_DEPTH_NOTE:
+                    st.memo_depth[memo] = dep[-1]
+                memo += 1
+            elif kind == K_PUSH or kind == K_GET or kind == K_DUP:
+                if phase == PH_SUFFIX:
+                    raise fail("format", f"{OP_NAME[op]} after the element list; numpy writes TUPLE BUILD STOP", pos)
+                if kind == K_GET:
+                    if op == OP_BINGET:
+                        idx = buf[pos + 1]
+                    elif op == OP_LONG_BINGET:
+                        idx = u4(buf, pos + 1)[0]
+                    else:
+                        idx = _text_int(buf, pos + 1, npos - 1)
+                    if idx is None or idx >= memo or idx < st.memo_base:
+                        raise fail("format", f"memo entry {idx} is read before it was written", pos, True)
+                    reads[idx] = base + pos
+                    d = st.memo_depth.get(idx, 0) if st.memo_depth else 0
+                elif kind == K_DUP:
+                    if n == 0:
+                        raise fail("format", "DUP with an empty stack", pos, True)
+                    d = dep[-1]
+                else:
+                    d = 0
+                if op == OP_EMPTY_LIST and phase == PH_PREFIX and depth == 1 and n == 4:
+                    phase = PH_BODY
+                    td, tbase = 1, 5
+                    n = 5
+                    dep.append(0)
+                    st.body_start = base + npos
+                    st.body_memo = memo
+                    pos = npos
+                    continue
+                elif op == 0x63 and st.global_check is not None:  # GLOBAL: check names at this offset
+                    msg = st.global_check(bytes(buf[pos + 1 : npos]))
+                    if msg:
+                        raise fail("unsafe", msg, pos, True)
+                if n >= MAX_STACK:
+                    raise fail("format", f"more than {MAX_STACK} items on one stack level", pos, True)
+                if depth == td:
+                    if done + (len(starts) >> 3) > st.count + 8:
+                        raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos, batch=True)
+                    starts += pack_q(base + pos)
+                    memo_at += pack_q(memo)
+                n += 1
+                dep.append(d)
+            elif kind <= K_POP2:  # K_P1, K_P2, K_P3, K_POP1, K_POP2
+                pops = _POPS[kind]
+                pushes = 1 if kind <= K_P3 else 0
+                need = pops + 1 - pushes  # APPEND/BUILD/SETITEM also need their container (on this MARK level)
+                if n < need:
+                    raise fail("format", f"{OP_NAME[op]} needs {need} stack items, {n} available", pos)
+                if depth == td:
+                    if op == OP_APPEND and not in_batch and n == 6:
+                        # a batch of one element: "e APPEND"
+                        n = 5
+                        d = dep.pop() + 1
+                        if d > dep[-1]:
+                            dep[-1] = d
+                        st.batch_end = base + pos
+                        done += len(starts) >> 3
+                        if done > st.count:
+                            raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos)
+                        status = ST_BATCH
+                        pos = npos
+                        break
+                    avail = n - tbase
+                    if avail < pops + 1 - pushes:
+                        raise fail("format", f"{OP_NAME[op]} reaches into the element list", pos)
+                    k = len(starts)
+                    if pushes:
+                        if pops > 1:
+                            del starts[k - 8 * (pops - 1) :]
+                            del memo_at[k - 8 * (pops - 1) :]
+                    else:
+                        del starts[k - 8 * pops :]
+                        del memo_at[k - 8 * pops :]
+                elif phase == PH_SUFFIX:
+                    if op != OP_BUILD or n != 2 or depth != 0:
+                        raise fail("format", f"{OP_NAME[op]} after the element list; numpy writes TUPLE BUILD STOP", pos)
+                n = n - pops + pushes
+                d = max(dep[-pops:]) + 1
+                del dep[-pops:]
+                if pushes:
+                    dep.append(d)
+                elif d > dep[-1]:
+                    dep[-1] = d
+                if d > MAX_NESTING:
+                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
+            elif kind == K_MARK:
+                if phase == PH_SUFFIX:
+                    raise fail("format", "MARK after the element list; numpy writes TUPLE BUILD STOP", pos)
+                if depth >= MAX_MARK_DEPTH:
+                    raise fail("format", f"MARKs nested deeper than {MAX_MARK_DEPTH}", pos, True)
+                if depth == 1 and n == 5 and phase == PH_BODY:
+                    in_batch = True  # the MARK of an APPENDS batch
+                    td, tbase = 2, 0
+                marks.append(n)
+                marks.append(base + pos)
+                marks.append(memo)
+                depth += 1
+                n = 0
+            elif kind == K_TOMARK1 or kind == K_TOMARK0:
+                if depth == 0:
+                    raise fail("format", f"{OP_NAME[op]} without an open MARK", pos)
+                if op == 0x69 and st.global_check is not None:  # INST
+                    msg = st.global_check(bytes(buf[pos + 1 : npos]))
+                    if msg:
+                        raise fail("unsafe", msg, pos)
+                inner = n
+                if inner:
+                    d = max(dep[-inner:]) + 1
+                    del dep[-inner:]
+                else:
+                    d = 1
+                if d > MAX_NESTING:
+                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
+                mark_memo = marks.pop()
+                mark_off = marks.pop()
+                n = marks.pop()
+                depth -= 1
+                if phase == PH_BODY and (depth == 0 or (depth == 1 and in_batch)):
+                    if depth == 1:  # closing an APPENDS batch
+                        if op != OP_APPENDS:
+                            raise fail("format", f"{OP_NAME[op]} closes the element batch; numpy writes APPENDS", pos)
+                        in_batch = False
+                        td, tbase = 1, 5
+                        if d > dep[-1]:
+                            dep[-1] = d
+                        st.batch_end = base + pos
+                        done += len(starts) >> 3
+                        if done > st.count:
+                            raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos)
+                        status = ST_BATCH
+                        pos = npos
+                        break
+                    # depth 0: the TUPLE closing the array state ends the element list
+                    if op != OP_TUPLE or inner != 5 or n != 1:
+                        raise fail(
+                            "format",
+                            f"{OP_NAME[op]} with {inner} items ends the array state; numpy writes TUPLE "
+                            "after (1, shape, dtype, is_fortran, list)",
+                            pos,
+                        )
+                    phase = PH_SUFFIX
+                    td = -1
+                    n = 2
+                    dep.append(d)
+                elif kind == K_TOMARK1:
+                    if phase == PH_SUFFIX:
+                        raise fail("format", f"{OP_NAME[op]} after the element list", pos)
+                    if depth == td:
+                        starts += pack_q(mark_off)
+                        memo_at += pack_q(mark_memo)
+                    n += 1
+                    dep.append(d)
+                elif op != 0x31:  # APPENDS/SETITEMS/ADDITEMS modify the item below the MARK
+                    if n == 0 or (depth == td and n <= tbase):
+                        raise fail("format", f"{OP_NAME[op]} has no container below its MARK", pos)
+                    if d > dep[-1]:
+                        dep[-1] = d
+            elif kind == K_POP:
+                if phase == PH_SUFFIX:
+                    raise fail("format", "POP after the element list", pos)
+                if n == 0:
+                    if depth == 0:
+                        raise fail("format", "POP with an empty stack", pos)
+                    marks.pop()
+                    marks.pop()
+                    n = marks.pop()
+                    depth -= 1
+                    if phase == PH_BODY and depth <= 1:
+                        raise fail("format", "POP removes a MARK of the array state", pos)
+                else:
+                    if depth == td:
+                        if n <= tbase:
+                            raise fail("format", "POP reaches into the element list", pos)
+                        del starts[-8:]
+                        del memo_at[-8:]
+                    n -= 1
+                    dep.pop()
+            elif kind == K_FRAME:
+                if fe < _INF and pos < fe:
+                    raise fail("format", "FRAME inside another FRAME", pos)
+                flen = _u8(buf, pos + 1)[0]
+                if st.data_end >= 0 and npos + base + flen > st.data_end:
+                    raise fail(
+                        "truncated",
+                        f"FRAME of {flen} bytes but only {st.data_end - base - npos} bytes remain in the file",
+                        pos,
+                    )
+                if flen > 1 << 48:
+                    raise fail("format", f"FRAME length {flen} is absurd", pos)
+                fe = npos + flen
+                pos = npos
+                continue
+            elif kind == K_PROTO:
+                if phase != PH_PREFIX or n or depth or st.proto or st.memo_seen:
+                    raise fail("format", "PROTO opcode in the middle of the pickle", pos)
+                p = buf[pos + 1]
+                if p > 5:
+                    raise fail("format", f"pickle protocol {p} is newer than 5", pos)
+                st.proto = p
+            elif kind == K_STOP:
+                if phase != PH_SUFFIX or depth != 0 or n != 1:
+                    if phase == PH_BODY:
+                        raise fail("format", f"STOP inside the element list (open MARKs: {depth})", pos)
+                    if phase == PH_PREFIX:
+                        raise fail(
+                            "format",
+                            "STOP before any element list: not an object array as np.save writes it",
+                            pos,
+                        )
+                    raise fail("format", f"STOP with {n} stack items and {depth} open MARKs; expected 1 and 0", pos)
+                phase = PH_DONE
+                status = ST_DONE
+                pos = npos
+                break
+            elif kind == K_REFUSE:
+                raise fail(
+                    "unsafe",
+                    f"{OP_NAME[op]} opcode refused: persistent ids, extension codes and out-of-band buffers "
+                    "are never written by np.save",
+                    pos,
+                    op != 0x51,
+                )
+            else:
+                raise fail("format", f"unknown pickle opcode 0x{op:02x}", pos, True)
+            pos = npos
+    finally:
+        st.phase = phase
+        st.depth = depth
+        st.n = n
+        st.memo = memo
+        st.in_batch = in_batch
+        st.done = done
+        st.frame_end = fe + base if fe < _INF else _INF
+        st.status = status
+    return pos
+
+
+def _line_end(buf: Any, start: int, lim: int, lines: int) -> int:
+    """Offset just past the ``lines``-th newline from ``start`` below ``lim``; -1 if absent, -2 if too long."""
+    pos = start
+    for _ in range(lines):
+        stop = min(lim, pos + MAX_LINE)
+        k = bytes(buf[pos:stop]).find(b"\n")
+        if k < 0:
+            return -2 if stop - pos >= MAX_LINE else -1
+        pos += k + 1
+    return pos
+
+
+def _text_int(buf: Any, start: int, stop: int) -> int | None:
+    try:
+        return int(bytes(buf[start:stop]).strip())
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# the rewriter
+
+
+class RewriteState:
+    """The rewriter's state between calls (plain attributes, read and written by the C twin too)."""
+
+    __slots__ = (
+        "memo",
+        "slot_of",
+        "live",
+        "free",
+        "nslots",
+        "fresh",
+        "freed",
+        "zero_copy",
+        "free_on_read",
+        "missing",
+        "status",
+    )
+
+    def __init__(self, live: dict[int, int] | None, *, zero_copy: bool = False, free_on_read: bool = True) -> None:
+        self.memo = 0  # memo index of the next memo write
+        self.slot_of: dict[int, int] = {}  # live memo index -> unpickler memo slot
+        self.live = live  # memo index -> offset of its last read; None = every write is kept
+        self.free: list[int] = []  # reusable slots
+        self.nslots = 0  # slots ever allocated
+        self.fresh: list[int] = []  # memo indices given a slot by this run (journal)
+        self.freed: list[int] = []  # flat (memo index, slot) pairs released by this run (journal)
+        self.zero_copy = zero_copy
+        self.free_on_read = free_on_read
+        self.missing = -1
+        self.status = RW_OK
+
+
+_PUT_CODES = [b"q" + bytes([s]) for s in range(256)]
+_GET_CODES = [b"h" + bytes([s]) for s in range(256)]
+_pack_I = struct.Struct("<I").pack
+
+
+def _memo_op_index(buf: Any, pos: int, op: int, memo: int) -> tuple[int, int]:
+    """(memo index written, end of opcode) for a memo-write opcode at ``pos``."""
+    if op == OP_MEMOIZE:
+        return memo, pos + 1
+    if op == OP_BINPUT:
+        return buf[pos + 1], pos + 2
+    if op == OP_LONG_BINPUT:
+        return _u4(buf, pos + 1)[0], pos + 5
+    npos = _line_end(buf, pos + 1, len(buf), 1)
+    return _text_int(buf, pos + 1, npos - 1) or 0, npos
+
+
+def _zero_copy_target(buf: Any, q: int, end: int, memo: int, live: dict[int, int] | None) -> bool:
+    """After a BINBYTES payload ending at ``q``: is it an ndarray state's raw data (``.. TUPLE .. BUILD``)?"""
+    seen_tuple = False
+    own_memo = True
+    while q < end:
+        op = buf[q]
+        if op == OP_FRAME:
+            q += 9
+        elif op == OP_MEMOIZE or op == OP_BINPUT or op == OP_LONG_BINPUT:
+            m, q = _memo_op_index(buf, q, op, memo)
+            if own_memo and not seen_tuple and (live is None or m in live):
+                return False  # the bytes object itself is read again elsewhere: keep it a bytes object
+            memo = m + 1
+            own_memo = False
+        elif op == OP_TUPLE and not seen_tuple:
+            seen_tuple = True
+            own_memo = False
+            q += 1
+        elif op == OP_BUILD and seen_tuple:
+            return True
+        else:
+            return False
+    return False
+
+
+def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: bytearray) -> int:
+    """Append to ``out`` the opcodes of ``buf[pos:end]`` rewritten for the persistent unpickler.
+
+    Contract (mirrored exactly by ``npystream._speedups.rewrite_ops``):
+
+    * ``buf[pos:end]`` holds whole opcodes already validated by :func:`scan_ops`
+      (file offset of ``buf[0]`` is ``base``).  Opcodes are copied verbatim
+      except: FRAME is dropped; a memo write of index m (MEMOIZE/PUT/BINPUT/
+      LONG_BINPUT; ``rw.memo`` is the index MEMOIZE writes) becomes
+      ``BINPUT s``/``LONG_BINPUT s`` for a slot s when ``rw.live is None`` or
+      m is in ``rw.live`` (``rw.slot_of[m] = s``, m appended to ``rw.fresh``;
+      s comes from ``rw.free`` or is ``rw.nslots``, which then grows) and is
+      dropped otherwise; a memo read of m becomes ``BINGET``/``LONG_BINGET``
+      of ``rw.slot_of[m]``, and when ``rw.free_on_read`` and this is m's last
+      read (``rw.live[m]`` == this opcode's offset) ``m, s`` are appended to
+      ``rw.freed`` (the caller drops them from ``slot_of`` and recycles the
+      slot after the program ran); with ``rw.zero_copy`` a BINBYTES/SHORT_BINBYTES/
+      BINBYTES8 whose payload is an ndarray state's raw data (followed by
+      FRAME/memo writes, TUPLE, FRAME/memo writes, BUILD, and whose own memo
+      entry is not live) becomes ``LONG1 offset LONG1 length TUPLE2
+      BINPERSID`` (offset = file offset of the payload).
+    * Returns ``end`` with ``rw.status = RW_OK``, or, when a memo read finds
+      no slot, the offset of that opcode with ``rw.status = RW_MISSING`` and
+      ``rw.missing = m`` (everything before it has been appended; call again
+      from there once the slot exists).  ``rw.memo`` is kept current.
+    """
+    memo = rw.memo
+    slot_of = rw.slot_of
+    live = rw.live
+    free = rw.free
+    fresh = rw.fresh
+    freed = rw.freed
+    zero_copy = rw.zero_copy
+    free_on_read = rw.free_on_read and live is not None
+    live_max = None  # computed on first use by the fast path
+    arg_t = OP_ARG_T
+    kind_t = OP_KIND_T
+    run = pos
+    status = RW_OK
+    while pos < end:
+        op = buf[pos]
+        if (op == 0x8C or op == 0x43) and not zero_copy:
+            # fast path: runs of "short literal + MEMOIZE" whose memo entry nobody reads
+            q = pos
+            if live_max is None:
+                live_max = (max(live) if live else -1) if live is not None and len(live) < 4096 else _INF
+            while q + 1 < end:
+                nq = q + 2 + buf[q + 1]
+                if nq >= end or buf[nq] != OP_MEMOIZE or live is None or (memo <= live_max and memo in live):
+                    break
+                out += buf[run:nq]
+                memo += 1
+                run = q = nq + 1
+                if q >= end:
+                    break
+                op = buf[q]
+                if op != 0x8C and op != 0x43:
+                    break
+            if q != pos:
+                pos = q
+                continue
+            op = buf[pos]
+        a = arg_t[op]
+        if a == 0:
+            npos = pos + 1
+        elif 0 < a < 100:
+            npos = pos + 1 + a
+        elif a == -1:
+            npos = pos + 2 + buf[pos + 1]
+        elif a == -4 or a == -5:
+            npos = pos + 5 + _u4(buf, pos + 1)[0]
+        elif a == -8:
+            npos = pos + 9 + _u8(buf, pos + 1)[0]
+        else:
+            npos = _line_end(buf, pos + 1, end, 2 if a == A_LINE2 else 1)
+            if npos < 0:
+                npos = end + 1
+        if npos > end:
+            raise ScanError(
+                "format",
+                f"{OP_NAME[op]} at the end of an element runs past it: the offset index does not match this "
+                "file (rebuild it)",
+                base + pos,
+                None,
+            )
+        kind = kind_t[op]
+        if kind == K_PUT:
+            if op != OP_MEMOIZE:
+                memo = _memo_op_index(buf, pos, op, memo)[0]
+            m = memo
+            memo += 1
+            if run < pos:
+                out += buf[run:pos]
+            if live is None or m in live:
+                if free:
+                    s = free.pop()
+                else:
+                    s = rw.nslots
+                    rw.nslots = s + 1
+                slot_of[m] = s
+                fresh.append(m)
+                out += _PUT_CODES[s] if s < 256 else b"r" + _pack_I(s)
+            run = npos
+        elif kind == K_GET:
+            if op == OP_BINGET:
+                m = buf[pos + 1]
+            elif op == OP_LONG_BINGET:
+                m = _u4(buf, pos + 1)[0]
+            else:
+                m = _text_int(buf, pos + 1, npos - 1) or 0
+            s = slot_of.get(m)
+            if run < pos:
+                out += buf[run:pos]
+            run = pos
+            if s is None:
+                rw.missing = m
+                status = RW_MISSING
+                break
+            out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
+            if free_on_read and live.get(m) == base + pos:
+                freed.append(m)
+                freed.append(s)
+            run = npos
+        elif kind == K_FRAME:
+            if run < pos:
+                out += buf[run:pos]
+            run = npos
+        elif zero_copy and op in _BYTES_OPS and _zero_copy_target(buf, npos, end, memo, live):
+            if run < pos:
+                out += buf[run:pos]
+            hdr = 2 if op == 0x43 else (5 if op == 0x42 else 9)
+            out += b"\x8a\x08" + _pack_q(base + pos + hdr) + b"\x8a\x08" + _pack_q(npos - pos - hdr) + b"\x86Q"
+            run = npos
+        pos = npos
+    if status == RW_OK and run < pos:
+        out += buf[run:pos]
+    rw.memo = memo
+    rw.status = status
+    return pos
