@@ -252,9 +252,13 @@ static PyMethodDef build_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+int npystream_direct_init(PyObject *module); /* _speedups_direct.c */
+
 int
 npystream_build_init(PyObject *module)
 {
+    if (npystream_direct_init(module) < 0)
+        return -1;
     if (str_setstate == NULL) {
         str_setstate = PyUnicode_InternFromString("__setstate__");
         if (str_setstate == NULL)

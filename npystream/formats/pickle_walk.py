@@ -115,6 +115,9 @@ from npystream.errors import (
     UnsupportedError,
 )
 from npystream.formats.npy import NpyHeader
+from npystream.formats.pickle_direct import _DIRECT_FIRST, ROLE_DTYPE
+from npystream.formats.pickle_direct import direct_run as _py_direct_run
+from npystream.formats.pickle_direct import role_of as _role_of
 from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests and the C twin
     _GET_CODES,
     PH_BODY,
@@ -131,6 +134,7 @@ from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests
     scan_ops,
 )
 from npystream.formats.pickle_safety import (
+    _SWAPPED,
     DONE,
     TOKEN_TYPES,
     ArrayProto,
@@ -187,6 +191,15 @@ def _load_speedups() -> tuple[Any, Any, bool]:
 
 
 _scan, _rewrite, _SPEEDUPS = _load_speedups()
+if _SPEEDUPS:
+    from npystream import _speedups as _sp  # type: ignore[attr-defined]
+
+    _sp.direct_setup(_real_reconstruct, np.ndarray)
+    _direct_run = _sp.direct_run
+else:
+    _direct_run = _py_direct_run
+_NO_INTS = np.zeros(0, dtype=np.int64)
+_DIRECT = os.environ.get("NPYSTREAM_NO_DIRECT", "").strip() in ("", "0")  # off: every element via the unpickler
 
 
 def speedups_active() -> bool:
@@ -657,6 +670,14 @@ class _Engine:
         self.structured = header.dtype.names is not None
         self.resolver: Any = None  # callable(m, index, offset) making rw.slot_of[m] valid, or raising
         self.retained_bytes = 0
+        # direct decoding (pickle_direct) of plain ndarray/scalar elements: needs the liveness table
+        self.direct = live is not None and not self.structured and _DIRECT
+        self.roles: dict[int, tuple[int, Any]] = {}  # memo index -> (role, object) for direct decoding
+        self.role_src: dict[int, tuple[Any, str, Any]] = {}  # dtype roles: (memo value, its str, names)
+        keys = sorted(live) if live else []
+        self.live_keys: Any = np.array(keys, dtype=np.int64) if _SPEEDUPS else keys  # the C twin reads a buffer
+        self.live_offsets = np.sort(np.fromiter(live.values(), dtype=np.int64, count=len(live))) if live else None
+        self.zc_views = zero_copy and view is not None
 
     # -- low level ---------------------------------------------------------------
     def _run_program(self, program: bytearray, elements: bool = True) -> Any:
@@ -812,6 +833,115 @@ class _Engine:
     def decode_run(self, buf: Any, base: int, starts: Any, ends: Any, memos: Any, first: int) -> list[Any]:
         """Build the elements ``first .. first+len(starts)-1``: element j is ``[starts[j], ends[j])``.
 
+        Plain ndarray and scalar elements are built directly (see
+        :mod:`npystream.formats.pickle_direct`); the others, and all of them
+        when there is no liveness table, through the unpickler
+        (:meth:`decode_program`).  Raises :class:`_Partial` when an element
+        fails (the elements before it are built).
+        """
+        if not self.direct:
+            return self.decode_program(buf, base, starts, ends, memos, first)
+        k = len(starts)
+        lo = self.live_offsets
+        if lo is not None:
+            a, b = np.searchsorted(lo, (starts[0], ends[k - 1]))
+            hot = lo[a:b]
+        else:
+            hot = _NO_INTS
+        if _SPEEDUPS:  # the C twin reads int64 buffers
+            sl = np.ascontiguousarray(starts, dtype=np.int64)
+            el = np.ascontiguousarray(ends, dtype=np.int64)
+            ml = np.ascontiguousarray(memos, dtype=np.int64)
+        else:  # the Python twin indexes lists
+            sl, el, ml, hot = starts.tolist(), ends.tolist(), memos.tolist(), hot.tolist()
+        view_fn = self._view_fn(buf) if self.zc_views else None
+        roles = self.roles
+        out: list[Any] = []
+        i = 0
+        programs = 0
+        while i < k:
+            try:
+                j, m = _direct_run(buf, base, sl, el, ml, i, k, roles, self.live_keys, hot, view_fn, out)
+            except Exception as exc:  # numpy refusing a state the checks let through
+                j = len(out)
+                raise _Partial(out, _load_error(exc, self.path, int(starts[j]), first + j)) from None
+            if j >= k:
+                break
+            if m >= 0 and m not in roles and self._classify(m):
+                i = j
+                continue
+            # the unpickler takes element j and the following ones that cannot be direct
+            nxt = j + 1
+            programs += 1
+            if programs > 16:  # a chunk of mostly other kinds: the rest in one program
+                nxt = k
+            else:
+                while nxt < k and not self._candidate(buf, int(starts[nxt]) - base):
+                    nxt += 1
+            try:
+                got = self.decode_program(buf, base, starts[j:nxt], ends[j:nxt], memos[j:nxt], first + j)
+            except _Partial as part:
+                raise _Partial(out + part.items, part.error) from None
+            out.extend(got)
+            self._refresh_roles()
+            i = nxt
+        return out
+
+    @staticmethod
+    def _candidate(buf: Any, p: int) -> bool:
+        op = buf[p]
+        while op == 0x95:
+            p += 9
+            op = buf[p]
+        return op in _DIRECT_FIRST
+
+    def _classify(self, m: int) -> bool:
+        """Learn the role of memo entry ``m`` (False if it has no slot here)."""
+        s = self.rw.slot_of.get(m)
+        if s is None:
+            return False
+        out = bytearray(b"(")
+        out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
+        out += b"t."
+        value = self._run_program(out, elements=False)[0]
+        ctx = self.ctx
+        role = _role_of(value, lambda d: _checked_dtype(ctx, d))
+        roles = self.roles
+        if len(roles) > 4096:
+            roles.clear()
+            self.role_src.clear()
+        roles[m] = role
+        if role[0] == ROLE_DTYPE:
+            self.role_src[m] = (value, value.str, value.names)
+        return True
+
+    def _refresh_roles(self) -> None:
+        """After the unpickler ran: forget dtype roles whose memo value a BUILD changed."""
+        src = self.role_src
+        if src:
+            for m, (d, text, names) in list(src.items()):
+                if d.str != text or d.names != names:
+                    del src[m]
+                    self.roles.pop(m, None)
+
+    def _view_fn(self, buf: Any) -> Any:
+        """Zero-copy arrays for direct decoding, exactly as ``_build_array`` makes them from a view."""
+
+        def view(a: int, b: int, shape: tuple[int, ...], d: np.dtype, fortran: bool) -> Any:
+            raw = buf[a:b]
+            if d.byteorder == _SWAPPED:
+                arr = _real_reconstruct(np.ndarray, (0,), b"b")
+                arr.__setstate__((1, shape, d, fortran, bytes(raw)))
+                return arr
+            if len(shape) == 1:
+                return np.frombuffer(raw, dtype=d)
+            return np.frombuffer(raw, dtype=d, count=(b - a) // d.itemsize).reshape(shape, order="F" if fortran else "C")
+
+        return view
+
+    def decode_program(self, buf: Any, base: int, starts: Any, ends: Any, memos: Any, first: int) -> list[Any]:
+        """Build the elements ``first .. first+len(starts)-1`` through the unpickler.
+
         ``memos[j]`` is the memo counter where element j starts.  Elements
         contiguous in the file (one APPENDS batch) are rewritten as one run;
         a run may span batches.  Raises :class:`_Partial` when an element
@@ -851,7 +981,7 @@ class _Engine:
         got: list[Any] = []
         for j in range(len(starts)):
             try:
-                got.extend(self.decode_run(buf, base, starts[j : j + 1], ends[j : j + 1], memos[j : j + 1], first + j))
+                got.extend(self.decode_program(buf, base, starts[j : j + 1], ends[j : j + 1], memos[j : j + 1], first + j))
             except _Partial as part:
                 raise _Partial(got + part.items, part.error) from None
         return got
