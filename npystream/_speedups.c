@@ -345,8 +345,13 @@ ivec_load_packed(ivec *a, PyObject *arr, const char *what)
     if (ivec_reserve(a, n + 64) < 0)
         return -1;
     const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(arr);
+#if PY_LITTLE_ENDIAN
+    if (n)
+        memcpy(a->v, p, (size_t)n * 8);
+#else
     for (Py_ssize_t i = 0; i < n; i++)
         a->v[i] = (int64_t)rd_u8(p + 8 * i);
+#endif
     a->n = a->low = n;
     return 0;
 }
@@ -460,9 +465,14 @@ ivec_store(ivec *a)
         if (PyByteArray_Resize(a->list, a->n * 8) < 0)
             return -1;
         unsigned char *p = (unsigned char *)PyByteArray_AS_STRING(a->list);
+#if PY_LITTLE_ENDIAN
+        if (a->n > low)
+            memcpy(p + 8 * low, a->v + low, (size_t)(a->n - low) * 8);
+#else
         for (Py_ssize_t i = low; i < a->n; i++)
             for (int b = 0; b < 8; b++)
                 p[8 * i + b] = (unsigned char)((uint64_t)a->v[i] >> (8 * b));
+#endif
         a->low = a->n;
         return 0;
     }

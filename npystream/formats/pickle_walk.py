@@ -410,8 +410,13 @@ def _scan_view(view: Any, header: NpyHeader, st: ScanState, path: str) -> Iterat
         except ScanError as err:
             raise _scan_exc(err, path) from None
         if st.status == ST_BATCH:
-            batch = _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
+            # views of the scanner's buffers, no copies: the consumer copies them before asking
+            # for the next batch (a view kept longer makes clear() raise BufferError, never garbage)
+            batch = _Batch(np.frombuffer(st.starts, dtype="<i8"), np.frombuffer(st.memo_at, dtype="<i8"), st.batch_end)
             yield batch
+            del batch
+            st.starts.clear()
+            st.memo_at.clear()
         elif st.status == ST_DONE:
             _finish(st, header, path, pos, size, bytes(view[pos : pos + 1]))
             return
@@ -455,13 +460,13 @@ def _index_from_batches(
     try:
         for batch in batches:
             n = len(batch.starts)
-            if not n:
-                continue
-            starts[k : k + n] = batch.starts
-            memo_at[k : k + n] = batch.memo_at
-            firsts.append(k)
-            ends.append(batch.end)
-            k += n
+            if n:
+                starts[k : k + n] = batch.starts
+                memo_at[k : k + n] = batch.memo_at
+                firsts.append(k)
+                ends.append(batch.end)
+                k += n
+            del batch  # _scan_view's batches are views of the scanner's buffers
     except (FormatError, UnsafePickleError) as exc:
         error = exc
         tentative = k
