@@ -11,7 +11,10 @@ a fresh process, wall time as seen from this process, peak anonymous
 memory (``RssAnon`` of the child, sampled every 2 ms):
 
 * ``cp SRC COPY``                                 (the bar: 1.5x)
-* ``npystream convert SRC DST.ragged``            (object .npy -> ragged store)
+* ``npystream convert SRC DST.ragged``            (object .npy -> ragged store: large
+  elements copied file to file with ``os.copy_file_range``)
+* the same with ``npystream.conversion._COPY_RANGES = False`` (every element through the
+  writer's buffer: the path before copy_file_range; row ``buffered``)
 * ``cat SRC | npystream convert - DST2.ragged``   (the same through a pipe: no index, no
   zero-copy, one element at a time through ``iter_objects``)
 * ``npystream convert DST.ragged BACK.npy``       (ragged store -> object .npy)
@@ -19,6 +22,7 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 Ratios are from the same run.  Usage::
 
     python benchmarks/bench_convert.py [--dir /work/benchdata] [--count 20000] [--repeat 3]
+        [--src FILE.npy] [--rows to_ragged,buffered,stdin,to_npy]
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ import numpy as np
 from npystream.demo import measure
 
 LO, HI = 1_000, 49_000
+ROWS = {
+    "cp": "cp",
+    "to_ragged": "convert object .npy -> ragged",
+    "buffered": "  same, copy_file_range off (buffered)",
+    "stdin": "cat | convert - (streamed) -> ragged",
+    "to_npy": "convert ragged -> object .npy",
+}
 
 
 def generate_float32_objects(path: str, count: int = 20_000, seed: int = 0) -> str:
@@ -78,8 +89,9 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 _CONVERT = """
 import json, sys, time
 t = time.perf_counter()
-from npystream.conversion import convert
-r = convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+import npystream.conversion as conversion
+conversion._COPY_RANGES = sys.argv[3] == "ranges"
+r = conversion.convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """
 
@@ -105,36 +117,64 @@ def main() -> None:
     ap.add_argument("--dir", default="/work/benchdata")
     ap.add_argument("--count", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--src", help="an existing object .npy to convert instead of the generated one")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"comma-separated rows to run (default all: {','.join(ROWS)}; cp always runs)")
     a = ap.parse_args()
+    wanted = {r.strip() for r in a.rows.split(",") if r.strip()} | {"cp"}
+    unknown = wanted - set(ROWS)
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; pick from {','.join(ROWS)}")
+    if "to_npy" in wanted:
+        wanted.add("to_ragged")  # converts the store that row makes
     os.makedirs(a.dir, exist_ok=True)
-    src = os.path.join(a.dir, f"objects_f32_{a.count}_seed0.npy")
+    src = a.src or os.path.join(a.dir, f"objects_f32_{a.count}_seed0.npy")
     t = time.perf_counter()
-    generate_float32_objects(src, a.count)
+    if not a.src:
+        generate_float32_objects(src, a.count)
     gen_s = time.perf_counter() - t
     size = os.path.getsize(src)
     print(f"file: {src}  {size / 1e9:.2f} GB, {a.count} float32 arrays (ready in {gen_s:.1f} s)")
     copy = os.path.join(a.dir, "bench_convert_cp.npy")
     store = os.path.join(a.dir, "bench_convert.ragged")
     back = os.path.join(a.dir, "bench_convert_back.npy")
-    rows: dict[str, list[tuple[float, float, int | None]]] = {
-        "cp": [], "to_ragged": [], "to_npy": [], "stdin": []}
-    for _ in range(a.repeat):
+    buffered = store + ".buffered"
+    rows: dict[str, list[tuple[float, float, int | None]]] = {name: [] for name in ROWS}
+    for _ in range(a.repeat):  # interleaved: cp, then each conversion, then cp again next round
         _warm(src)
         _tree_rm(copy)
         rows["cp"].append(_run(_CP, src, copy))
         _tree_rm(copy)
-        _warm(src)
-        _tree_rm(store)
-        rows["to_ragged"].append(_run(_CONVERT, src, store))
-        _tree_rm(back)
-        rows["to_npy"].append(_run(_CONVERT, store, back))
-        _tree_rm(store + "2")
-        rows["stdin"].append(_run(_CONVERT, "-", store + "2", stdin=src))
-        _tree_rm(store + "2")
-    same = subprocess.run([sys.executable, "-m", "npystream", "verify", src, store],
-                          capture_output=True, text=True)
-    identical = subprocess.run(["cmp", "-s", src, back]).returncode == 0
-    for p in (copy, store, back):
+        if "to_ragged" in wanted:
+            _warm(src)
+            _tree_rm(store)
+            rows["to_ragged"].append(_run(_CONVERT, src, store, "ranges"))
+        if "buffered" in wanted:
+            _warm(src)
+            _tree_rm(buffered)
+            rows["buffered"].append(_run(_CONVERT, src, buffered, "buffer"))
+        if "to_npy" in wanted:
+            _tree_rm(back)
+            rows["to_npy"].append(_run(_CONVERT, store, back, "ranges"))
+        if "stdin" in wanted:
+            _tree_rm(store + "2")
+            rows["stdin"].append(_run(_CONVERT, "-", store + "2", "ranges", stdin=src))
+            _tree_rm(store + "2")
+    checks = []
+    if "to_ragged" in wanted:
+        same = subprocess.run([sys.executable, "-m", "npystream", "verify", src, store],
+                              capture_output=True, text=True)
+        checks.append(f"verify SRC vs store: {same.stdout.strip() or same.stderr.strip()}")
+    if "to_ragged" in wanted and "buffered" in wanted:
+        parts = sorted(os.listdir(store))
+        ident = parts == sorted(os.listdir(buffered)) and all(
+            subprocess.run(["cmp", "-s", os.path.join(store, f), os.path.join(buffered, f)]).returncode == 0
+            for f in parts)
+        checks.append(f"store from copy_file_range byte-identical to the buffered path's: {ident}")
+    if "to_npy" in wanted:
+        identical = subprocess.run(["cmp", "-s", src, back]).returncode == 0
+        checks.append(f"ragged -> .npy output byte-identical to the source: {identical}")
+    for p in (copy, store, back, buffered):
         _tree_rm(p)
 
     def med(name: str, i: int) -> float:
@@ -146,14 +186,17 @@ def main() -> None:
 
     cp = med("cp", 0)
     print(f"\nmedian of {a.repeat} runs, page cache warm; wall = whole process incl. interpreter start")
-    print(f"{'':34} {'wall s':>8} {'in-process s':>13} {'x cp (wall)':>12} {'GB/s':>6}  peak RssAnon")
-    for name, label in (("cp", "cp"), ("to_ragged", "convert object .npy -> ragged"),
-                        ("stdin", "cat | convert - (streamed) -> ragged"),
-                        ("to_npy", "convert ragged -> object .npy")):
+    print(f"{'':40} {'wall s':>8} {'in-process s':>13} {'x cp (wall)':>12} {'GB/s':>6}  peak RssAnon")
+    for name in ROWS:
+        if name not in wanted:
+            continue
         w, s = med(name, 0), med(name, 1)
-        print(f"{label:34} {w:8.2f} {s:13.2f} {w / cp:12.2f} {size / 1e9 / w:6.2f}  {peak(name)}")
-    print(f"\nverify SRC vs store: {same.stdout.strip() or same.stderr.strip()}")
-    print(f"ragged -> .npy output byte-identical to the np.save-identical source: {identical}")
+        each = " ".join(f"{r[0]:.2f}" for r in rows[name])
+        print(f"{ROWS[name]:40} {w:8.2f} {s:13.2f} {w / cp:12.2f} {size / 1e9 / w:6.2f}  {peak(name)}"
+              f"   (runs: {each})")
+    print()
+    for line in checks:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import IO, Any
 
+import numpy as np
+
 from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
 from npystream.formats.npy import read_header
@@ -308,6 +310,12 @@ def describe_source(spec: str) -> SourceInfo:
 _INDEX_LIMIT = 2_000_000
 _CHUNK = 64
 _WRITER_BUFFER = 1 << 20
+# Elements of at least this many bytes that are zero-copy views of the source file are
+# copied into the store file to file (RaggedWriter.append_from_file: os.copy_file_range,
+# what `cp` does): no copy through user space and no page faults on the source's map.
+# Smaller ones are cheaper to gather in the writer's buffer.
+_RANGE_MIN = 16 << 10
+_COPY_RANGES = True  # False: every element goes through the buffer (benchmarks/bench_convert.py)
 
 
 def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = (),
@@ -329,8 +337,8 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
     if src.kind != "object":
         raise UnsupportedError(f"{src.label} holds a fixed dtype, not objects")
     opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
-    plain = src.stream is None and src.member is None and not src.compressed
-    if views and plain and src.count is not None and src.count <= _INDEX_LIMIT:
+    plain = _plain(src)
+    if views and _indexable(src):
         return _indexed_elements(src.path, start, opts)
     from npystream.objects import iter_objects
 
@@ -341,19 +349,93 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
     return it
 
 
-def _indexed_elements(path: Any, start: int, opts: dict[str, Any]) -> Iterator[Any]:
-    from npystream.object_array import ObjectArray
+def _plain(src: SourceInfo) -> bool:
+    return src.stream is None and src.member is None and not src.compressed
 
-    arr = ObjectArray(path, zero_copy=True, **opts)
+
+def _indexable(src: SourceInfo) -> bool:
+    """Whether an object source is read through its offset index (zero-copy views)."""
+    return _plain(src) and src.count is not None and src.count <= _INDEX_LIMIT
+
+
+def _indexed_elements(path: Any, start: int, opts: dict[str, Any]) -> Iterator[Any]:
+    src = _IndexedSource(path, start, opts, locate=False)
     try:
-        arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
+        yield from src
+    finally:
+        src.close()
+
+
+class _IndexedSource:
+    """The elements of a plain object ``.npy`` from ``start``, as zero-copy views through its index.
+
+    With ``locate=True``, :attr:`fd` is an open descriptor of the source file
+    and :meth:`file_offset` says where a view's bytes lie in it (for
+    ``RaggedWriter.append_from_file``), or None when it is not a view of
+    the file.
+    """
+
+    def __init__(self, path: Any, start: int, opts: dict[str, Any], *, locate: bool) -> None:
+        from npystream.object_array import ObjectArray
+
+        self.fd: int | None = None
+        self._lo = self._hi = self._shift = 0
+        self._start = start
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if locate else None
+        try:
+            self._arr = ObjectArray(path, zero_copy=True, **opts)
+            try:
+                self._arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
+                located = fd is not None and self._locate(fd)
+            except BaseException:
+                self._arr.close()
+                raise
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if located:
+            self.fd = fd
+        elif fd is not None:
+            os.close(fd)
+
+    def _locate(self, fd: int) -> bool:
+        mapping = self._arr.file_mapping()
+        if mapping is None:
+            return False
+        where, base, address, size = mapping
+        st = os.fstat(fd)
+        try:
+            now = os.stat(where) if isinstance(where, str) else os.fstat(where)
+        except OSError:
+            return False
+        # the views point into a map of the file at `where`: copy from it only if it is the
+        # file our descriptor reads (not replaced in between) and holds the mapped bytes
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or st.st_size < base + size:
+            return False
+        self._lo, self._hi, self._shift = address, address + size, base - address
+        return True
+
+    def __iter__(self) -> Iterator[Any]:
+        arr = self._arr
         n = arr.size
-        for i in range(start, n, _CHUNK):
+        for i in range(self._start, n, _CHUNK):
             chunk = arr.get(range(i, min(n, i + _CHUNK)))
             yield from chunk
             del chunk
-    finally:
-        arr.close()
+
+    def file_offset(self, x: Any) -> int | None:
+        """Where the bytes of ``x`` (a C-contiguous ndarray) lie in the file at :attr:`fd`, or None."""
+        p = x.__array_interface__["data"][0]
+        if self._lo <= p and p + x.nbytes <= self._hi:
+            return p + self._shift
+        return None
+
+    def close(self) -> None:
+        self._arr.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # --------------------------------------------------------------------------- #
@@ -620,15 +702,23 @@ def _object_to_ragged(
                               buffer_size=_WRITER_BUFFER)
         try:
             start = count = len(writer)
-            elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
-                                     start=start, views=True)
             bar.add(start, 0)
-            append = writer.append
-            add = bar.add
-            for x in elements:
-                append(x)
-                count += 1
-                add(1, _nbytes(x))
+            if _COPY_RANGES and info.kind == "object" and _indexable(info):
+                opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
+                indexed = _IndexedSource(info.path, start, opts, locate=True)
+                try:
+                    count = _append_indexed(writer, indexed, bar, count)
+                finally:
+                    indexed.close()
+            else:
+                elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
+                                         start=start, views=True)
+                append = writer.append
+                add = bar.add
+                for x in elements:
+                    append(x)
+                    count += 1
+                    add(1, _nbytes(x))
         except CastError as exc:
             _close_quietly(writer)
             raise CastError(
@@ -659,6 +749,40 @@ def _object_to_ragged(
         raise
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0,
                          _tree_size(dst), 0.0, resumed_from=start, notes=notes)
+
+
+def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int) -> int:
+    """Append every element of ``indexed``; large views of the file are copied by the kernel.
+
+    Returns ``count`` plus the number of elements appended.
+    """
+    append = writer.append
+    add = bar.add
+    fd = indexed.fd
+    if fd is None:
+        for x in indexed:
+            append(x)
+            count += 1
+            add(1, _nbytes(x))
+        return count
+    from_file = writer.append_from_file
+    file_offset = indexed.file_offset
+    ndarray = np.ndarray
+    least = _RANGE_MIN
+    for x in indexed:
+        if type(x) is ndarray and x.nbytes >= least:
+            offset = file_offset(x)
+            if offset is not None:
+                from_file(x, fd, offset)
+            else:
+                append(x)
+            count += 1
+            add(1, x.nbytes)
+            continue
+        append(x)
+        count += 1
+        add(1, _nbytes(x))
+    return count
 
 
 def _close_quietly(writer: Any) -> None:

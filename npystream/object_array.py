@@ -581,6 +581,26 @@ class ObjectArray:
         """Where the saved index lives (or would), for path sources; None otherwise."""
         return index_path_for(self._path) if self._path is not None and self._nsidx else None
 
+    def file_mapping(self) -> tuple[str | int, int, int, int] | None:
+        """Where zero-copy views live: ``(path_or_fd, file_offset, address, size)``, or None.
+
+        The memory map that indexing's zero-copy views point into covers
+        ``size`` bytes at ``address``, which are the bytes at ``file_offset``
+        of the file ``path_or_fd``: a view ``v`` with ``address <= p`` and
+        ``p + v.nbytes <= address + size`` (``p = v.ctypes.data``) holds the
+        file's bytes at ``file_offset + p - address`` (for copying them file
+        to file).  None when the array is not zero-copy or the map is empty.
+        """
+        src = self._live()
+        if not self._zero_copy:
+            return None
+        target = src.mmap_target()
+        view = src.map()
+        if target is None or not view.nbytes:
+            return None
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        return target[0], target[1], address, view.nbytes
+
     def __len__(self) -> int:
         if not self._header.shape:
             raise TypeError("len() of unsized object (a 0-d object array; use arr[()] or iterate)")

@@ -155,6 +155,13 @@ _HEADER_RETRIES = 3
 _CASTINGS = ("no", "equiv", "safe", "same_kind", "unsafe")
 # Elements buffered before a commit at the latest: bounds the pending offsets list.
 _MAX_PENDING = 65536
+# copy_file_range errors that mean "not here" (other file systems, old kernels, special
+# files): RaggedWriter.append_from_file then writes the element from memory instead.
+_NO_COPY_RANGE = frozenset(
+    getattr(errno, name) for name in
+    ("EXDEV", "ENOSYS", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF", "EPERM", "ETXTBSY", "EOVERFLOW")
+    if hasattr(errno, name)
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -1045,6 +1052,7 @@ class RaggedWriter:
         self._fast: np.dtype | None = None  # set when the hot path of append() applies
         self._commit_bytes = max(buffer_size, commit_bytes)
         self._broken = False
+        self._copy_range = hasattr(os, "copy_file_range")
         if dtype is not None:
             dt = np.dtype(dtype)
             if kind is None:
@@ -1338,6 +1346,81 @@ class RaggedWriter:
                         self._commit()
                     return
         self._append_slow(x)
+
+    def append_from_file(self, x: Any, fd: int, offset: int) -> None:
+        """Append ``x``, whose raw bytes are also at ``offset`` in file ``fd``: a kernel copy.
+
+        For an element that is a view of a memory-mapped file (``fd`` open for
+        reading on that file): when ``x`` is a C-contiguous ndarray of the
+        store's dtype and ndim, its ``x.nbytes`` bytes are copied file to file
+        with ``os.copy_file_range`` (no copy through user space, no page faults
+        on the mapping); the store is the same as ``append(x)`` makes, byte
+        for byte.  Anything else, and any file system or kernel without
+        ``copy_file_range``, takes the path of :meth:`append`.  The caller
+        guarantees that the file holds ``x``'s bytes at ``offset``.
+        """
+        if (
+            self._buf is None
+            or self._kind != "array"
+            or type(x) is not np.ndarray
+            or x.ndim != self._ndim
+            or not x.flags.c_contiguous
+            or (x.dtype is not self._dtype and x.dtype != self._dtype)
+        ):
+            self.append(x)
+            return
+        if self._closed or self._broken:
+            self._append_slow(x)  # raises the usual error
+            return
+        if self._pos:  # buffered elements go first (they precede x in values.npy)
+            self._write_bytes(self._mv[: self._pos])
+            self._pos = 0
+        nbytes = x.nbytes
+        dst = self._hdr_len[VALUES] + (self._nitems + self._pend_items) * self._isz
+        done = 0
+        try:
+            if self._copy_range:
+                done = self._copy_file_range(fd, offset, dst, nbytes)
+            if done < nbytes:
+                _pwrite_all(self._fds[VALUES], x.reshape(-1).view(np.uint8)[done:], dst + done)
+        except (OSError, NpyStreamError):
+            self._broken = True
+            self._fast = None
+            raise
+        # An interrupt (KeyboardInterrupt from Ctrl-C, SystemExit from SIGTERM) leaves the
+        # writer consistent: x is not counted, its partial bytes lie past the pending end
+        # (overwritten by the next element, or cut off by a resume), so close() can still
+        # commit everything appended before it.
+        self._pend_items += x.size
+        self._pend_lens.append(x.size)
+        if self._ndim >= 2:
+            self._pend_shapes.extend(x.shape)
+        self._maybe_commit()
+
+    def _copy_file_range(self, fd: int, offset: int, dst: int, nbytes: int) -> int:
+        """Copy up to ``nbytes`` from ``fd`` at ``offset`` to values.npy at ``dst``; bytes copied.
+
+        Stops early (and stops trying for this writer) where copy_file_range is
+        unsupported; raises TruncatedError when the source ends early.
+        """
+        out = self._fds[VALUES]
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(fd, out, nbytes - done, offset + done, dst + done)
+            except OSError as exc:
+                if exc.errno in _NO_COPY_RANGE:
+                    self._copy_range = False
+                    return done
+                raise
+            if n == 0:
+                raise TruncatedError(
+                    f"the source file ends before byte {offset + nbytes} of an element being copied "
+                    "into the store (was it truncated while converting?)",
+                    path=self._path, offset=offset + done,
+                )
+            done += n
+        return done
 
     def _append_slow(self, x: Any) -> None:
         if self._closed:
