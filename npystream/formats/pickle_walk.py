@@ -679,8 +679,10 @@ class _Engine:
         self.direct = live is not None and not self.structured and _DIRECT
         self.roles: dict[int, tuple[int, Any]] = {}  # memo index -> (role, object) for direct decoding
         self.role_src: dict[int, tuple[Any, str, Any]] = {}  # dtype roles: (memo value, its str, names)
+        self.direct_fn = _direct_run
+        self.direct_c = _direct_run is not _py_direct_run  # the C twin reads int64 buffers, the Python one lists
         keys = sorted(live) if live else []
-        self.live_keys: Any = np.array(keys, dtype=np.int64) if _SPEEDUPS else keys  # the C twin reads a buffer
+        self.live_keys: Any = np.array(keys, dtype=np.int64) if self.direct_c else keys
         self.live_offsets = np.sort(np.fromiter(live.values(), dtype=np.int64, count=len(live))) if live else None
         self.zc_views = zero_copy and view is not None
 
@@ -853,11 +855,11 @@ class _Engine:
             hot = lo[a:b]
         else:
             hot = _NO_INTS
-        if _SPEEDUPS:  # the C twin reads int64 buffers
+        if self.direct_c:
             sl = np.ascontiguousarray(starts, dtype=np.int64)
             el = np.ascontiguousarray(ends, dtype=np.int64)
             ml = np.ascontiguousarray(memos, dtype=np.int64)
-        else:  # the Python twin indexes lists
+        else:
             sl, el, ml, hot = starts.tolist(), ends.tolist(), memos.tolist(), hot.tolist()
         view_fn = self._view_fn(buf) if self.zc_views else None
         roles = self.roles
@@ -866,7 +868,7 @@ class _Engine:
         programs = 0
         while i < k:
             try:
-                j, m = _direct_run(buf, base, sl, el, ml, i, k, roles, self.live_keys, hot, view_fn, out)
+                j, m = self.direct_fn(buf, base, sl, el, ml, i, k, roles, self.live_keys, hot, view_fn, out)
             except Exception as exc:  # numpy refusing a state the checks let through
                 j = len(out)
                 raise _Partial(out, _load_error(exc, self.path, int(starts[j]), first + j)) from None
@@ -878,7 +880,7 @@ class _Engine:
             # the unpickler takes element j and the following ones that cannot be direct
             nxt = j + 1
             programs += 1
-            if programs > 16:  # a chunk of mostly other kinds: the rest in one program
+            if programs > 16 and programs * 8 > j:  # a chunk of mostly other kinds: the rest in one program
                 nxt = k
             else:
                 while nxt < k and not self._candidate(buf, int(starts[nxt]) - base):
@@ -1113,17 +1115,17 @@ def _chunks(index: PickleIndex, start: int, stop: int) -> Iterator[tuple[int, in
 
 
 class _CopyingView:
-    """The mapped file as the copying mode's persistent-id resolver: a slice is a fresh writeable copy.
+    """The mapped file as the copying mode's persistent-id resolver: a slice is a fresh ``bytes`` copy.
 
-    Copying mode on a mapped file, for chunks of large elements: the rewriter
-    replaces an array's raw-data BINBYTES by ``(offset, length)`` exactly as
-    for zero-copy, and the unpickler's ``persistent_load`` slices this object,
-    which copies the payload once from the mapping into a new uint8 array and
-    returns its (writeable) memoryview.  ``_build_array`` then makes the
-    element with ``np.frombuffer`` on it: writeable, backed by memory it alone
-    references (never the mapping), with numpy's dtype/shape/order; byte-swapped
-    dtypes still go through ``__setstate__`` like ``np.load``.  One copy
-    per payload instead of two (program bytes, then the ``bytes`` numpy keeps).
+    Copying mode on a mapped file, for chunks of large elements that are not
+    decoded directly (see :mod:`npystream.formats.pickle_direct`): the
+    rewriter replaces an array's raw-data BINBYTES by ``(offset, length)``
+    exactly as for zero-copy, and the unpickler's ``persistent_load`` slices
+    this object, which copies the payload once from the mapping into a new
+    ``bytes``; ``_build_array`` hands it to numpy's ``__setstate__``, which
+    keeps large aligned payloads without copying them again.  The array is
+    what ``np.load`` makes (same flags, same kind of base), with one copy per
+    payload instead of two (program bytes, then the ``bytes`` numpy keeps).
     """
 
     __slots__ = ("view",)
@@ -1131,8 +1133,8 @@ class _CopyingView:
     def __init__(self, view: Any) -> None:
         self.view = view
 
-    def __getitem__(self, key: slice) -> memoryview:
-        return np.array(self.view[key]).data
+    def __getitem__(self, key: slice) -> bytes:
+        return bytes(self.view[key])
 
 
 def _fetcher(src: ByteSource, view: Any) -> Any:
