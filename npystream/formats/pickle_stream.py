@@ -1,14 +1,65 @@
 """Streaming an object ``.npy`` pickle from a forward-only source (pipes, gzip, deflated zip members).
 
-The policy (see :mod:`npystream.formats.pickle_walk`, "Streaming from a
-non-seekable source"): no liveness pre-pass is possible, so the scanner
-reads through a window of raw pickle bytes, elements are decoded by the same
-:class:`~npystream.formats.pickle_walk._Engine` as on seekable files, and
-memo values are kept across batches only within the ``RETAIN_*`` budget.
+The policy (see also :mod:`npystream.formats.pickle_walk`, "Streaming from a
+non-seekable source"): no liveness pre-pass is possible, so the scanner reads
+through a *window* of raw pickle bytes, elements are decoded by the same
+:class:`~npystream.formats.pickle_walk._Engine` as on seekable files, and memo
+values are kept across batches only within the ``RETAIN_*`` budget.
+
+Bounded memory, independent of the batch size
+---------------------------------------------
+numpy writes 1000 elements per ``MARK ... APPENDS`` batch, so a batch of 1 MB
+arrays is 1 GB of raw bytes.  Element boundaries are only *certain* at the
+batch's closing APPENDS (a later BUILD, SETITEM, TUPLE2/3 or APPEND may still
+fold the next stack slots into the current element), so holding whole batches
+would be exact but not bounded.  Instead:
+
+* **Speculation.**  Whenever the scanner pauses for more data inside a batch
+  and more than ``SPEC_TRIGGER`` bytes of the batch are still undecoded, the
+  open batch's tentative slot starts (``st.starts``/``st.memo_at``) name slots
+  ``0 .. h-1``; a slot ``i`` is decoded and yielded as an element when it is
+  at least ``SPEC_MARGIN`` slots below the top (a single opcode folds at most
+  three slots) *and* at least ``SPEC_LAG`` bytes were scanned after its end
+  without it being folded.  numpy's writer never folds across elements (every
+  element's opcodes push exactly one object), so for ``np.save`` files the
+  speculation is right unless one element keeps four or more objects pending
+  across ``SPEC_LAG`` bytes (e.g. ``{k: {k: <4 MB array>}}`` chains of
+  one-item containers), which the check below catches.
+* **Check.**  At every pause and at the closing APPENDS the speculated element
+  bounds must still be slot bounds (the scanner deletes the starts of folded
+  slots).  If not, :class:`~npystream.errors.UnsupportedError` names the
+  element, the offset and the fix (read from a seekable source); the elements
+  already yielded stay yielded.  This is the same kind of documented streaming
+  limit as the ``RETAIN_*`` policy: it never yields an element whose bytes are
+  not exactly its final bytes without raising right after.
+* **Memo.**  A batch's memo writes are decided run by run: a value whose last
+  GET seen so far lies after the decoded part stays (a later element of the
+  window reads it); the others go through ``_Engine.retain`` (kept if small,
+  within the budget).  So back-references within ``SPEC_LAG`` bytes and within
+  a batch that never speculated are exact, like before; a large object read
+  back from further away raises ``UnsupportedError`` as across batches.
+* **Window.**  One buffer (``numpy.empty``: pages cost memory only once
+  written) that is compacted in place when its dead prefix is large, grown
+  geometrically when live data fills it, and shrunk after a large element.
+  An opcode longer than the window (a big array's raw bytes) grows it once to
+  the exact size its length field announces, the payload 64-byte aligned.
+* **Payloads.**  In runs of large elements (``LARGE_ELEMENT_BYTES`` on
+  average) an array's raw-data BINBYTES of ``ZC_MIN`` bytes or more is
+  replaced by a persistent id (the rewriter's zero-copy substitution; its
+  memo write is dropped: numpy never reads an array's bytes back), resolved by
+  :class:`_WindowPayloads`: a payload of ``HAND_OFF`` bytes or more that fills
+  most of the window becomes the array's memory itself (the window then moves
+  to a fresh buffer), smaller ones are copied once.  So one 300 MB element
+  costs about 300 MB, not the 4 copies of window, program, ``bytes`` and array.
+
+Reads stay at ``STREAM_READ`` granularity.  Peak memory is about
+``SPEC_TRIGGER + SPEC_LAG`` plus the ``SPEC_MARGIN`` top slots, one decoded
+run (``CHUNK_BYTES``) and the retained memo (``RETAIN_BYTES``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +67,31 @@ import numpy as np
 
 from npystream.errors import FormatError, UnsafePickleError, UnsupportedError
 from npystream.formats.npy import NpyHeader
-from npystream.formats.pickle_ops import ST_BATCH, ST_DONE, ScanError, ScanState
-from npystream.formats.pickle_safety import SafetyPolicy
+from npystream.formats.pickle_ops import (
+    _BYTES_OPS,
+    _GET_CODES,
+    A_LINE2,
+    K_PUT,
+    OP_ARG_T,
+    OP_FRAME,
+    OP_KIND_T,
+    PH_BODY,
+    ST_BATCH,
+    ST_DONE,
+    ScanError,
+    ScanState,
+    _line_end,
+    _pack_I,
+    _zero_copy_target,
+)
+from npystream.formats.pickle_safety import TOKEN_TYPES, ArrayProto, SafetyPolicy
 from npystream.formats.pickle_walk import (
+    _RETAIN_TYPES,
     CHUNK_BYTES,
+    LARGE_ELEMENT_BYTES,
+    RETAIN_BYTES,
+    RETAIN_MAX,
+    RETAIN_ONE,
     STREAM_READ,
     _Batch,
     _Engine,
@@ -34,138 +106,509 @@ from npystream.formats.pickle_walk import (
 )
 from npystream.sources import ByteSource
 
+# limits of the streaming reader (each with its reason)
+SPEC_TRIGGER = 8 << 20  # speculate only when this much of an open batch is undecoded (small batches stay exact)
+SPEC_LAG = 2 << 20  # ... and only on slots followed by this many scanned bytes (nested small objects never qualify)
+SPEC_MARGIN = 3  # ... and never on the top 3 slots (one opcode folds at most 3 slots into one)
+ZC_MIN = 64 << 10  # array payloads at least this big go through a persistent id (one copy, not three)
+HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes the array's memory
+WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
+_ROOM_AFTER_BIG = SPEC_LAG + 2 * STREAM_READ  # room left after a big opcode so speculation can release it
+_ALIGN = 64  # a big payload starts at this alignment in its window buffer
+_NO_LIVE: dict[int, int] = {}
+
+
+class _Window:
+    """Raw pickle bytes ``[base + lo, base + hi)`` of a forward-only source, in one buffer."""
+
+    def __init__(self, src: ByteSource, offset: int) -> None:
+        self.src = src
+        self.mem = np.empty(WINDOW_MIN, dtype=np.uint8)
+        self.buf = memoryview(self.mem)
+        self.base = offset  # file offset of buf[0]
+        self.lo = 0  # bytes before lo are no longer needed
+        self.hi = 0  # bytes at and after hi are not read yet
+        self.eof = False
+        self.donated = False  # part of mem is an array's memory: never write into mem again
+
+    def discard_before(self, offset: int) -> None:
+        """Bytes before file ``offset`` are no longer needed."""
+        k = offset - self.base
+        if k > self.lo:
+            self.lo = min(k, self.hi)
+
+    def fill(self, pos: int) -> int:
+        """Read up to ``STREAM_READ`` more bytes (0 at the end); ``pos`` (a window index) is the scan position.
+
+        Returns the scan position, which moves when the buffer is compacted or replaced.
+        """
+        cap = len(self.mem)
+        need, payload = _pending_opcode(self.buf, pos, self.hi)
+        room = STREAM_READ
+        if need:  # a long opcode: make room for all of it now, and then some
+            room = max(pos + need - self.hi, 0) + _ROOM_AFTER_BIG
+        if self.hi + STREAM_READ > cap or (need and pos + need > cap) or self.donated:
+            pos = self._rearrange(pos, room, payload)
+        n = self.src.readinto(self.buf[self.hi : min(self.hi + STREAM_READ, len(self.mem))])
+        if not n:
+            self.eof = True
+        self.hi += n
+        return pos
+
+    def _rearrange(self, pos: int, room: int, payload: int) -> int:
+        lo, hi = self.lo, self.hi
+        keep = hi - lo
+        target = keep + room
+        shift = -(payload - lo) % _ALIGN if payload >= 0 else 0  # align the big payload
+        cap = len(self.mem)
+        if self.donated or cap > 4 * max(target + shift, WINDOW_MIN):
+            new_cap = target + shift if payload >= 0 else 2 * target  # a fresh (or smaller) buffer
+        elif target + shift <= cap and (lo >= cap // 4 or payload >= 0):
+            new_cap = 0  # compact in place: the dead prefix is large
+        else:
+            new_cap = target + shift if payload >= 0 else max(target, 2 * keep)  # live data grows: geometric
+        if new_cap:
+            mem = np.empty(max(new_cap, WINDOW_MIN), dtype=np.uint8)
+            buf = memoryview(mem)
+            if keep:
+                buf[shift : shift + keep] = self.buf[lo:hi]
+            self.mem, self.buf = mem, buf  # the old buffer goes when no array views it
+            self.donated = False
+        elif keep:  # memoryview assignment is a memmove
+            self.buf[shift : shift + keep] = self.buf[lo:hi]
+        self.base += lo - shift
+        self.lo = shift
+        self.hi = shift + keep
+        return pos - lo + shift
+
+    def payload(self, offset: int, n: int) -> memoryview:
+        """Bytes ``[offset, offset + n)`` (file offsets) as a writeable buffer no one else uses."""
+        a = offset - self.base
+        if n >= HAND_OFF and 2 * n >= len(self.mem):
+            self.donated = True  # this buffer is now (mostly) the array: the next fill moves on
+            return self.buf[a : a + n]
+        return np.array(self.buf[a : a + n]).data
+
+
+class _WindowPayloads:
+    """The persistent-id resolver of the streaming engine: ``[offset:offset + n]`` -> a payload buffer."""
+
+    __slots__ = ("window",)
+
+    def __init__(self, window: _Window) -> None:
+        self.window = window
+
+    def __getitem__(self, key: slice) -> memoryview:
+        return self.window.payload(key.start, key.stop - key.start)
+
+
+def _pending_opcode(buf: Any, pos: int, hi: int) -> tuple[int, int]:
+    """(total size, payload index) of a length-prefixed opcode at ``buf[pos]`` that is cut off; (0, -1) else."""
+    if pos >= hi:
+        return 0, -1
+    a = OP_ARG_T[buf[pos]]
+    if a not in (-4, -5, -8):
+        return 0, -1
+    la = 8 if a == -8 else 4
+    if pos + 1 + la > hi:
+        return 0, -1
+    length = int.from_bytes(buf[pos + 1 : pos + 1 + la], "little", signed=a == -5)
+    total = 1 + la + max(length, 0)
+    if total <= STREAM_READ or pos + total <= hi:
+        return 0, -1
+    return total, pos + 1 + la
+
+
+def _payload_memos(buf: Any, pos: int, end: int, memo: int) -> tuple[list[int], int]:
+    """Memo indices written right after array payloads of ``ZC_MIN`` bytes or more in ``buf[pos:end]``.
+
+    ``buf[pos:end]`` holds whole opcodes the scanner validated and ``memo`` is
+    the memo counter at ``pos`` (memo writes are sequential).  Also returns
+    the counter at ``end``.
+    """
+    skip: list[int] = []
+    arg_t = OP_ARG_T
+    kind_t = OP_KIND_T
+    while pos < end:
+        op = buf[pos]
+        a = arg_t[op]
+        if a == 0:
+            npos = pos + 1
+        elif 0 < a < 100:
+            npos = pos + 1 + a
+        elif a < 0:
+            la = 1 if a == -1 else (8 if a == -8 else 4)
+            length = buf[pos + 1] if la == 1 else int.from_bytes(buf[pos + 1 : pos + 1 + la], "little", signed=a == -5)
+            npos = pos + 1 + la + length
+            if op in _BYTES_OPS and length >= ZC_MIN and _zero_copy_target(buf, npos, end, memo, _NO_LIVE):
+                q = npos
+                while q < end and buf[q] == OP_FRAME:
+                    q += 9
+                if q < end and kind_t[buf[q]] == K_PUT:
+                    skip.append(memo)
+        else:
+            npos = _line_end(buf, pos + 1, end, 2 if a == A_LINE2 else 1)
+        if kind_t[op] == K_PUT:
+            memo += 1
+        pos = npos
+    return skip, memo
+
+
+def _deep_size(v: Any) -> int:
+    """Bytes a memo value keeps alive, counting what containers hold (``> RETAIN_ONE`` once it is too big).
+
+    ``_rough_size`` (pickle_walk) counts containers shallowly, so a pinned
+    ndarray state tuple would keep its raw bytes alive uncounted.
+    """
+    total = 0
+    stack = [v]
+    seen: set[int] = set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if len(seen) > 4096:
+            return RETAIN_ONE + 1
+        t = type(x)
+        if t is memoryview:
+            total += x.nbytes + 184
+        elif isinstance(x, np.ndarray):
+            total += int(x.nbytes) + 112
+            if x.base is not None:
+                stack.append(x.base)
+        elif t is ArrayProto or t is tuple or t is list or t is set or t is frozenset:
+            total += sys.getsizeof(x)
+            stack.extend(x)
+        elif t is dict:
+            total += sys.getsizeof(x)
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        else:
+            try:
+                total += sys.getsizeof(x)
+            except TypeError:
+                return RETAIN_ONE + 1
+        if total > RETAIN_ONE:
+            return total
+    return total
+
+
+def _retain(eng: _Engine, cand: list[int], pinned: set[int]) -> None:
+    """``_Engine.retain`` with sizes that count what containers hold (see :func:`_deep_size`).
+
+    Kept: globals (classes, functions), dtypes, and values of at most
+    RETAIN_ONE bytes while the total stays under RETAIN_BYTES and RETAIN_MAX
+    entries; every other memo slot in ``cand`` is released.
+    """
+    rw = eng.rw
+    slot_of = rw.slot_of
+    cand = [m for m in cand if m in slot_of and m not in pinned]
+    if not cand:
+        return
+    out = bytearray(b"(")
+    for m in cand:
+        s = slot_of[m]
+        out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
+    out += b"t."
+    values = eng._run_program(out, elements=False)
+    for m, v in zip(cand, values):
+        keep = False
+        if len(pinned) < RETAIN_MAX:
+            if isinstance(v, _RETAIN_TYPES) or isinstance(v, TOKEN_TYPES):
+                keep = True
+            else:
+                size = _deep_size(v)
+                if size <= RETAIN_ONE and eng.retained_bytes + size <= RETAIN_BYTES:
+                    eng.retained_bytes += size
+                    keep = True
+        if keep:
+            pinned.add(m)
+        else:
+            rw.free.append(slot_of.pop(m))
+    del values
+
 
 class _StreamScan:
-    """Scan a forward-only source through a window holding the current batch's raw bytes."""
+    """Scan a forward-only source for its batches only (the index of a seekable, unmappable file).
+
+    The bytes before the scan position are dropped at every pause: the
+    consumer of :meth:`batches` reads offsets, never the window.
+    """
 
     def __init__(self, src: ByteSource, header: NpyHeader, st: ScanState, path: str) -> None:
-        self.src = src
         self.header = header
         self.st = st
         self.path = path
-        self.window = bytearray()
-        self.wbase = header.data_offset  # file offset of window[0]
-        self.pos = 0  # scan position in the window
-        self.eof = False
-
-    def _fill(self) -> bool:
-        chunk = self.src.read(STREAM_READ)
-        if not chunk:
-            self.eof = True
-            self.st.data_end = self.wbase + len(self.window)
-            return False
-        self.window += chunk
-        return True
-
-    def discard_before(self, offset: int) -> None:
-        """Drop window bytes before file ``offset`` (already decoded)."""
-        k = offset - self.wbase
-        if k > 0:
-            del self.window[:k]
-            self.wbase = offset
-            self.pos -= k
+        self.win = _Window(src, header.data_offset)
+        self.pos = 0
 
     def batches(self) -> Iterator[_Batch]:
         st = self.st
+        win = self.win
         while True:
             try:
-                self.pos = _scan(self.window, self.pos, len(self.window), self.wbase, st)
+                self.pos = _scan(win.buf, self.pos, win.hi, win.base, st)
             except ScanError as err:
                 raise _scan_exc(err, self.path) from None
             if st.status == ST_BATCH:
-                batch = _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
-                yield batch
+                yield _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
             elif st.status == ST_DONE:
-                end = self.wbase + self.pos
-                extra = len(self.window) - self.pos
-                while not extra and not self.eof:
-                    if self._fill():
-                        extra = len(self.window) - self.pos
-                _finish(st, self.header, self.path, end, end + extra, bytes(self.window[self.pos : self.pos + 2]))
+                end = win.base + self.pos
+                while win.hi == self.pos and not win.eof:
+                    self.pos = win.fill(self.pos)
+                _finish(st, self.header, self.path, end, end + win.hi - self.pos, bytes(win.buf[self.pos : self.pos + 2]))
                 return
-            elif not self._fill():
-                raise _truncated(self.path, self.wbase + self.pos, st)
+            else:
+                if win.eof:
+                    raise _truncated(self.path, win.base + self.pos, st)
+                win.discard_before(win.base + self.pos)
+                self.pos = win.fill(self.pos)
+                if win.eof:
+                    st.data_end = win.base + win.hi
 
 
-def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> Iterator[list[Any]]:
-    from npystream.formats.pickle_safety import make_global_check
+class _StreamReader:
+    """One streaming pass: scan through the window, decode elements (speculatively in big batches)."""
 
-    path = src.name
-    st = ScanState(header.count, make_global_check(policy))
-    scan = _StreamScan(src, header, st, path)
-    engine: _Engine | None = None
-    pinned: set[int] = set()
-    produced = 0
+    def __init__(self, src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> None:
+        from npystream.formats.pickle_safety import make_global_check
 
-    def unsupported(m: int, index: int | None, offset: int) -> None:
+        self.src = src
+        self.header = header
+        self.policy = policy
+        self.stop = stop
+        self.path = src.name
+        self.st = ScanState(header.count, make_global_check(policy))
+        self.win = _Window(src, header.data_offset)
+        self.pos = 0  # scan position (window index)
+        self.engine: _Engine | None = None
+        self.pinned: set[int] = set()
+        self.held: list[int] = []  # memo indices decoded but not yet given to the retention policy
+        self.first = 0  # index of the open batch's first element
+        self.yielded = 0  # elements handed out
+        self.spec = 0  # elements of the open batch decoded speculatively
+        self.spec_starts: list[int] = []  # their starts
+        self.spec_end = -1  # where the last of them ends
+        self.failed = False
+
+    # -- the engine --------------------------------------------------------------
+    def _unsupported(self, m: int, index: int | None, offset: int) -> None:
         raise UnsupportedError(
-            f"element {index} reads back an object (memo entry {m}) from an earlier batch that streaming has "
+            f"element {index} reads back an object (memo entry {m}) from earlier in the stream that streaming has "
             "released to bound memory; read the file from a seekable source (the liveness pass makes every "
             "back-reference exact)",
-            path=path,
+            path=self.path,
             offset=offset,
             index=index,
         )
 
-    def start_engine() -> _Engine:
-        eng = _Engine(path, header, policy, live=None, view=None, zero_copy=False, free_on_read=False, proto=st.proto)
-        eng.resolver = unsupported
-        eng.decode_prefix(scan.window, scan.wbase, header.data_offset, st.body_start)
-        pinned.update(eng.rw.slot_of)
-        return eng
+    def _start_engine(self) -> _Engine:
+        if self.engine is None:
+            win = self.win
+            eng = _Engine(
+                self.path,
+                self.header,
+                self.policy,
+                live=None,
+                view=_WindowPayloads(win),
+                zero_copy=True,
+                free_on_read=False,
+                proto=self.st.proto,
+            )
+            eng.resolver = self._unsupported
+            eng.decode_prefix(win.buf, win.base, self.header.data_offset, self.st.body_start)
+            self.pinned.update(eng.rw.slot_of)
+            self.engine = eng
+        return self.engine
 
-    def run_batch(starts: np.ndarray, memo_at: np.ndarray, end: int, first: int) -> Iterator[list[Any]]:
-        eng = engine
-        assert eng is not None
-        s_arr = np.asarray(starts, dtype=np.int64)
-        e_arr = np.empty_like(s_arr)
-        e_arr[:-1] = s_arr[1:]
-        e_arr[-1] = end
-        fresh: list[int] = []
+    # -- decoding ------------------------------------------------------------------
+    def _decode(self, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, first: int, memo_end: int) -> Iterator[list[Any]]:
+        """Decode elements ``first ..`` (``[starts[j], ends[j])``) in runs of about ``CHUNK_BYTES``; yield the lists."""
+        eng = self._start_engine()
+        win = self.win
+        rw = eng.rw
+        k = min(len(starts), self.stop - first)
         i = 0
-        k = len(starts)
         while i < k:
-            j = int(np.searchsorted(s_arr, s_arr[i] + CHUNK_BYTES, side="left"))
+            j = int(np.searchsorted(starts, starts[i] + CHUNK_BYTES, side="left"))
             j = min(max(j, i + 1), k)
+            a, b = int(starts[i]), int(ends[j - 1])
+            m_lo = int(memos[i])
+            m_hi = int(memos[j]) if j < len(starts) else memo_end
+            live = None
+            if (b - a) >= LARGE_ELEMENT_BYTES * (j - i):
+                skip, _ = _payload_memos(win.buf, a - win.base, b - win.base, m_lo)
+                if skip:
+                    live = dict.fromkeys(range(m_lo, m_hi), -1)
+                    for m in skip:
+                        del live[m]
+            rw.live = live
             try:
-                items = eng.decode_run(scan.window, scan.wbase, s_arr[i:j], e_arr[i:j], memo_at[i:j], first + i)
+                items = eng.decode_run(win.buf, win.base, starts[i:j], ends[i:j], memos[i:j], first + i)
             except _Partial as part:
+                self.yielded += len(part.items)
+                self.failed = True  # an element failed to build: no tentative elements after it
                 yield part.items
                 raise part.error from None
-            fresh.extend(eng.rw.fresh)
+            finally:
+                rw.live = None
+            self.held.extend(range(m_lo, m_hi))
+            self._retain(b)
+            self.yielded += len(items)
             yield items
             del items
             i = j
-        eng.retain(fresh, pinned)
 
-    batches = scan.batches()
-    while True:
+    def _retain(self, decoded_to: int) -> None:
+        """Memo writes decoded so far: keep those a later GET already seen reads, the rest by the budget."""
+        held = self.held
+        if not held:
+            return
+        reads = self.st.reads
+        later = [m for m in held if reads.get(m, -1) >= decoded_to]
+        if len(later) < len(held):
+            now = [m for m in held if reads.get(m, -1) < decoded_to] if later else held
+            assert self.engine is not None
+            _retain(self.engine, now, self.pinned)
+        self.held = later
+
+    # -- speculation -----------------------------------------------------------------
+    def _fold_error(self, index: int, offset: int) -> UnsupportedError:
+        return UnsupportedError(
+            f"element {index} is not the object streaming yielded early: the pickle folds objects across element "
+            f"boundaries (np.save never does), or an element keeps more than {SPEC_MARGIN} objects pending over "
+            f"{SPEC_LAG >> 20} MiB; the {self.spec} elements of this batch before it were yielded early to bound "
+            "memory. Read the file from a seekable source (its element bounds are exact there)",
+            path=self.path,
+            offset=offset,
+            index=index,
+        )
+
+    def _check_spec(self) -> None:
+        """The speculated bounds are still slot bounds (at a pause: the slot at spec_end still exists)."""
+        u = self.spec
+        starts = self.st.starts
+        if u and (len(starts) < 8 * (u + 1) or int.from_bytes(starts[8 * u : 8 * u + 8], "little") != self.spec_end):
+            raise self._fold_error(self.first + u - 1, self.spec_starts[-1])
+
+    def _speculate(self) -> Iterator[list[Any]]:
+        st = self.st
+        if st.phase != PH_BODY or not st.in_batch or st.body_start < 0:
+            return
+        self._start_engine()
+        scan_off = self.win.base + self.pos
+        if self.yielded >= self.stop:  # nothing more to decode: keep only what the scanner needs
+            self.win.discard_before(scan_off)
+            return
+        self._check_spec()
+        u = self.spec
+        h = len(st.starts) >> 3
+        if h - SPEC_MARGIN <= u:
+            return
+        s = np.frombuffer(bytes(st.starts[8 * u : 8 * h]), dtype="<i8").astype(np.int64)
+        if scan_off - int(s[0]) < SPEC_TRIGGER:
+            return
+        n = min(h - SPEC_MARGIN - u, int(np.searchsorted(s[1:], scan_off - SPEC_LAG, side="right")))
+        if n <= 0:
+            return
+        m = np.frombuffer(bytes(st.memo_at[8 * u : 8 * (u + n + 1)]), dtype="<i8").astype(np.int64)
+        self.spec_starts.extend(s[:n].tolist())
+        self.spec = u + n
+        self.spec_end = int(s[n])
+        yield from self._decode(s[:n], s[1 : n + 1], m[:n], self.first + u, int(m[n]))
+        self.win.discard_before(self.spec_end)
+
+    def _close_batch(self, starts: np.ndarray, memo_at: np.ndarray, end: int, memo_end: int) -> Iterator[list[Any]]:
+        u = self.spec
+        if u and self.yielded < self.stop:
+            final = np.append(starts, end)
+            spec = np.append(np.array(self.spec_starts, dtype=np.int64), self.spec_end)
+            n = min(len(final), len(spec))
+            diff = np.flatnonzero(final[:n] != spec[:n])
+            if len(diff) or n < len(spec):
+                bad = min(max(int(diff[0]) if len(diff) else n, 1) - 1, u - 1)  # the element whose end moved
+                raise self._fold_error(self.first + bad, self.spec_starts[bad])
+        k = len(starts)
+        if u < k and self.yielded < self.stop:
+            ends = np.empty(k - u, dtype=np.int64)
+            ends[:-1] = starts[u + 1 :]
+            ends[-1] = end
+            yield from self._decode(starts[u:], ends, memo_at[u:], self.first + u, memo_end)
+        self._retain(end)
+        self.first += k
+        self.spec = 0
+        self.spec_starts = []
+        self.spec_end = -1
+        self.win.discard_before(end)
+
+    # -- the pass ----------------------------------------------------------------------
+    def _scan_all(self) -> Iterator[list[Any]]:
+        st = self.st
+        win = self.win
+        path = self.path
+        while True:
+            try:
+                self.pos = _scan(win.buf, self.pos, win.hi, win.base, st)
+            except ScanError as err:
+                raise _scan_exc(err, path) from None
+            if st.status == ST_BATCH:
+                self._start_engine()
+                starts = _take(st.starts)
+                memo_at = _take(st.memo_at)
+                yield from self._close_batch(starts, memo_at, st.batch_end, st.memo)
+            elif st.status == ST_DONE:
+                end = win.base + self.pos
+                while win.hi == self.pos and not win.eof:
+                    self.pos = win.fill(self.pos)
+                extra = win.hi - self.pos
+                _finish(st, self.header, path, end, end + extra, bytes(win.buf[self.pos : self.pos + 2]))
+                if self.engine is None:
+                    self._start_engine()  # validates the header part of an empty array
+                return
+            else:
+                yield from self._speculate()
+                if win.eof:
+                    raise _truncated(path, win.base + self.pos, st)
+                self.pos = win.fill(self.pos)
+                if win.eof:
+                    st.data_end = win.base + win.hi
+
+    def run(self) -> Iterator[list[Any]]:
         try:
-            batch = next(batches, None)
+            yield from self._scan_all()
         except (FormatError, UnsafePickleError) as exc:
-            p_starts, p_memo, p_end = _pending(st, exc, header.count)
-            if len(p_starts) and st.body_start >= 0 and produced < stop:
-                if engine is None:
-                    engine = start_engine()
-                p_ends = np.append(p_starts[1:], p_end)
-                for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
-                    try:
-                        item = engine.decode_run(
-                            scan.window, scan.wbase, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], produced + j
-                        )[0]
-                    except _Partial:
-                        break
-                    if _looks_partial(item):
-                        break
-                    yield [item]
+            if not self.failed:  # damage the scanner found: the elements before it whose extent is certain
+                yield from self._tentative(exc)
             raise
-        if batch is None:
-            break
-        if engine is None:
-            engine = start_engine()
-        if produced < stop:
-            yield from run_batch(batch.starts, batch.memo_at, batch.end, produced)
-        produced += len(batch.starts)
-        scan.discard_before(batch.end)
-    if engine is None:
-        start_engine()  # validates the header part of an empty array
+
+    def _tentative(self, exc: Exception) -> Iterator[list[Any]]:
+        """After damage inside a batch: the elements before it whose extent is certain, one by one."""
+        st = self.st
+        if st.body_start < 0 or self.yielded >= self.stop:
+            return
+        p_starts, p_memo, p_end = _pending(st, exc, self.header.count)
+        u = self.spec
+        if len(p_starts) <= u:
+            return
+        if u and (int(p_starts[u - 1]) != self.spec_starts[-1] or int(p_starts[u]) != self.spec_end):
+            return
+        eng = self._start_engine()
+        win = self.win
+        p_ends = np.append(p_starts[1:], p_end)
+        for j in range(u, len(p_starts)):  # tentative: one by one, stop at the first doubtful one
+            if self.first + j >= self.stop:
+                return
+            try:
+                item = eng.decode_run(win.buf, win.base, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], self.first + j)[0]
+            except _Partial:
+                return
+            if _looks_partial(item):
+                return
+            self.yielded += 1
+            yield [item]
+
+
+def _iter_stream(src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> Iterator[list[Any]]:
+    """Lists of decoded elements (in order, ``stop`` at most) of a pickled ``.npy`` read forward only."""
+    return _StreamReader(src, header, policy, stop).run()
