@@ -13,7 +13,7 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 * ``cp SRC COPY``                                 (the bar: 1.5x)
 * ``npystream convert SRC DST.ragged``            (object .npy -> ragged store: large
   elements copied file to file with ``os.copy_file_range``)
-* the same with ``npystream.conversion._COPY_RANGES = False`` (every element through the
+* the same with ``npystream.conversion._READ_RANGES = False`` (every element through the
   writer's buffer: the path before copy_file_range; row ``buffered``)
 * ``cat SRC | npystream convert - DST2.ragged``   (the same through a pipe: no index, no
   zero-copy, one element at a time through ``iter_objects``)
@@ -90,7 +90,7 @@ _CONVERT = """
 import json, sys, time
 t = time.perf_counter()
 import npystream.conversion as conversion
-conversion._COPY_RANGES = sys.argv[3] == "ranges"
+conversion._READ_RANGES = sys.argv[3] == "ranges"
 r = conversion.convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """

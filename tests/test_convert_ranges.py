@@ -1,8 +1,11 @@
-"""convert object .npy -> ragged with large zero-copy elements copied file to file (copy_file_range).
+"""convert object .npy -> ragged reading large zero-copy elements from the file.
 
-The store must be byte-identical to the buffered path's (every element through the
-writer's buffer, ``conversion._COPY_RANGES = False``), whatever the elements are, when
-copy_file_range fails (fallback), and after an interrupted, resumed conversion.
+Elements that are views of the source's map are read with preadv into the writer's
+buffer, or copied file to file with copy_file_range when larger than the buffer
+(RaggedWriter.append_from_file).  The store must be byte-identical to the path that
+copies every element out of the map (``conversion._READ_RANGES = False``), whatever the
+elements are, when copy_file_range fails (fallback), and after an interrupted, resumed
+conversion.  The tests shrink the writer's buffer to 64 KiB so that both calls run.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import npystream.conversion as conversion  # noqa: E402
 from npystream.conversion import convert  # noqa: E402
 from npystream.object_array import ObjectArray  # noqa: E402
 
-needs_cfr = pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no os.copy_file_range")
-pytestmark = needs_cfr
+pytestmark = pytest.mark.skipif(not (hasattr(os, "copy_file_range") and hasattr(os, "preadv")),
+                                reason="no os.copy_file_range / os.preadv")
 
 
 def _save(path, items):
@@ -33,10 +36,10 @@ def _save(path, items):
 
 
 def _mixed_f32(n=41, seed=0):
-    """float32 arrays of 0..30,000 items: most above the copy threshold (16 KiB), some below."""
+    """float32 arrays of 0..30,000 items (0-120 KB): below, between and above the thresholds."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 30_000, n)
-    lengths[[3, 7, 11]] = [0, 1, 4095]  # empty, tiny, just under 16 KiB
+    lengths[[3, 7, 11]] = [0, 1, 1023]  # empty, tiny, just under 4 KiB
     return [rng.standard_normal(int(k), dtype=np.float32) for k in lengths]
 
 
@@ -45,46 +48,71 @@ def _store_bytes(path):
 
 
 class _Counting:
-    """Wraps os.copy_file_range: counts calls, optionally fails on a given call."""
+    """Wraps an os function: counts calls, optionally fails from a given call on."""
 
-    def __init__(self, fail_at=None, exc=None, partial=False):
-        self.real = os.copy_file_range
+    def __init__(self, real, fail_at=None, exc=None, partial=False):
+        self.real = real
         self.calls = 0
         self.fail_at = fail_at
         self.exc = exc
         self.partial = partial
 
-    def __call__(self, src, dst, count, offset_src=None, offset_dst=None):
+    def __call__(self, fd, *args):
         self.calls += 1
         if self.fail_at is not None and self.calls >= self.fail_at:
             if self.partial and self.calls == self.fail_at:
-                return self.real(src, dst, max(1, count // 2), offset_src, offset_dst)
+                self.real(fd, *_half(args))
             raise self.exc
-        return self.real(src, dst, count, offset_src, offset_dst)
+        return self.real(fd, *args)
+
+
+def _half(args):
+    """The arguments of a copy_file_range / preadv call that does half the work."""
+    if isinstance(args[1], int):  # copy_file_range(src, dst, count, offset_src, offset_dst)
+        dst, count, *rest = args
+        return (dst, max(1, count // 2), *rest)
+    buffers, offset = args  # preadv(fd, buffers, offset)
+    return ([memoryview(buffers[0])[: max(1, len(buffers[0]) // 2)]], offset)
+
+
+_BUFFER = 64 << 10  # elements above it are copied with copy_file_range
 
 
 def _buffered(monkeypatch, src, dst, **kw):
     with monkeypatch.context() as m:
-        m.setattr(conversion, "_COPY_RANGES", False)
-        m.setattr(os, "copy_file_range", _Counting(fail_at=1, exc=AssertionError("not buffered")))
+        m.setattr(conversion, "_READ_RANGES", False)
+        m.setattr(conversion, "_WRITER_BUFFER", _BUFFER)
+        for name in ("copy_file_range", "preadv"):
+            m.setattr(os, name, _Counting(getattr(os, name), 1, AssertionError(f"{name} called")))
         return convert(src, dst, **kw)
 
 
-def _ranged(monkeypatch, src, dst, counting=None, **kw):
-    counting = counting or _Counting()
+def _ranged(monkeypatch, src, dst, cfr=None, preadv=None, **kw):
+    cfr = cfr or _Counting(os.copy_file_range)
+    preadv = preadv or _Counting(os.preadv)
     with monkeypatch.context() as m:
-        m.setattr(os, "copy_file_range", counting)
+        m.setattr(conversion, "_WRITER_BUFFER", _BUFFER)
+        m.setattr(os, "copy_file_range", cfr)
+        m.setattr(os, "preadv", preadv)
         res = convert(src, dst, **kw)
-    return res, counting
+    return res, cfr, preadv
 
 
-def test_copy_ranges_byte_identical_to_buffered_path(tmp_path, monkeypatch):
+def _routes(items, least=None):
+    """How many elements (after items[0], which creates the store) go to preadv / copy_file_range."""
+    least = conversion._RANGE_MIN if least is None else least
+    sizes = [x.nbytes for x in items[1:] if isinstance(x, np.ndarray)]
+    return sum(least <= n <= _BUFFER for n in sizes), sum(n > _BUFFER for n in sizes)
+
+
+def test_reads_byte_identical_to_copies_out_of_the_map(tmp_path, monkeypatch):
     items = _mixed_f32()
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
-    res, counting = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
-    big = sum(x.nbytes >= conversion._RANGE_MIN for x in items[1:])  # items[0] creates the store
-    assert big >= 30 and counting.calls >= big  # the kernel copy really ran, once per large element
+    res, cfr, preadv = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
+    small, large = _routes(items)
+    assert small >= 10 and large >= 10  # both calls really ran, once per element they serve
+    assert preadv.calls == small and cfr.calls >= large
     assert res.elements == len(items)
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
     r = npystream.open(tmp_path / "cfr.ragged")
@@ -93,15 +121,14 @@ def test_copy_ranges_byte_identical_to_buffered_path(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "buf.ragged", "cfr.ragged"]
 
 
-def test_every_element_through_copy_ranges(tmp_path, monkeypatch):
-    """With no size threshold, tiny and empty elements take the kernel-copy path too."""
+def test_every_element_read_from_the_file(tmp_path, monkeypatch):
+    """With no size threshold, tiny and empty elements are read from the file too."""
     items = _mixed_f32(n=30, seed=1)
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
     monkeypatch.setattr(conversion, "_RANGE_MIN", 0)
-    _, counting = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
-    nonempty = sum(x.nbytes > 0 for x in items)
-    assert counting.calls >= nonempty - 1  # the first element creates the store through append()
+    _, cfr, preadv = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
+    assert (preadv.calls, cfr.calls > 0) == (_routes(items, 0)[0], True)
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
 
 
@@ -113,8 +140,8 @@ def test_nd_and_fortran_ordered_elements(tmp_path, monkeypatch):
         items.append(np.asfortranarray(x) if i % 3 == 1 else x)  # Fortran: not a plain view
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
-    _, counting = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
-    assert counting.calls >= 7
+    _, cfr, preadv = _ranged(monkeypatch, src, tmp_path / "cfr.ragged")
+    assert preadv.calls + cfr.calls >= 7  # the 7 C-ordered ones after items[0]
     got = _store_bytes(tmp_path / "cfr.ragged")
     assert "shapes.npy" in got and got == _store_bytes(tmp_path / "buf.ragged")
     r = npystream.open(tmp_path / "cfr.ragged")
@@ -141,8 +168,8 @@ def test_elements_that_are_not_plain_views(tmp_path, monkeypatch):
         items.append(x)
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged", cast="same_kind")
-    _, counting = _ranged(monkeypatch, src, tmp_path / "cfr.ragged", cast="same_kind")
-    assert counting.calls >= 9
+    _, cfr, preadv = _ranged(monkeypatch, src, tmp_path / "cfr.ragged", cast="same_kind")
+    assert preadv.calls == 9  # the float32 ones after items[0]; the others are no views of it
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
     r = npystream.open(tmp_path / "cfr.ragged")
     assert r.dtype == np.dtype("<f4")
@@ -165,9 +192,9 @@ def test_falls_back_where_copy_file_range_is_unsupported(tmp_path, monkeypatch, 
     items = _mixed_f32(n=20, seed=5)
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
-    counting = _Counting(fail_at=1, exc=OSError(code, os.strerror(code)))
-    _ranged(monkeypatch, src, tmp_path / "cfr.ragged", counting)
-    assert counting.calls == 1  # tried once, then never again for this conversion
+    cfr = _Counting(os.copy_file_range, 1, OSError(code, os.strerror(code)))
+    _ranged(monkeypatch, src, tmp_path / "cfr.ragged", cfr)
+    assert _routes(items)[1] >= 2 and cfr.calls == 1  # tried once, then never again
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
 
 
@@ -175,39 +202,45 @@ def test_falls_back_after_a_partial_copy(tmp_path, monkeypatch):
     items = _mixed_f32(n=20, seed=6)
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
-    counting = _Counting(fail_at=4, exc=OSError(errno.EXDEV, "cross-device"), partial=True)
-    _ranged(monkeypatch, src, tmp_path / "cfr.ragged", counting)
-    assert counting.calls == 5  # 3 whole copies, half of the 4th, the failing call; then pwrite
+    cfr = _Counting(os.copy_file_range, 4, OSError(errno.EXDEV, "cross-device"), partial=True)
+    _ranged(monkeypatch, src, tmp_path / "cfr.ragged", cfr)
+    assert _routes(items)[1] >= 5 and cfr.calls == 4  # 3 whole copies, then half of one; pwrite
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
 
 
-def test_a_real_write_error_stops_the_conversion(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["copy_file_range", "preadv"])
+def test_a_real_io_error_stops_the_conversion(tmp_path, monkeypatch, name):
     src = _save(tmp_path / "a.npy", _mixed_f32(n=20, seed=7))
-    counting = _Counting(fail_at=3, exc=OSError(errno.ENOSPC, "No space left on device"))
+    failing = _Counting(getattr(os, name), 3, OSError(errno.EIO, "Input/output error"))
     with pytest.raises(OSError) as info:
-        _ranged(monkeypatch, src, tmp_path / "cfr.ragged", counting)
-    assert info.value.errno == errno.ENOSPC
+        _ranged(monkeypatch, src, tmp_path / "cfr.ragged", **{name.replace("copy_file_range", "cfr"): failing})
+    assert info.value.errno == errno.EIO and failing.calls == 3
     assert sorted(os.listdir(tmp_path)) == ["a.npy"]  # nothing at DST, no temporaries
 
 
-def test_resume_after_an_interrupted_copy(tmp_path, monkeypatch):
-    items = _mixed_f32(n=40, seed=8)
+@pytest.mark.parametrize("name", ["copy_file_range", "preadv"])
+def test_resume_after_an_interrupted_read(tmp_path, monkeypatch, name):
+    items = _mixed_f32(n=41, seed=8)
     src = _save(tmp_path / "a.npy", items)
     _buffered(monkeypatch, src, tmp_path / "buf.ragged")
-    # Ctrl-C lands inside the 10th kernel copy of a --resume run: the partial store is kept
-    # with every element appended before it committed
-    counting = _Counting(fail_at=10, exc=KeyboardInterrupt(), partial=True)
+    # Ctrl-C lands inside the 5th call of a --resume run, half-way through an element: the
+    # partial store is kept with every element appended before it, committed
+    failing = _Counting(getattr(os, name), 5, KeyboardInterrupt(), partial=True)
     with pytest.raises(KeyboardInterrupt):
-        _ranged(monkeypatch, src, tmp_path / "cfr.ragged", counting, resume=True)
+        _ranged(monkeypatch, src, tmp_path / "cfr.ragged", resume=True,
+                **{name.replace("copy_file_range", "cfr"): failing})
     assert not (tmp_path / "cfr.ragged").exists()
     partial = [n for n in os.listdir(tmp_path) if n.endswith(".partial.npystream-tmp")]
     assert len(partial) == 1
     kept = len(npystream.open(tmp_path / partial[0]))
-    # items[0] creates the store through append(); later large ones are kernel-copied
-    copied = [i for i, x in enumerate(items) if i and x.nbytes >= conversion._RANGE_MIN]
-    assert kept == copied[9]  # everything before the interrupted element
-    res, again = _ranged(monkeypatch, src, tmp_path / "cfr.ragged", resume=True)
-    assert res.resumed_from == kept and res.elements == len(items) and again.calls > 0
+    # items[0] creates the store through append(); then each size goes to its call
+    if name == "preadv":
+        served = [i for i, x in enumerate(items) if i and conversion._RANGE_MIN <= x.nbytes <= _BUFFER]
+    else:
+        served = [i for i, x in enumerate(items) if i and x.nbytes > _BUFFER]
+    assert kept == served[4]  # everything before the interrupted element
+    res, cfr, preadv = _ranged(monkeypatch, src, tmp_path / "cfr.ragged", resume=True)
+    assert res.resumed_from == kept and res.elements == len(items) and cfr.calls and preadv.calls
     assert _store_bytes(tmp_path / "cfr.ragged") == _store_bytes(tmp_path / "buf.ragged")
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "buf.ragged", "cfr.ragged"]
 

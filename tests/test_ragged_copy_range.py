@@ -1,4 +1,5 @@
-"""RaggedWriter.append_from_file: an element's bytes copied file to file, same store as append()."""
+"""RaggedWriter.append_from_file: an element's bytes read from its file (preadv into the buffer,
+copy_file_range when larger than the buffer), the same store as append()."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from npystream.errors import CastError, TruncatedError
 from npystream.formats.ragged import RaggedArray, RaggedWriter
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no os.copy_file_range")
+pytestmark = pytest.mark.skipif(not (hasattr(os, "copy_file_range") and hasattr(os, "preadv")),
+                                reason="no os.copy_file_range / os.preadv")
 
 
 def _store_bytes(path):
@@ -35,13 +37,14 @@ def _views_of_file(tmp_path, arrays):
     return fd, mm, list(zip(views, offsets))
 
 
+@pytest.mark.parametrize("buffer_size", [4 << 20, 24 << 10])  # preadv only / also copy_file_range
 @pytest.mark.parametrize("dtype,shape", [
     ("<f4", (5000,)),
     (">f8", (3000,)),
     ("<i2", (4000, 3)),
     ([("a", "<i4"), ("b", ">f8", (2,))], (900,)),
 ])
-def test_same_store_as_append(tmp_path, dtype, shape):
+def test_same_store_as_append(tmp_path, dtype, shape, buffer_size):
     rng = np.random.default_rng(0)
     dt = np.dtype(dtype)
     arrays = []
@@ -54,7 +57,7 @@ def test_same_store_as_append(tmp_path, dtype, shape):
         with RaggedWriter(tmp_path / "a.ragged", durable=False) as w:
             for a in arrays:
                 w.append(a)
-        with RaggedWriter(tmp_path / "b.ragged", durable=False) as w:
+        with RaggedWriter(tmp_path / "b.ragged", durable=False, buffer_size=buffer_size) as w:
             for v, off in views:
                 w.append_from_file(v, fd, off)
         assert _store_bytes(tmp_path / "a.ragged") == _store_bytes(tmp_path / "b.ragged")
@@ -90,16 +93,19 @@ def test_elements_that_do_not_fit_take_the_append_path(tmp_path):
         os.close(fd)
 
 
-def test_source_shorter_than_the_element(tmp_path):
+@pytest.mark.parametrize("buffer_size", [4 << 20, 256])
+def test_source_shorter_than_the_element(tmp_path, buffer_size):
     (tmp_path / "short.bin").write_bytes(b"\x01" * 100)
     fd = os.open(tmp_path / "short.bin", os.O_RDONLY)
     try:
-        w = RaggedWriter(tmp_path / "a.ragged", durable=False)
+        w = RaggedWriter(tmp_path / "a.ragged", durable=False, buffer_size=buffer_size)
         w.append(np.ones(10, "<f4"))
-        with pytest.raises(TruncatedError, match="ends before byte"):
+        with pytest.raises(TruncatedError, match="ends before byte 400"):
             w.append_from_file(np.zeros(100, "<f4"), fd, 0)  # 400 bytes claimed, 100 there
-        w.close()  # broken: keeps the last commit (nothing was committed yet)
-        assert len(RaggedArray(tmp_path / "a.ragged")) == 0
+        w.close()
+        # read into the buffer: nothing was counted, the first element is committed; copied
+        # file to file: the writer is broken and keeps its last commit (none yet)
+        assert len(RaggedArray(tmp_path / "a.ragged")) == (1 if buffer_size > 400 else 0)
     finally:
         os.close(fd)
 
@@ -122,7 +128,7 @@ def test_interrupt_inside_the_copy_keeps_earlier_elements(tmp_path, monkeypatch)
         raise KeyboardInterrupt
 
     try:
-        w = RaggedWriter(tmp_path / "a.ragged", durable=False)
+        w = RaggedWriter(tmp_path / "a.ragged", durable=False, buffer_size=4096)
         for v, off in views[:3]:
             w.append_from_file(v, fd, off)
         monkeypatch.setattr(os, "copy_file_range", interrupted)
@@ -132,7 +138,7 @@ def test_interrupt_inside_the_copy_keeps_earlier_elements(tmp_path, monkeypatch)
         w.close()  # still consistent: commits the three elements before the interrupted one
         r = RaggedArray(tmp_path / "a.ragged")
         assert len(r) == 3 and all(np.array_equal(a, b) for a, b in zip(arrays, r))
-        with RaggedWriter(tmp_path / "a.ragged", mode="a", durable=False) as w:
+        with RaggedWriter(tmp_path / "a.ragged", mode="a", durable=False, buffer_size=4096) as w:
             w.append_from_file(views[3][0], fd, views[3][1])
         r = RaggedArray(tmp_path / "a.ragged")
         assert len(r) == 4 and all(np.array_equal(a, b) for a, b in zip(arrays, r))
@@ -153,7 +159,7 @@ def test_unsupported_copy_falls_back_to_writing_from_memory(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "copy_file_range", unsupported)
     try:
-        with RaggedWriter(tmp_path / "a.ragged", durable=False) as w:
+        with RaggedWriter(tmp_path / "a.ragged", durable=False, buffer_size=4096) as w:
             w.append(arrays[0])
             for v, off in views[1:]:
                 w.append_from_file(v, fd, off)
@@ -163,4 +169,33 @@ def test_unsupported_copy_falls_back_to_writing_from_memory(tmp_path, monkeypatc
     finally:
         del views
         del mm  # closed with the last view
+        os.close(fd)
+
+
+def test_interrupt_inside_a_read_into_the_buffer(tmp_path, monkeypatch):
+    arrays = [np.arange(500 + i, dtype="<f4") for i in range(4)]
+    fd, mm, views = _views_of_file(tmp_path, arrays)
+    real = os.preadv
+
+    def interrupted(f, buffers, offset):
+        real(f, [memoryview(buffers[0])[:100]], offset)
+        raise KeyboardInterrupt
+
+    try:
+        w = RaggedWriter(tmp_path / "a.ragged", durable=False)
+        for v, off in views[:3]:
+            w.append_from_file(v, fd, off)
+        monkeypatch.setattr(os, "preadv", interrupted)
+        w._preadv = interrupted  # the writer looked preadv up when it was made
+        with pytest.raises(KeyboardInterrupt):
+            w.append_from_file(views[3][0], fd, views[3][1])
+        assert len(w) == 3  # the interrupted element was not counted
+        w._preadv = real
+        w.append_from_file(views[3][0], fd, views[3][1])  # the same writer carries on
+        w.close()
+        r = RaggedArray(tmp_path / "a.ragged")
+        assert len(r) == 4 and all(np.array_equal(a, b) for a, b in zip(arrays, r))
+    finally:
+        del views
+        del mm
         os.close(fd)

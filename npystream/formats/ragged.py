@@ -1053,6 +1053,7 @@ class RaggedWriter:
         self._commit_bytes = max(buffer_size, commit_bytes)
         self._broken = False
         self._copy_range = hasattr(os, "copy_file_range")
+        self._preadv = getattr(os, "preadv", None)
         if dtype is not None:
             dt = np.dtype(dtype)
             if kind is None:
@@ -1348,15 +1349,17 @@ class RaggedWriter:
         self._append_slow(x)
 
     def append_from_file(self, x: Any, fd: int, offset: int) -> None:
-        """Append ``x``, whose raw bytes are also at ``offset`` in file ``fd``: a kernel copy.
+        """Append ``x``, whose raw bytes are also at ``offset`` in file ``fd``, reading them from there.
 
         For an element that is a view of a memory-mapped file (``fd`` open for
-        reading on that file): when ``x`` is a C-contiguous ndarray of the
-        store's dtype and ndim, its ``x.nbytes`` bytes are copied file to file
-        with ``os.copy_file_range`` (no copy through user space, no page faults
-        on the mapping); the store is the same as ``append(x)`` makes, byte
-        for byte.  Anything else, and any file system or kernel without
-        ``copy_file_range``, takes the path of :meth:`append`.  The caller
+        reading on that file).  When ``x`` is a C-contiguous ndarray of the
+        store's dtype and ndim, its ``x.nbytes`` bytes are read from ``fd``
+        with ``os.preadv`` straight into the writer's buffer (one kernel copy
+        from the page cache, no page faults on the mapping, no copy in user
+        space), or, for an element larger than the buffer, copied file to file
+        with ``os.copy_file_range`` (``pwrite`` from ``x`` where that is not
+        supported).  The store is the same as :meth:`append` makes, byte for
+        byte; anything else takes the path of :meth:`append`.  The caller
         guarantees that the file holds ``x``'s bytes at ``offset``.
         """
         if (
@@ -1366,15 +1369,48 @@ class RaggedWriter:
             or x.ndim != self._ndim
             or not x.flags.c_contiguous
             or (x.dtype is not self._dtype and x.dtype != self._dtype)
+            or self._preadv is None
         ):
             self.append(x)
             return
         if self._closed or self._broken:
             self._append_slow(x)  # raises the usual error
             return
-        if self._pos:  # buffered elements go first (they precede x in values.npy)
-            self._write_bytes(self._mv[: self._pos])
-            self._pos = 0
+        nbytes = x.nbytes
+        pos = self._pos
+        if pos + nbytes > self._cap:
+            self._spill()
+            pos = self._pos
+            if nbytes > self._cap:
+                self._copy_direct(x, fd, offset)
+                return
+        # An error or an interrupt (KeyboardInterrupt, SystemExit from SIGTERM) while
+        # reading leaves the writer consistent: x is not counted and the buffer's end is
+        # unchanged, so close() still commits every element appended before x.
+        view = self._mv[pos : pos + nbytes]
+        done = self._preadv(fd, [view], offset)
+        while done < nbytes:  # short reads: only near a (shrinking) end of file
+            n = self._preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise self._source_ended(offset, nbytes, done)
+            done += n
+        self._pos = pos + nbytes
+        lens = self._pend_lens
+        lens.append(x.size)
+        if self._ndim >= 2:
+            self._pend_shapes.extend(x.shape)
+        if len(lens) >= _MAX_PENDING:
+            self._commit()
+
+    def _source_ended(self, offset: int, nbytes: int, done: int) -> TruncatedError:
+        return TruncatedError(
+            f"the source file ends before byte {offset + nbytes} of an element being copied "
+            "into the store (was it truncated while converting?)",
+            path=self._path, offset=offset + done,
+        )
+
+    def _copy_direct(self, x: np.ndarray, fd: int, offset: int) -> None:
+        """Copy a large element file to file at the end of values.npy (buffer already empty)."""
         nbytes = x.nbytes
         dst = self._hdr_len[VALUES] + (self._nitems + self._pend_items) * self._isz
         done = 0
@@ -1387,10 +1423,8 @@ class RaggedWriter:
             self._broken = True
             self._fast = None
             raise
-        # An interrupt (KeyboardInterrupt from Ctrl-C, SystemExit from SIGTERM) leaves the
-        # writer consistent: x is not counted, its partial bytes lie past the pending end
-        # (overwritten by the next element, or cut off by a resume), so close() can still
-        # commit everything appended before it.
+        # An interrupt leaves the writer consistent: x is not counted, its partial bytes lie
+        # past the pending end (overwritten by the next element, or cut off by a resume).
         self._pend_items += x.size
         self._pend_lens.append(x.size)
         if self._ndim >= 2:
@@ -1414,11 +1448,7 @@ class RaggedWriter:
                     return done
                 raise
             if n == 0:
-                raise TruncatedError(
-                    f"the source file ends before byte {offset + nbytes} of an element being copied "
-                    "into the store (was it truncated while converting?)",
-                    path=self._path, offset=offset + done,
-                )
+                raise self._source_ended(offset, nbytes, done)
             done += n
         return done
 
