@@ -109,13 +109,15 @@ from npystream.sources import ByteSource
 # limits of the streaming reader (each with its reason)
 SPEC_TRIGGER = 8 << 20  # speculate only when this much of an open batch is undecoded (small batches stay exact)
 SPEC_LAG = 2 << 20  # ... and only on slots followed by this many scanned bytes (nested small objects never qualify)
-SPEC_MARGIN = 3  # ... and never on the top 3 slots (one opcode folds at most 3 slots into one)
+SPEC_MARGIN = 4  # ... and never on the top 4 slots ({key: array} is 4 pending slots before its BUILD)
+SPEC_DOUBT = 32  # ... and an empty container (awaiting SETITEM/APPEND) only with this many slots above it
 ZC_MIN = 64 << 10  # array payloads at least this big go through a persistent id (one copy, not three)
 HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes the array's memory
 WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
 _ROOM_AFTER_BIG = SPEC_LAG + 2 * STREAM_READ  # room left after a big opcode so speculation can release it
 _ALIGN = 64  # a big payload starts at this alignment in its window buffer
 _NO_LIVE: dict[int, int] = {}
+_EMPTY_CONTAINERS = frozenset((0x7D, 0x5D, 0x8F))  # EMPTY_DICT, EMPTY_LIST, EMPTY_SET
 
 
 class _Window:
@@ -147,7 +149,7 @@ class _Window:
         room = STREAM_READ
         if need:  # a long opcode: make room for all of it now, and then some
             room = max(pos + need - self.hi, 0) + _ROOM_AFTER_BIG
-        if self.hi + STREAM_READ > cap or (need and pos + need > cap) or self.donated:
+        if self.hi + STREAM_READ > cap or (need and (pos + need > cap or payload % _ALIGN)) or self.donated:
             pos = self._rearrange(pos, room, payload)
         n = self.src.readinto(self.buf[self.hi : min(self.hi + STREAM_READ, len(self.mem))])
         if not n:
@@ -217,6 +219,32 @@ def _pending_opcode(buf: Any, pos: int, hi: int) -> tuple[int, int]:
     if total <= STREAM_READ or pos + total <= hi:
         return 0, -1
     return total, pos + 1 + la
+
+
+def _empty_container(buf: Any, pos: int, end: int) -> bool:
+    """Is ``buf[pos:end]`` (one slot's opcodes) just EMPTY_DICT/LIST/SET and memo writes (maybe still being filled)?"""
+    while pos < end and buf[pos] == OP_FRAME:
+        pos += 9
+    if pos >= end or buf[pos] not in _EMPTY_CONTAINERS:
+        return False
+    pos += 1
+    while pos < end:
+        op = buf[pos]
+        if op == 0x94:  # MEMOIZE
+            pos += 1
+        elif op == 0x71:  # BINPUT
+            pos += 2
+        elif op == 0x72:  # LONG_BINPUT
+            pos += 5
+        elif op == OP_FRAME:
+            pos += 9
+        elif op == 0x70:  # PUT
+            pos = _line_end(buf, pos + 1, end, 1)
+            if pos < 0:
+                return False
+        else:
+            return False
+    return True
 
 
 def _payload_memos(buf: Any, pos: int, end: int, memo: int) -> tuple[list[int], int]:
@@ -486,11 +514,21 @@ class _StreamReader:
         )
 
     def _check_spec(self) -> None:
-        """The speculated bounds are still slot bounds (at a pause: the slot at spec_end still exists)."""
+        """At a pause: the speculated bounds are still slot bounds (folds delete the starts of folded slots)."""
         u = self.spec
         starts = self.st.starts
         if u and (len(starts) < 8 * (u + 1) or int.from_bytes(starts[8 * u : 8 * u + 8], "little") != self.spec_end):
-            raise self._fold_error(self.first + u - 1, self.spec_starts[-1])
+            now = np.frombuffer(bytes(starts[: 8 * (u + 1)]), dtype="<i8")
+            raise self._moved(now)
+
+    def _moved(self, bounds: np.ndarray) -> UnsupportedError:
+        """The error for the first speculated element whose bounds are not in ``bounds`` (slot starts, then maybe the end)."""
+        spec = np.append(np.array(self.spec_starts, dtype=np.int64), self.spec_end)
+        n = min(len(bounds), len(spec))
+        diff = np.flatnonzero(bounds[:n] != spec[:n])
+        first = int(diff[0]) if len(diff) else n  # the first bound that moved (or went)
+        bad = min(max(first, 1) - 1, self.spec - 1)  # the element ending there
+        return self._fold_error(self.first + bad, self.spec_starts[bad])
 
     def _speculate(self) -> Iterator[list[Any]]:
         st = self.st
@@ -510,6 +548,11 @@ class _StreamReader:
         if scan_off - int(s[0]) < SPEC_TRIGGER:
             return
         n = min(h - SPEC_MARGIN - u, int(np.searchsorted(s[1:], scan_off - SPEC_LAG, side="right")))
+        win = self.win
+        for i in range(max(n, 0)):  # an empty container may still be waiting for its items
+            if h - (u + i) <= SPEC_DOUBT and _empty_container(win.buf, int(s[i]) - win.base, int(s[i + 1]) - win.base):
+                n = i
+                break
         if n <= 0:
             return
         m = np.frombuffer(bytes(st.memo_at[8 * u : 8 * (u + n + 1)]), dtype="<i8").astype(np.int64)
@@ -523,12 +566,8 @@ class _StreamReader:
         u = self.spec
         if u and self.yielded < self.stop:
             final = np.append(starts, end)
-            spec = np.append(np.array(self.spec_starts, dtype=np.int64), self.spec_end)
-            n = min(len(final), len(spec))
-            diff = np.flatnonzero(final[:n] != spec[:n])
-            if len(diff) or n < len(spec):
-                bad = min(max(int(diff[0]) if len(diff) else n, 1) - 1, u - 1)  # the element whose end moved
-                raise self._fold_error(self.first + bad, self.spec_starts[bad])
+            if len(final) <= u or final[u] != self.spec_end or not np.array_equal(starts[:u], self.spec_starts):
+                raise self._moved(final)
         k = len(starts)
         if u < k and self.yielded < self.stop:
             ends = np.empty(k - u, dtype=np.int64)
