@@ -45,8 +45,7 @@ def _replaying(monkeypatch: pytest.MonkeyPatch, calls: list[int]) -> None:
         o_c: list[Any] = []
         o_py: list[Any] = []
         r_c = c_fn(buf, base, sl, el, ml, i, k, roles, live, hot, view_fn, o_c)
-        r_py = pd.direct_run(buf, base, sl.tolist(), el.tolist(), ml.tolist(), i, k, roles, live.tolist(),
-                             hot.tolist(), view_fn, o_py)
+        r_py = pd.direct_run(buf, base, sl, el, ml, i, k, roles, live, hot, view_fn, o_py)
         assert r_c == r_py, (r_c, r_py, i, k)
         assert_same_elements(o_c, o_py)
         calls[0] += 1
@@ -278,5 +277,20 @@ def test_mutations_direct_matches_program_path(tmp_path: Any, seed: int, nflips:
         program = _outcome(path)
     finally:
         mp.undo()
-    assert direct[1] == program[1]
+    assert direct[1] == program[1], _errors_both_ways(path)
+    assert len(direct[0]) == len(program[0]), (len(direct[0]), len(program[0]), _errors_both_ways(path))
     assert_same_elements(direct[0], program[0])
+
+
+def _errors_both_ways(path: Any) -> str:
+    out = []
+    for direct in (True, False):
+        old = pw._DIRECT
+        pw._DIRECT = direct
+        try:
+            list(npystream.iter_objects(path))
+        except Exception as exc:
+            out.append(repr(exc))
+        finally:
+            pw._DIRECT = old
+    return " | ".join(out)

@@ -41,6 +41,8 @@ recognise, in order, and stop at the first one they do not.
 
 from __future__ import annotations
 
+import io
+import pickle
 import re
 import struct
 from typing import Any
@@ -153,7 +155,7 @@ _DIRECT_FIRST = frozenset((0x68, 0x6A, 0x8C, 0x58, 0x8D, 0x43, 0x42, 0x8E, 0x4B,
 _SCALAR_OPS = frozenset((0x8C, 0x58, 0x8D, 0x43, 0x42, 0x8E, 0x4B, 0x4D, 0x4A, 0x47, 0x4E, 0x88, 0x89))
 
 
-def direct_run(
+def _elements(
     buf: Any,
     base: int,
     starts: list[int],
@@ -166,8 +168,9 @@ def direct_run(
     hot: list[int],
     view_fn: Any,
     out: list[Any],
+    limit: int,
 ) -> tuple[int, int]:
-    """Build elements ``i, i+1, ...`` (< ``k``) directly while they are recognised; return ``(j, m)``.
+    """One element at a time: like :func:`direct_run` on lists, stopping at ``limit`` (<= ``k``).
 
     Element j is ``buf[starts[j]-base : ends[j]-base]`` and its first memo
     write has index ``memos[j]``.  ``roles`` maps memo indices to
@@ -186,7 +189,7 @@ def direct_run(
     nhot = len(hot)
     append = out.append
     j = i
-    while j < k:
+    while j < limit:
         s = starts[j]
         e = ends[j]
         if h < nhot and hot[h] < e:
@@ -262,6 +265,7 @@ def direct_run(
             lim = bisect.bisect_right(starts, hot[h], j, k) - 1 if h < nhot else k
             if mlive >= 0:  # stop before the element that may write the next live memo entry
                 lim = min(lim, bisect.bisect_right(memos, mlive, j, k) - 1)
+            lim = min(lim, limit)
             j0 = j
             while j < lim:
                 r0 = starts[j] - base
@@ -322,4 +326,249 @@ def direct_run(
                 return j, -1
         append(value)
         j += 1
+    return j, -2  # reached limit
+
+
+def direct_run(
+    buf: Any,
+    base: int,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    memos: np.ndarray,
+    i: int,
+    k: int,
+    roles: dict[int, tuple[int, Any]],
+    live_keys: np.ndarray,
+    hot: np.ndarray,
+    view_fn: Any,
+    out: list[Any],
+) -> tuple[int, int]:
+    """Build elements ``i, i+1, ...`` (< ``k``) directly while they are recognised; return ``(j, m)``.
+
+    Element j is ``buf[starts[j]-base : ends[j]-base]`` and its first memo
+    write has index ``memos[j]`` (int64 arrays).  ``roles`` maps memo indices
+    to :func:`role_of` results; ``live_keys`` are the sorted memo indices ever
+    read; ``hot`` the sorted file offsets of last reads that fall in this run.
+    ``view_fn(pos, end, shape, dtype, fortran)`` makes a zero-copy array from
+    ``buf[pos:end]`` (None: copy into ``bytes`` like numpy).  Built elements
+    are appended to ``out``.  ``j`` is the first element not built (``k`` if
+    all were); ``m`` is a memo index element j reads whose role is not in
+    ``roles`` yet (-1 otherwise): classify it and call again.
+
+    Pure Python: runs of elements of one fixed layout (numpy 2's short
+    strings; 1-d arrays written exactly alike but for their length) are
+    recognised with numpy over the whole run and built in a tight loop or
+    by one plain unpickler; anything else one element at a time.
+    """
+    lists: list[Any] = []  # the per-element path's lists, made on first use
+    runs = _Runs(buf, base, starts, ends, memos, i, k, roles, live_keys, hot) if k - i >= _MIN_RUN else None
+    j = i
+    while j < k:
+        if runs is not None:
+            n = runs.build(j, view_fn, out)
+            if n:
+                j += n
+                continue
+            limit = runs.next_start(j + 1)
+        else:
+            limit = k
+        if not lists:
+            lists += [starts.tolist(), ends.tolist(), memos.tolist(), live_keys.tolist(), hot.tolist()]
+        sl, el, ml, lk, hl = lists
+        j, m = _elements(buf, base, sl, el, ml, j, k, roles, lk, hl, view_fn, out, limit)
+        if m != -2:
+            return j, m
     return j, -1
+
+
+_MIN_RUN = 16  # runs shorter than this are not worth numpy's per-call cost
+_TAIL4 = np.frombuffer(b"\x94t\x94b", dtype=np.uint8)
+
+
+def _get_len(op: int) -> int:
+    return 2 if op == 0x68 else (5 if op == 0x6A else 0)
+
+
+class _Runs:
+    """Vectorised recognition of same-layout runs (pure Python only; the C twin needs none of it).
+
+    Accepts only elements the one-element path accepts too, and builds the
+    same objects, so results never depend on which path built an element.
+    """
+
+    def __init__(
+        self, buf: Any, base: int, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, i: int, k: int,
+        roles: dict[int, tuple[int, Any]], live_keys: np.ndarray, hot: np.ndarray,
+    ) -> None:
+        self.buf = buf
+        self.i = i
+        self.k = k
+        u8 = np.frombuffer(buf, dtype=np.uint8)
+        self.u8 = u8
+        size = len(u8)
+        S = starts[i:k] - base
+        E = ends[i:k] - base
+        self.S = S
+        self.E = E
+        n = k - i
+        # elements whose memo writes are never read, and holding no last read
+        ok = np.ones(n, dtype=bool)
+        M = memos[i:k]
+        if len(live_keys):
+            at = np.searchsorted(live_keys, M)
+            nxt = np.append(M[1:], -1)
+            first_live = live_keys[np.minimum(at, len(live_keys) - 1)]
+            has = at < len(live_keys)
+            ok &= ~(has & ((nxt < 0) | (first_live < nxt)))
+        if len(hot):
+            holder = np.searchsorted(S, hot - base, side="right") - 1
+            ok[holder[(holder >= 0) & (holder < n)]] = False
+        L = E - S
+        ok &= (L >= 1) & (E <= size)
+        Sc = np.minimum(S, size - 1)
+        b0 = u8[Sc]
+        b1 = u8[np.minimum(S + 1, size - 1)].astype(np.int64)
+        last = u8[np.maximum(E - 1, 0)]
+        # numpy 2's short strings: SHORT_BINUNICODE n data [MEMOIZE], contiguous in the file
+        cont = np.append(E[:-1] == S[1:], True)
+        is_str = ok & (b0 == 0x8C) & ((L == b1 + 2) | ((L == b1 + 3) & (last == 0x94)))
+        self.str_ok = is_str
+        self.str_cont = cont
+        # 1-d arrays of one layout (the first element that has a plain layout sets it)
+        self.arr_ok: np.ndarray | None = None
+        cand = np.flatnonzero(ok & ((b0 == 0x68) | (b0 == 0x6A)))
+        if len(cand):
+            self._arrays(int(cand[0]), ok, roles)
+        good = is_str if self.arr_ok is None else (is_str | self.arr_ok)
+        self.good_at = np.flatnonzero(good)
+        self.str_bad = np.flatnonzero(~is_str)
+        self.noncont = np.flatnonzero(~cont)
+        self.arr_bad = np.flatnonzero(~self.arr_ok) if self.arr_ok is not None else None
+
+    def _gather(self, pos: np.ndarray, width: int) -> np.ndarray:
+        size = len(self.u8)
+        return self.u8[np.minimum(pos[:, None] + np.arange(width), size - 1)]
+
+    def _at(self, pos: np.ndarray) -> np.ndarray:
+        return self.u8[np.minimum(np.maximum(pos, 0), len(self.u8) - 1)].astype(np.int64)
+
+    def _arrays(self, c: int, ok: np.ndarray, roles: dict[int, tuple[int, Any]]) -> None:
+        """Learn the layout from element ``c`` (plain: no FRAME, MEMOIZE only) and find its like."""
+        buf = self.buf
+        s = int(self.S[c])
+        e = int(self.E[c])
+        p = s
+        mids = []
+        for glue in (b"", b"", b"K\x00\x85\x94", b"\x87\x94R\x94(K\x01"):
+            if bytes(buf[p : p + len(glue)]) != glue:
+                return
+            p += len(glue)
+            if glue == b"\x87\x94R\x94(K\x01":
+                break
+            gl = _get_len(buf[p]) if p < e else 0
+            if not gl:
+                return
+            mids.append(_get_index(buf, p))
+            p += gl
+        lp = p - s
+        prefix = np.frombuffer(bytes(buf[s:p]), dtype=np.uint8)
+        dl = {0x4B: 2, 0x4D: 3, 0x4A: 5}.get(buf[p] if p < e else -1, 0)
+        if not dl or bytes(buf[p + dl : p + dl + 2]) != b"\x85\x94":
+            return
+        p += dl + 2
+        gl = _get_len(buf[p]) if p < e else 0
+        if not gl or p + gl >= e or buf[p + gl] not in (0x88, 0x89):
+            return
+        mids.append(_get_index(buf, p))
+        lg = gl + 1
+        block = np.frombuffer(bytes(buf[p : p + lg]), dtype=np.uint8)
+        fortran = buf[p + gl] == 0x88
+        rs = [roles.get(m) for m in mids]
+        if any(r is None for r in rs) or [r[0] for r in rs] != [ROLE_RECONSTRUCT, ROLE_NDARRAY, ROLE_B, ROLE_DTYPE]:
+            return
+        dt = rs[3][1]
+        S, E = self.S, self.E
+        m = ok & (self._gather(S, lp) == prefix).all(axis=1)
+        D = S + lp
+        dop = self._at(D)
+        dlen = np.where(dop == 0x4B, 2, np.where(dop == 0x4D, 3, np.where(dop == 0x4A, 5, 0)))
+        d1, d2, d3, d4 = (self._at(D + t) for t in (1, 2, 3, 4))
+        v32 = d1 | (d2 << 8) | (d3 << 16) | (d4 << 24)
+        dim = np.where(dop == 0x4B, d1, np.where(dop == 0x4D, d1 | (d2 << 8), v32 - ((v32 >> 31) << 32)))
+        T = D + dlen
+        m &= (dlen > 0) & (self._at(T) == 0x85) & (self._at(T + 1) == 0x94)
+        B = T + 2
+        m &= (self._gather(B, lg) == block).all(axis=1)
+        X = B + lg
+        pop = self._at(X)
+        hl = np.where(pop == 0x43, 2, np.where(pop == 0x42, 5, 0))  # BINBYTES8 payloads go one by one
+        x1, x2, x3, x4 = (self._at(X + t) for t in (1, 2, 3, 4))
+        n = np.where(pop == 0x43, x1, x1 | (x2 << 8) | (x3 << 16) | (x4 << 24))
+        A = X + hl
+        m &= (hl > 0) & (dim >= 0) & (E - A == n + 4) & (n == dim * dt.itemsize)
+        m &= (self._gather(E - 4, 4) == _TAIL4).all(axis=1)
+        self.arr_ok = m
+        self.arr_a = A
+        self.arr_n = n
+        self.arr_dim = dim
+        self.arr_dtype = dt
+        self.arr_fortran = fortran
+
+    def next_start(self, j: int) -> int:
+        """The first element at or after ``j`` where a run may start (``k`` if none)."""
+        at = int(np.searchsorted(self.good_at, j - self.i))
+        return self.i + int(self.good_at[at]) if at < len(self.good_at) else self.k
+
+    def build(self, j: int, view_fn: Any, out: list[Any]) -> int:
+        """Build the run starting at element ``j``; return how many elements (0: no run here)."""
+        x = j - self.i
+        n_el = self.k - self.i
+        if self.str_ok[x]:
+            r = min(_first(self.str_bad, x, n_el), _first(self.noncont, x, n_el - 1) + 1)
+            if r - x >= 2:
+                program = b"\x80\x04(" + bytes(self.buf[int(self.S[x]) : int(self.E[r - 1])]) + b"t."
+                try:
+                    # a reader with peek(): the C unpickler then reads in blocks, not per opcode
+                    items = _Plain(io.BufferedReader(io.BytesIO(program), len(program))).load()
+                except Exception:  # e.g. a string that is not UTF-8: one by one, like the C twin
+                    self.str_ok[:] = False
+                    self.str_bad = np.arange(n_el)
+                    self.good_at = np.flatnonzero(self.arr_ok) if self.arr_ok is not None else self.good_at[:0]
+                    return 0
+                out.extend(items)
+                return r - x
+            return 0
+        if self.arr_ok is not None and self.arr_ok[x]:
+            r = _first(self.arr_bad, x, n_el)
+            buf = self.buf
+            dt = self.arr_dtype
+            fortran = self.arr_fortran
+            append = out.append
+            A = self.arr_a[x:r].tolist()
+            N = self.arr_n[x:r].tolist()
+            DIM = self.arr_dim[x:r].tolist()
+            if view_fn is not None:
+                for a, n, d in zip(A, N, DIM):
+                    append(view_fn(a, a + n, (d,), dt, fortran))
+            else:
+                rec = _real_reconstruct
+                nd = np.ndarray
+                zero = (0,)
+                for a, n, d in zip(A, N, DIM):
+                    arr = rec(nd, zero, b"b")
+                    arr.__setstate__((1, (d,), dt, fortran, bytes(buf[a : a + n])))
+                    append(arr)
+            return r - x
+        return 0
+
+
+def _first(sorted_idx: np.ndarray, x: int, default: int) -> int:
+    at = int(np.searchsorted(sorted_idx, x))
+    return int(sorted_idx[at]) if at < len(sorted_idx) else default
+
+
+class _Plain(pickle.Unpickler):
+    """Loads runs already checked to hold only string opcodes and memo writes: no global is ever needed."""
+
+    def find_class(self, module: str, name: str) -> Any:  # pragma: no cover - the runs hold no GLOBAL
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")

@@ -757,11 +757,18 @@ def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
 
 
 def check_load(ctx: LoadContext) -> None:
-    """After a load: check every dtype it made (before any array is built from one)."""
+    """After a load: check every dtype it made (before any array is built from one).
+
+    The list is emptied even when a check fails: a retry of part of the same
+    run (one element at a time, to find the damaged one) must not be blamed
+    for a dtype the failed run made.
+    """
     if ctx.dtypes:
-        for d in ctx.dtypes:
-            check_dtype(d)
-        ctx.dtypes.clear()
+        try:
+            for d in ctx.dtypes:
+                check_dtype(d)
+        finally:
+            ctx.dtypes.clear()
 
 
 def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:

@@ -680,9 +680,7 @@ class _Engine:
         self.roles: dict[int, tuple[int, Any]] = {}  # memo index -> (role, object) for direct decoding
         self.role_src: dict[int, tuple[Any, str, Any]] = {}  # dtype roles: (memo value, its str, names)
         self.direct_fn = _direct_run
-        self.direct_c = _direct_run is not _py_direct_run  # the C twin reads int64 buffers, the Python one lists
-        keys = sorted(live) if live else []
-        self.live_keys: Any = np.array(keys, dtype=np.int64) if self.direct_c else keys
+        self.live_keys = np.array(sorted(live) if live else [], dtype=np.int64)
         self.live_offsets = np.sort(np.fromiter(live.values(), dtype=np.int64, count=len(live))) if live else None
         self.zc_views = zero_copy and view is not None
 
@@ -699,6 +697,9 @@ class _Engine:
                 result = self._trusted_rerun(program, result, made)
             return result
         except BaseException:
+            # dtypes the failed load made are not the next load's to check (nor to blame)
+            if self.ctx.dtypes:
+                self.ctx.dtypes.clear()
             # A failed load leaves unread program bytes in the C unpickler's read-ahead
             # buffer, which the next load() would execute: start a fresh unpickler that
             # shares the memo (assigning the memo *proxy* copies it; a dict would not).
@@ -855,12 +856,9 @@ class _Engine:
             hot = lo[a:b]
         else:
             hot = _NO_INTS
-        if self.direct_c:
-            sl = np.ascontiguousarray(starts, dtype=np.int64)
-            el = np.ascontiguousarray(ends, dtype=np.int64)
-            ml = np.ascontiguousarray(memos, dtype=np.int64)
-        else:
-            sl, el, ml, hot = starts.tolist(), ends.tolist(), memos.tolist(), hot.tolist()
+        sl = np.ascontiguousarray(starts, dtype=np.int64)
+        el = np.ascontiguousarray(ends, dtype=np.int64)
+        ml = np.ascontiguousarray(memos, dtype=np.int64)
         view_fn = self._view_fn(buf) if self.zc_views else None
         roles = self.roles
         out: list[Any] = []
