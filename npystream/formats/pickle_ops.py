@@ -11,8 +11,11 @@ so either implementation can continue what the other started.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
+
+import numpy as np
 
 # ---------------------------------------------------------------------------
 # limits (each with its reason)
@@ -236,6 +239,213 @@ class ScanState:
         self.memo_depth: dict[int, int] = {}  # memo index -> depth, for entries deeper than MEMO_DEPTH_NOTE
 
 
+
+# ---------------------------------------------------------------------------
+# fast paths of the pure-Python scanner (the C twin needs none)
+#
+# Inside an APPENDS batch (phase PH_BODY, ``in_batch``, depth 2) numpy writes
+# each element as one of a few fixed opcode shapes.  Precompiled ``re``
+# patterns recognise whole elements at the current position and the scanner
+# applies their *net* effect on the state at once; the effect of such a
+# self-contained opcode sequence does not depend on what lies below it on the
+# stack, so it equals what the generic loop would do opcode by opcode.
+# Anything unusual (a FRAME inside an element, the end of the buffer or
+# frame, a memo write out of sequence, a GET before its PUT, the element
+# limits, recorded memo depths) makes the fast path take nothing, and the
+# generic loop handles it (and raises, if it must).  ``FAST_PATHS = False``
+# switches them off (the tests compare both).
+
+FAST_PATHS = True
+
+# an ndarray element (numpy's ``__reduce__``):
+#   GET _reconstruct, GET ndarray, BININT1 0, TUPLE1, PUT, GET b'b', TUPLE3, PUT, REDUCE, PUT,
+#   MARK, BININT1 1, <shape: 1-3 ints + TUPLEn, or MARK 4-64 ints TUPLE>, PUT, GET dtype,
+#   NEWFALSE|NEWTRUE, SHORT_BINBYTES|BINBYTES|BINBYTES8 payload, PUT, TUPLE, PUT, BUILD
+# (PUT: MEMOIZE in protocol 4, BINPUT/LONG_BINPUT in protocol 3; GET: BINGET/LONG_BINGET)
+_RX_GET = rb"(h.|j....)"
+_RX_PUT = rb"(\x94|q.|r....)"
+_RX_INT = rb"(?:K.|M..|J....)"
+_RX_SHAPE = (
+    rb"(?:" + _RX_INT + rb"\x85|" + _RX_INT + rb"{2}\x86|" + _RX_INT + rb"{3}\x87|\(" + _RX_INT + rb"{4,64}t)"
+)
+_ARR_HEAD = re.compile(
+    _RX_GET + _RX_GET + rb"K\x00\x85" + _RX_PUT + _RX_GET + rb"\x87" + _RX_PUT + rb"R" + _RX_PUT
+    + rb"\(K\x01" + _RX_SHAPE + _RX_PUT + _RX_GET + rb"[\x88\x89](C.|B....|\x8e.{8})",
+    re.DOTALL,
+).match
+_ARR_TAIL = re.compile(_RX_PUT + rb"t" + _RX_PUT + rb"b", re.DOTALL).match
+_ARR_TAIL4 = b"\x94t\x94b"
+_ARR_MEMO = 6  # memo writes per ndarray element
+_ARR_DEP = 3  # nesting depth the generic loop records for an ndarray element
+_ARR_RUNS: dict[bytes, Any] = {}  # GET bytes of (_reconstruct, ndarray, b'b', dtype) -> matcher of "tail + next head"
+
+
+def _arr_run_matcher(gets: bytes, r: bytes, nd: bytes, b: bytes, dt: bytes) -> Any:
+    """Matcher of the previous element's protocol-4 tail followed by the next element's head up to its length byte."""
+    m = _ARR_RUNS.get(gets)
+    if m is None:
+        if len(_ARR_RUNS) >= 64:
+            _ARR_RUNS.clear()
+        m = re.compile(
+            re.escape(_ARR_TAIL4 + r + nd) + rb"K\x00\x85\x94" + re.escape(b) + rb"\x87\x94R\x94\(K\x01"
+            + _RX_SHAPE + rb"\x94" + re.escape(dt) + rb"[\x88\x89]C.",
+            re.DOTALL,
+        ).match
+        _ARR_RUNS[gets] = m
+    return m
+
+
+def _get_index(g: bytes) -> int:
+    return g[1] if g[0] == OP_BINGET else _u4(g, 1)[0]
+
+
+def _put_ok(g: bytes, memo: int) -> bool:
+    """Does the memo write ``g`` (MEMOIZE/BINPUT/LONG_BINPUT bytes) write index ``memo``, as the scanner requires?"""
+    if g[0] == OP_MEMOIZE:
+        return True
+    return (g[1] if g[0] == OP_BINPUT else _u4(g, 1)[0]) == memo
+
+
+def _fast_arrays(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: int, n: int, done: int) -> Any:
+    """A run of whole ndarray elements at ``pos`` (below ``lim``): applies their effect, returns (pos, k) or None.
+
+    Updates ``st.starts``/``memo_at``/``dep``/``reads``/``memo_seen``; the
+    caller adds ``k`` to its stack count and ``6 * k`` to its memo counter.
+    """
+    if st.memo_depth:
+        return None
+    starts = st.starts
+    # the generic loop's limits: at most 4 stack items of an element are on the batch level at
+    # once (checks "n >= MAX_STACK" and "done + slots > count + 8" before each push)
+    room = min(st.count + 5 - done - (len(starts) >> 3), MAX_STACK - 4 - n)
+    reads = st.reads
+    mb = st.memo_base
+    offs: list[int] = []
+    q = pos
+    mm = memo
+    while len(offs) < room:
+        m = _ARR_HEAD(buf, q, lim)
+        if m is None:
+            break
+        r, nd, p1, b, p2, p3, p4, dt, ph = m.groups()
+        ri = _get_index(r)
+        ndi = _get_index(nd)
+        bi = _get_index(b)
+        dti = _get_index(dt)
+        if not (mb <= ri < mm and mb <= ndi < mm and mb <= bi <= mm and mb <= dti < mm + 4):
+            break
+        if not (_put_ok(p1, mm) and _put_ok(p2, mm + 1) and _put_ok(p3, mm + 2) and _put_ok(p4, mm + 3)):
+            break
+        e = m.end()
+        pop = ph[0]
+        te = e + (ph[1] if pop == 0x43 else (_u4(ph, 1)[0] if pop == 0x42 else _u8(ph, 1)[0]))
+        if te > lim:
+            break
+        t = _ARR_TAIL(buf, te, lim)
+        if t is None:
+            break
+        p5, p6 = t.groups()
+        if not (_put_ok(p5, mm + 4) and _put_ok(p6, mm + 5)):
+            break
+        # the element's GETs, in the generic loop's order
+        reads[ri] = base + q
+        reads[ndi] = base + m.start(2)
+        reads[bi] = base + m.start(4)
+        reads[dti] = base + m.start(8)
+        offs.append(base + q)
+        mm += _ARR_MEMO
+        q = t.end()
+        if pop != 0x43 or (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
+            continue
+        # protocol 4 with short payloads: the following elements with the same GETs, one match each
+        # (the previous element's tail + this element's head up to its payload length byte)
+        run = _arr_run_matcher(r + nd + b + dt, r, nd, b, dt)
+        lr = len(r)
+        b_at = lr + len(nd) + 4
+        dt_back = 3 + len(dt)
+        te = q - 4  # this element's tail: each match checks one tail, and the head after it
+        k0 = len(offs)
+        pend = last = last_dt = pend_dt = -1
+        while True:
+            m = run(buf, te, lim)
+            if m is None:
+                break
+            if pend >= 0:  # its tail is right: the pending element is whole
+                offs.append(base + pend)
+                last = pend
+                last_dt = pend_dt
+                q = te + 4
+                if len(offs) >= room:
+                    pend = -1
+                    break
+            pend = te + 4
+            e = m.end()
+            pend_dt = e - dt_back
+            te = e + buf[e - 1]
+        if pend >= 0 and te + 4 <= lim and buf[te : te + 4] == _ARR_TAIL4:
+            offs.append(base + pend)
+            last = pend
+            last_dt = pend_dt
+            q = te + 4
+        if last >= 0:
+            mm += _ARR_MEMO * (len(offs) - k0)
+            reads[ri] = base + last
+            reads[ndi] = base + last + lr
+            reads[bi] = base + last + b_at
+            reads[dti] = base + last_dt
+    k = len(offs)
+    if not k:
+        return None
+    starts += struct.pack(f"<{k}q", *offs)
+    st.memo_at += struct.pack(f"<{k}q", *range(memo, memo + _ARR_MEMO * k, _ARR_MEMO))
+    st.dep.extend([_ARR_DEP] * k)
+    st.memo_seen = True
+    return q, k
+
+
+# a string or bytes element of protocol 4: SHORT_BINUNICODE|SHORT_BINBYTES len data MEMOIZE
+_STR_RUN = re.compile(
+    rb"(?:[\x8cC](?:" + b"|".join(re.escape(bytes([k])) + b".{%d}" % k for k in range(256)) + rb")\x94){1,4096}",
+    re.DOTALL,
+).match
+_STR_LENS = re.compile(
+    rb"[\x8cC](?=([\x00-\xff]))(?:" + b"|".join(re.escape(bytes([k])) + b".{%d}" % k for k in range(256)) + rb")\x94",
+    re.DOTALL,
+).findall
+
+
+def _fast_strings(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: int, n: int, done: int) -> Any:
+    """A run of short literal + MEMOIZE elements at ``pos``: applies their effect, returns (pos, k) or None."""
+    room = min(st.count + 8 - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
+    if room <= 0:
+        return None
+    m = _STR_RUN(buf, pos, lim)
+    if m is None:
+        return None
+    e = m.end()
+    # the run is a contiguous sequence of whole elements; where each starts: if no payload holds a
+    # 0x94 byte, the 0x94 bytes are exactly the MEMOIZEs ending the elements (checked: every such
+    # start's length byte leads to the next 0x94); otherwise ask re for each element's length
+    a = np.frombuffer(bytes(buf[pos:e]) + b"\0", dtype=np.uint8)
+    ends = np.flatnonzero(a == OP_MEMOIZE)
+    rel = np.empty(len(ends), dtype=np.int64)
+    rel[0] = 0
+    rel[1:] = ends[:-1] + 1
+    if not np.array_equal(a[rel + 1].astype(np.int64) + 2 + rel, ends):
+        lens = np.frombuffer(b"".join(_STR_LENS(buf, pos, e)), dtype=np.uint8).astype(np.int64) + 3
+        ends = np.cumsum(lens) - 1
+        rel = ends - (lens - 1)
+    k = len(rel)
+    if k > room:
+        k = room
+    starts_b = (rel[:k] + (base + pos)).astype("<i8").tobytes()
+    st.starts += starts_b
+    st.memo_at += np.arange(memo, memo + k, dtype="<i8").tobytes()
+    st.dep.extend([0] * k)
+    st.memo_seen = True
+    return pos + int(ends[k - 1]) + 1, k
+
+
 def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     """Walk whole opcodes of ``buf[pos:end]`` (file offset of ``buf[0]`` is ``base``); return the new pos.
 
@@ -280,6 +490,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     u4 = _u4
     pack_q = _pack_q
     status = ST_MORE
+    fast = FAST_PATHS
 
     def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
         index = None
@@ -300,35 +511,21 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     continue
                 break
             op = buf[pos]
-            if (op == 0x8C or op == 0x43) and in_batch and depth == 2:
-                # fast path (pure Python only matters here): a run of elements that are each one
-                # short literal + MEMOIZE (a list of strings); same effects as the generic code
-                q = pos
-                room = min(st.count + 8 - done - (len(starts) >> 3), MAX_STACK - 1 - n)
-                offs = []
-                while q + 1 < lim and room > 0:
-                    nq = q + 2 + buf[q + 1]
-                    if nq >= lim or buf[nq] != OP_MEMOIZE:
-                        break
-                    offs.append(base + q)
-                    room -= 1
-                    q = nq + 1
-                    if q >= lim:
-                        break
-                    op = buf[q]
-                    if op != 0x8C and op != 0x43:
-                        break
-                if offs:
-                    k = len(offs)
-                    starts += struct.pack(f"<{k}q", *offs)
-                    memo_at += struct.pack(f"<{k}q", *range(memo, memo + k))
-                    n += k
-                    dep.extend([0] * k)
-                    memo += k
-                    st.memo_seen = True
-                    pos = q
-                    continue
-                op = buf[pos]
+            if in_batch and fast and depth == 2:
+                if op == 0x68 or op == 0x6A:
+                    got = _fast_arrays(buf, pos, lim, base, st, memo, n, done)
+                    if got is not None:
+                        pos, k = got
+                        n += k
+                        memo += _ARR_MEMO * k
+                        continue
+                elif op == 0x8C or op == 0x43:
+                    got = _fast_strings(buf, pos, lim, base, st, memo, n, done)
+                    if got is not None:
+                        pos, k = got
+                        n += k
+                        memo += k
+                        continue
             a = arg_t[op]
             kind = kind_t[op]
             # ---- where the opcode ends ---------------------------------------

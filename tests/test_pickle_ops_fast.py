@@ -1,0 +1,524 @@
+"""The pure-Python scanner's fast paths (``pickle_ops._fast_arrays`` / ``_fast_strings``) against its generic loop.
+
+``scan_ops`` recognises whole ndarray and short-literal elements with ``re``
+patterns and applies their net effect at once.  These tests run the scanner
+twice on the same bytes, fast paths on and off (``pickle_ops.FAST_PATHS``),
+and compare after *every* call: the outcome (returned pos, or ScanError kind /
+message / offset / index), every ScanState attribute, and the order of
+``reads``.  Inputs: files written by ``np.save`` (protocol 4) and by
+``pickle.dump`` with protocol 3 (numpy 1.x's BINPUT), with many element kinds;
+protocol-3 files re-encoded with LONG_BINGET/LONG_BINPUT everywhere;
+protocol-4 files re-framed with frame breaks at every opcode boundary of an
+element; every file fed through a window in random pieces as ``_StreamScan``
+does, and mapped whole; truncations, and random byte mutations (hypothesis).
+A spy checks that the fast paths really take the elements they are meant for.
+"""
+
+from __future__ import annotations
+
+import pickle
+import pickletools
+import random
+import struct
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
+from objcases import npy_preamble, obj_array
+
+from npystream.formats import pickle_ops as ops
+from npystream.formats.npy import read_header
+from npystream.formats.pickle_safety import SafetyPolicy, make_global_check
+from npystream.sources import MemorySource
+
+GLOBAL_CHECK = make_global_check(SafetyPolicy.make())
+FIELDS = [f for f in ops.ScanState.__slots__ if f != "global_check"]
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+def _arrays(rng: np.random.Generator, n: int) -> list[Any]:
+    """Small ndarrays of the kinds the fast path takes, and some it must leave to the generic loop."""
+    out: list[Any] = []
+    for i in range(n):
+        k = i % 23
+        if k == 0:
+            out.append(np.arange(int(rng.integers(0, 70)), dtype=np.int32))
+        elif k == 1:
+            out.append(rng.random(int(rng.integers(1, 40))))
+        elif k == 2:
+            out.append(np.arange(12, dtype=np.int16).reshape(3, 4))
+        elif k == 3:
+            out.append(np.asfortranarray(np.arange(24, dtype=np.int32).reshape(2, 3, 4)))
+        elif k == 4:
+            out.append(np.zeros((2, 1, 2, 3, 1), dtype=np.uint8))  # ndim 5: MARK ... TUPLE shape
+        elif k == 5:
+            out.append(np.arange(70, dtype=np.float64))  # 560 bytes: BINBYTES
+        elif k == 6:
+            out.append(np.zeros(0, dtype=np.int32))  # b'' is a singleton: its second use is a BINGET
+        elif k == 7:
+            out.append(np.array([1], dtype=np.int8))  # 1-byte payloads are singletons too
+        elif k == 8:
+            out.append(np.array(3.5))  # 0-d: EMPTY_TUPLE shape
+        elif k == 9:
+            out.append(f"str{i}")
+        elif k == 10:
+            out.append(np.arange(300, dtype=np.int64).reshape(300, 1))  # shape int 300: BININT2
+        elif k == 11:
+            out.append(np.arange(5, dtype=">i4"))  # big-endian dtype: its own dtype object
+        elif k == 12:
+            # beyond a frame (written outside frames), a few times
+            out.append(np.ones(70000 if i % 230 == 12 else 300, dtype=np.uint8))
+        elif k == 13:
+            out.append(np.array(["ab", "c"]))  # unicode dtype
+        elif k == 14:
+            out.append(obj_array([1, np.arange(3)]))  # nested object array
+        elif k == 15:
+            out.append(np.arange(int(rng.integers(2, 60)), dtype=np.int32))
+        elif k == 16:
+            out.append(None)
+        elif k == 17:
+            out.append(b"bytes-%d" % i)
+        elif k == 18:
+            out.append(np.datetime64("2020-01-01") + np.arange(3))
+        else:
+            out.append(np.arange(int(rng.integers(1, 64)), dtype=np.int32) * i)
+    return out
+
+
+def _strings(rng: np.random.Generator, n: int) -> list[Any]:
+    words = ["", "a", "é\x94", "x" * 255, "y" * 300, "\u0394\u0394", "C\x94C"]  # \x94 and 'C' inside data
+    out: list[Any] = []
+    for i in range(n):
+        k = int(rng.integers(0, 12))
+        if k < 7:
+            out.append(words[k] + str(i % 7))
+        elif k == 7:
+            out.append(bytes([0x94, 0x43, 0x8C, i % 256]))
+        elif k == 8:
+            out.append(out[-1] if out else "first")  # the same object again: a BINGET element
+        else:
+            out.append(f"s{int(rng.integers(0, 10**9)):x}")
+    return out
+
+
+def _many_dtypes(n: int) -> list[Any]:
+    """Arrays of many dtypes, created late so their dtype GETs have memo indices >= 256."""
+    codes = ["i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16", "?"]
+    return [np.arange(2 + i % 5).astype(codes[i % len(codes)]) for i in range(n)]
+
+
+def _file(arr: np.ndarray, proto: int) -> bytes:
+    return npy_preamble(arr) + pickle.dumps(arr, protocol=proto)
+
+
+@cache
+def corpus() -> dict[str, bytes]:
+    rng = np.random.default_rng(1234)
+    arrays = obj_array(_arrays(rng, 1200))
+    strings = obj_array(_strings(rng, 2600))
+    plain = obj_array([np.arange(int(rng.integers(1, 61)), dtype=np.int32) for _ in range(1500)])
+    late = obj_array([np.arange(3, dtype=np.int32)] * 2 + [f"w{i}" for i in range(300)] + _many_dtypes(300))
+    shaped = obj_array([np.arange(k % 7, dtype=np.float32) for k in range(60)], shape=(3, 4, 5), order="F")
+    out = {}
+    for proto in (3, 4):
+        out[f"arrays_p{proto}"] = _file(arrays, proto)
+        out[f"strings_p{proto}"] = _file(strings, proto)
+        out[f"plain_p{proto}"] = _file(plain, proto)
+        out[f"late_dtypes_p{proto}"] = _file(late, proto)
+        out[f"shaped_p{proto}"] = _file(shaped, proto)
+    return out
+
+
+def _ops(pkl: bytes) -> list[tuple[int, int, int, Any]]:
+    """(opcode byte, start, end, argument) of every opcode of a pickle."""
+    found = list(pickletools.genops(pkl))
+    out = []
+    for (_op, arg, start), nxt in zip(found, found[1:] + [(None, None, len(pkl))]):
+        out.append((pkl[start], start, nxt[2], arg))
+    return out
+
+
+def widen_memo(data: bytes) -> bytes:
+    """A protocol-3 .npy with every BINGET/BINPUT re-encoded as LONG_BINGET/LONG_BINPUT (same meaning)."""
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    out = bytearray(data[: hdr.data_offset])
+    for code, start, end, arg in _ops(pkl):
+        if code == ops.OP_BINGET:
+            out += b"j" + struct.pack("<I", arg)
+        elif code == ops.OP_BINPUT:
+            out += b"r" + struct.pack("<I", arg)
+        else:
+            out += pkl[start:end]
+    return bytes(out)
+
+
+def reframe(data: bytes, breaks: set[int] | None = None, every: int | None = None) -> bytes:
+    """A protocol-4 .npy re-framed: frames end at the opcode boundaries in ``breaks`` (pickle offsets of the
+    original), or every ``every`` bytes at the next boundary; large payloads outside frames as pickle writes them."""
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    out = bytearray(data[: hdr.data_offset])
+    frame = bytearray()
+
+    def commit() -> None:
+        if frame:
+            out.extend(b"\x95" + struct.pack("<Q", len(frame)) + frame)
+            frame.clear()
+
+    for code, start, end, _arg in _ops(pkl):
+        if code == ops.OP_FRAME:
+            continue
+        if code == 0x80:  # PROTO precedes the first frame
+            out += pkl[start:end]
+            continue
+        piece = pkl[start:end]
+        if code in (0x42, 0x8E, 0x8D, 0x58, 0x96) and end - start >= 65536:
+            commit()
+            out += piece
+            continue
+        if (breaks is not None and start in breaks) or (every is not None and len(frame) >= every):
+            commit()
+        frame += piece
+    commit()
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------
+# the comparison
+
+
+def _outcome(st: ops.ScanState, buf: Any, pos: int, end: int, base: int) -> tuple:
+    try:
+        return ("ok", ops.scan_ops(buf, pos, end, base, st))
+    except ops.ScanError as err:
+        return ("scan", err.kind, err.message, err.offset, err.index)
+
+
+def _snap(st: ops.ScanState) -> dict[str, Any]:
+    """Every attribute (containers copied: they hold only ints), with the order of the dicts."""
+    snap = {f: (v.copy() if isinstance(v, (list, dict, bytearray)) else v) for f in FIELDS for v in [getattr(st, f)]}
+    snap["reads_order"] = list(st.reads.items())
+    snap["memo_depth_order"] = list(st.memo_depth.items())
+    return snap
+
+
+class Spy:
+    """Counts the elements the fast paths took."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.arrays = self.strings = 0
+        fa, fs = ops._fast_arrays, ops._fast_strings
+
+        def arrays(*args: Any) -> Any:
+            got = fa(*args)
+            self.arrays += got[1] if got else 0
+            return got
+
+        def strings(*args: Any) -> Any:
+            got = fs(*args)
+            self.strings += got[1] if got else 0
+            return got
+
+        monkeypatch.setattr(ops, "_fast_arrays", arrays)
+        monkeypatch.setattr(ops, "_fast_strings", strings)
+
+
+def lockstep(data: bytes, *, pieces: list[int] | None = None, count: int | None = None, discard: bool = True) -> tuple:
+    """Scan ``data`` (an .npy file) with fast paths on and off; compare after every call; return the last outcome.
+
+    ``pieces=None`` scans the whole buffer (``data_end`` known, as on a mapped file);
+    a list streams the pickle through a bytearray window fed those piece sizes in turn
+    (cycled), dropping bytes before ``batch_end`` after each batch, as ``_StreamScan`` does.
+    """
+    try:
+        header = read_header(MemorySource(data))
+        start, hcount = header.data_offset, header.count
+    except Exception:  # noqa: BLE001 - a mutated header: scan from byte 0
+        start, hcount = 0, 1
+    count = hcount if count is None else count
+    states = [ops.ScanState(count, GLOBAL_CHECK), ops.ScanState(count, GLOBAL_CHECK)]
+    if pieces is None:
+        for st in states:
+            st.data_end = len(data)
+        buf: Any = memoryview(data)
+        base, pos, fed, eof = 0, start, len(data), True
+    else:
+        buf = bytearray()
+        base, pos, fed, eof = start, 0, start, False
+    k = 0
+    last: tuple = ()
+    try:
+        for step in range(10**7):
+            end = len(buf)
+            got = []
+            for fast, st in zip((True, False), states):
+                ops.FAST_PATHS = fast
+                got.append((_outcome(st, buf, pos, end, base), _snap(st)))
+            where = f"step {step}: pos {pos} end {end} base {base}"
+            assert got[0][0] == got[1][0], where
+            for f in got[1][1]:
+                assert got[0][1][f] == got[1][1][f], f"{where}: {f}: fast {got[0][1][f]!r} generic {got[1][1][f]!r}"
+            last = got[0][0]
+            if last[0] != "ok":
+                return last
+            pos = last[1]
+            st = states[0]
+            if st.status == ops.ST_BATCH:
+                for s in states:
+                    s.starts.clear()
+                    s.memo_at.clear()
+                if pieces is not None and discard:
+                    cut = st.batch_end - base
+                    if cut > 0:
+                        del buf[:cut]
+                        base += cut
+                        pos -= cut
+            elif st.status == ops.ST_DONE or eof:
+                return last
+            else:
+                size = pieces[k % len(pieces)]
+                k += 1
+                piece = data[fed : fed + size]
+                fed += len(piece)
+                if piece:
+                    buf += piece
+                else:
+                    eof = True
+                    for s in states:
+                        s.data_end = base + len(buf)
+    finally:
+        ops.FAST_PATHS = True
+    raise AssertionError("scan did not finish")  # pragma: no cover
+
+
+def _random_pieces(seed: int, n: int = 50, top: int = 4000) -> list[int]:
+    rnd = random.Random(seed)
+    return [rnd.choice([1, 2, 3, 7, 64, 255, 256, 1000, rnd.randint(1, top)]) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize("name", [f"{k}_p{p}" for k in ("arrays", "strings", "plain", "late_dtypes", "shaped") for p in (3, 4)])
+def test_mapped_and_streamed_equal_generic(name):
+    data = corpus()[name]
+    assert lockstep(data)[0] == "ok"
+    for seed in range(3):
+        assert lockstep(data, pieces=_random_pieces(seed))[0] == "ok"
+    assert lockstep(data, pieces=[4096], discard=False)[0] == "ok"
+
+
+def test_fast_paths_take_the_elements(monkeypatch):
+    """Not vacuous: the fast paths take most elements of numpy's common shapes, in both protocols."""
+    c = corpus()
+    for name, kind, at_least in [
+        ("plain_p4", "arrays", 1400),
+        ("plain_p3", "arrays", 1400),
+        ("arrays_p4", "arrays", 300),
+        ("arrays_p3", "arrays", 300),
+        ("strings_p4", "strings", 1000),
+        ("late_dtypes_p4", "arrays", 250),
+        ("late_dtypes_p3", "arrays", 250),
+    ]:
+        spy = Spy(monkeypatch)
+        assert lockstep(c[name])[0] == "ok"
+        got = getattr(spy, kind)
+        assert got >= at_least, (name, kind, got)
+        monkeypatch.undo()
+
+
+def test_long_memo_opcodes():
+    """LONG_BINGET / LONG_BINPUT everywhere (valid protocol 3, as a writer with a big memo would emit)."""
+    for name in ("arrays_p3", "plain_p3", "late_dtypes_p3"):
+        wide = widen_memo(corpus()[name])
+        assert b"j" in wide and b"r" in wide
+        assert lockstep(wide)[0] == "ok"
+        assert lockstep(wide, pieces=_random_pieces(7))[0] == "ok"
+
+
+def test_late_dtypes_use_long_binget():
+    data = corpus()["late_dtypes_p4"]
+    assert any(code == ops.OP_LONG_BINGET for code, *_ in _ops(data[read_header(MemorySource(data)).data_offset :]))
+
+
+def test_frame_break_at_every_opcode_boundary_of_elements():
+    """Frames ending at each opcode boundary inside a few elements (and small frames everywhere)."""
+    rng = np.random.default_rng(9)
+    data = _file(obj_array([np.arange(int(rng.integers(1, 61)), dtype=np.int32) for _ in range(40)]), 4)
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    body = pkl.index(b"]\x94(") + 3
+    bounds = [start for _code, start, _end, _arg in _ops(pkl) if start >= body][:150]
+    for b in bounds:
+        framed = reframe(data, breaks={b})
+        assert lockstep(framed)[0] == "ok"
+    data = corpus()["plain_p4"]
+    for every in (1, 37, 200, 1000):
+        framed = reframe(data, every=every)
+        assert lockstep(framed)[0] == "ok"
+        assert lockstep(framed, pieces=_random_pieces(every))[0] == "ok"
+    assert lockstep(reframe(corpus()["strings_p4"], every=100))[0] == "ok"
+
+
+def test_frame_breaks_everywhere_small_file():
+    arr = obj_array([np.arange(k, dtype=np.int32) for k in range(1, 6)] + ["ab", "c"] * 3)
+    data = npy_preamble(arr) + pickle.dumps(arr, protocol=4)
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    for _code, start, _end, _arg in _ops(pkl):
+        framed = reframe(data, breaks={start})
+        assert lockstep(framed)[0] == "ok"
+        assert lockstep(framed, pieces=[1])[0] == "ok"
+
+
+def test_truncations():
+    arr = obj_array([np.arange(k, dtype=np.int32) for k in range(1, 9)] + ["ab", "c", b"xy"] * 3)
+    for proto in (3, 4):
+        data = _file(arr, proto)
+        hdr = read_header(MemorySource(data))
+        for cut in range(hdr.data_offset, len(data)):  # lockstep compares every call
+            lockstep(data[:cut])
+            lockstep(data[:cut], pieces=[5, 17])
+
+
+@pytest.mark.parametrize("count_delta", [-420, -3, 1, 5])
+def test_element_count_limits(count_delta):
+    """A header promising fewer elements than the pickle holds: the limit check fires at the same opcode
+    (-420: in the middle of the last batch)."""
+    for name in ("plain_p4", "plain_p3", "strings_p4"):
+        data = corpus()[name]
+        count = read_header(MemorySource(data)).count + count_delta
+        out = lockstep(data, count=count)
+        if count_delta < 0:
+            assert out[0] == "scan" and "more elements than the header" in out[2], out
+        lockstep(data, count=count, pieces=[3000])
+
+
+def _memo_ops(pkl: bytes) -> list[tuple[int, int, int]]:
+    """(opcode, start, memo counter before it) of every memo read/write of a pickle."""
+    out = []
+    memo = 0
+    for code, start, _end, arg in _ops(pkl):
+        if code in (ops.OP_BINGET, ops.OP_LONG_BINGET, ops.OP_MEMOIZE, ops.OP_BINPUT, ops.OP_LONG_BINPUT):
+            out.append((code, start, memo))
+        if code == ops.OP_MEMOIZE:
+            memo += 1
+        elif code in (ops.OP_BINPUT, ops.OP_LONG_BINPUT):
+            memo = arg + 1
+    return out
+
+
+@pytest.mark.parametrize("name", ["plain_p3", "arrays_p3", "plain_p4"])
+def test_forged_memo_indices(name):
+    """Each memo GET / PUT of some elements set to the indices around the valid ones (GETs of entries not yet
+    written, PUTs out of sequence): the fast path leaves them to the generic loop, which raises."""
+    data = _short(name)
+    if name.endswith("p3"):
+        data = widen_memo(data)
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    body = pkl.index(b"]") + 2
+    found = [m for m in _memo_ops(pkl) if m[1] > body]
+    picks = found[:60] if name.endswith("p4") else found[:30] + found[len(found) // 2 : len(found) // 2 + 30]
+    errors = 0
+    assert len(picks) >= 50
+    for code, start, memo in picks:
+        if code == ops.OP_MEMOIZE:
+            continue
+        at = hdr.data_offset + start + 1
+        for value in (memo - 1, memo, memo + 1, memo + 3, memo + 4, memo + 5):
+            forged = bytearray(data)
+            if code in (ops.OP_BINGET, ops.OP_BINPUT):
+                if not 0 <= value < 256:
+                    continue
+                forged[at] = value
+            else:
+                forged[at : at + 4] = struct.pack("<I", value)
+            out = lockstep(bytes(forged))
+            errors += out[0] == "scan"
+    assert errors > 50
+
+
+def test_limits_near_max_stack(monkeypatch):
+    monkeypatch.setattr(ops, "MAX_STACK", 600)
+    for name in ("plain_p4", "strings_p4", "plain_p3"):
+        lockstep(corpus()[name])
+
+
+def test_recorded_memo_depth_disables_the_array_path(monkeypatch):
+    """A GET of a deep memo entry makes an element deep: the fast path must not assume depth 0."""
+    data = corpus()["plain_p4"]
+    hdr = read_header(MemorySource(data))
+    states = []
+    for fast in (True, False):
+        ops.FAST_PATHS = fast
+        st = ops.ScanState(hdr.count, None)
+        st.data_end = len(data)
+        st.memo_depth[2] = 40  # as if _reconstruct's memo entry were deep
+        pos = hdr.data_offset
+        try:
+            for _ in range(4):
+                pos = ops.scan_ops(memoryview(data), pos, len(data), 0, st)
+                if st.status != ops.ST_BATCH:
+                    break
+                st.starts.clear()
+                st.memo_at.clear()
+            states.append(("ok", pos, _snap(st)))
+        except ops.ScanError as err:
+            states.append(("scan", err.message, err.offset, _snap(st)))
+        finally:
+            ops.FAST_PATHS = True
+    assert states[0] == states[1]
+
+
+_MUTABLE = ["plain_p4", "plain_p3", "strings_p4", "arrays_p4"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=hst.sampled_from(_MUTABLE),
+    edits=hst.lists(hst.tuples(hst.floats(0, 1), hst.integers(0, 255)), min_size=1, max_size=4),
+    chunked=hst.booleans(),
+)
+def test_mutations(which, edits, chunked):
+    """Random byte changes in the element list: the fast paths fall back exactly where the generic loop differs."""
+    data = bytearray(_short(which))
+    hdr = read_header(MemorySource(bytes(data)))
+    body = bytes(data).index(b"]", hdr.data_offset) + 2
+    for where, value in edits:
+        data[body + int(where * (len(data) - body - 1))] = value
+    lockstep(bytes(data), pieces=[97, 1, 5000] if chunked else None)
+
+
+@cache
+def _short(name: str) -> bytes:
+    """The first ~150 elements of a corpus file, as its own file."""
+    rng = np.random.default_rng(5)
+    if name.startswith("plain"):
+        items = [np.arange(int(rng.integers(1, 61)), dtype=np.int32) for _ in range(150)]
+    elif name.startswith("strings"):
+        items = _strings(rng, 150)
+    else:
+        items = _arrays(rng, 150)
+    return _file(obj_array(items), int(name[-1]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=hst.sampled_from(_MUTABLE), start=hst.floats(0, 1), length=hst.integers(1, 40), seed=hst.integers(0, 99))
+def test_spliced_elements(which, start, length, seed):
+    """Bytes of one element copied over another's (valid-looking heads in the wrong place)."""
+    data = bytearray(_short(which))
+    hdr = read_header(MemorySource(bytes(data)))
+    body = bytes(data).index(b"]", hdr.data_offset) + 2
+    rnd = random.Random(seed)
+    src = rnd.randrange(body, len(data) - length)
+    dst = body + int(start * (len(data) - body - length))
+    data[dst : dst + length] = data[src : src + length]
+    lockstep(bytes(data), pieces=[rnd.randint(1, 3000)] if seed % 2 else None)
