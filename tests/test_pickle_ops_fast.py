@@ -522,3 +522,26 @@ def test_spliced_elements(which, start, length, seed):
     dst = body + int(start * (len(data) - body - length))
     data[dst : dst + length] = data[src : src + length]
     lockstep(bytes(data), pieces=[rnd.randint(1, 3000)] if seed % 2 else None)
+
+
+def test_strings_with_memoize_bytes_inside(monkeypatch):
+    """Payloads holding 0x94 bytes (non-ASCII text, bytes): the numpy pass stops there and re takes the run."""
+    rng = np.random.default_rng(3)
+    items: list[Any] = []
+    for i in range(2500):
+        k = i % 5
+        items.append(
+            ["\u0394" * (i % 9) + str(i), b"\x94" * (i % 4 + 1) + b"%d" % i, f"p{i}", f"\x94C{i}", b"C\x01\x94%d" % i][k]
+        )
+    data = _file(obj_array(items), 4)
+    spy = Spy(monkeypatch)
+    runs = []
+    real_run = ops._STR_RUN
+    monkeypatch.setattr(ops, "_STR_RUN", lambda *args: runs.append(1) or real_run(*args))
+    assert lockstep(data)[0] == "ok"
+    assert spy.strings >= 2400, spy.strings
+    assert len(runs) >= 300  # the re path ran (and was compared) many times
+    assert lockstep(data, pieces=_random_pieces(int(rng.integers(0, 99))))[0] == "ok"
+    plain = _file(obj_array([f"a{i}" for i in range(3000)] + [None, "x"]), 4)  # every batch via numpy
+    assert lockstep(plain)[0] == "ok"
+    assert lockstep(reframe(plain, every=500), pieces=[333])[0] == "ok"

@@ -417,29 +417,43 @@ _STR_LENS = re.compile(
 def _fast_strings(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: int, n: int, done: int) -> Any:
     """A run of short literal + MEMOIZE elements at ``pos``: applies their effect, returns (pos, k) or None."""
     room = min(st.count + 8 - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
-    if room <= 0:
+    span = lim - pos
+    if room <= 0 or span < 3:
         return None
-    m = _STR_RUN(buf, pos, lim)
-    if m is None:
-        return None
-    e = m.end()
-    # the run is a contiguous sequence of whole elements; where each starts: if no payload holds a
-    # 0x94 byte, the 0x94 bytes are exactly the MEMOIZEs ending the elements (checked: every such
-    # start's length byte leads to the next 0x94); otherwise ask re for each element's length
-    a = np.frombuffer(bytes(buf[pos:e]) + b"\0", dtype=np.uint8)
+    # 1. numpy on the next bytes (about the rest of a batch of 1000, the size numpy writes): candidate
+    # elements end at the 0x94 bytes; a candidate is an element when it starts with a short literal
+    # opcode whose length byte leads exactly to that 0x94.  Checked from the first element on, the
+    # candidates before the first failure are exactly the true elements (each ends at the first 0x94
+    # after its start, which its own length confirms).  A payload holding a 0x94 byte stops it.
+    want = min(room, 1000 - (len(st.starts) >> 3) % 1000)
+    size = min(span, max(2048, want * (3 + buf[pos + 1]) * 2))
+    a = np.frombuffer(buf, dtype=np.uint8, count=size, offset=pos)
     ends = np.flatnonzero(a == OP_MEMOIZE)
-    rel = np.empty(len(ends), dtype=np.int64)
-    rel[0] = 0
-    rel[1:] = ends[:-1] + 1
-    if not np.array_equal(a[rel + 1].astype(np.int64) + 2 + rel, ends):
+    k = len(ends)
+    if k:
+        rel = np.empty(k, dtype=np.int64)
+        rel[0] = 0
+        rel[1:] = ends[:-1] + 1
+        op = a[rel]
+        ok = (rel + 2 + a[np.minimum(rel + 1, size - 1)] == ends) & ((op == 0x8C) | (op == 0x43))
+        if not ok[0]:
+            k = 0
+        elif not ok.all():
+            k = int(np.argmin(ok))
+    del a
+    if not k:
+        # 2. re: a run of whole elements (any payload bytes), then each one's length
+        m = _STR_RUN(buf, pos, lim)
+        if m is None:
+            return None
+        e = m.end()
         lens = np.frombuffer(b"".join(_STR_LENS(buf, pos, e)), dtype=np.uint8).astype(np.int64) + 3
         ends = np.cumsum(lens) - 1
         rel = ends - (lens - 1)
-    k = len(rel)
+        k = len(rel)
     if k > room:
         k = room
-    starts_b = (rel[:k] + (base + pos)).astype("<i8").tobytes()
-    st.starts += starts_b
+    st.starts += (rel[:k] + (base + pos)).astype("<i8").tobytes()
     st.memo_at += np.arange(memo, memo + k, dtype="<i8").tobytes()
     st.dep.extend([0] * k)
     st.memo_seen = True
