@@ -540,7 +540,7 @@ def test_strings_with_memoize_bytes_inside(monkeypatch):
     monkeypatch.setattr(ops, "_STR_RUN", lambda *args: runs.append(1) or real_run(*args))
     assert lockstep(data)[0] == "ok"
     assert spy.strings >= 2400, spy.strings
-    assert len(runs) >= 300  # the re path ran (and was compared) many times
+    assert len(runs) >= 3  # the re path took the batches (one run each)
     assert lockstep(data, pieces=_random_pieces(int(rng.integers(0, 99))))[0] == "ok"
     plain = _file(obj_array([f"a{i}" for i in range(3000)] + [None, "x"]), 4)  # every batch via numpy
     assert lockstep(plain)[0] == "ok"
