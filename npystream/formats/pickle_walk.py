@@ -93,6 +93,7 @@ is the first pickle byte.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import itertools
@@ -199,6 +200,7 @@ if _SPEEDUPS:
 else:
     _direct_run = _py_direct_run
 _NO_INTS = np.zeros(0, dtype=np.int64)
+_MISS = object()  # direct_one: not an element direct decoding builds
 _DIRECT = os.environ.get("NPYSTREAM_NO_DIRECT", "").strip() in ("", "0")  # off: every element via the unpickler
 
 
@@ -683,6 +685,11 @@ class _Engine:
         self.live_keys = np.array(sorted(live) if live else [], dtype=np.int64)
         self.live_offsets = np.sort(np.fromiter(live.values(), dtype=np.int64, count=len(live))) if live else None
         self.zc_views = zero_copy and view is not None
+        self.live_offsets_list = self.live_offsets.tolist() if self.live_offsets is not None else []
+        self._one = np.zeros(3, dtype=np.int64)  # direct_one's start, end, memo counter
+        self._one_parts = (self._one[0:1], self._one[1:2], self._one[2:3])
+        self._vf_buf: Any = None
+        self._vf: Any = None
 
     # -- low level ---------------------------------------------------------------
     def _run_program(self, program: bytearray, elements: bool = True) -> Any:
@@ -891,6 +898,37 @@ class _Engine:
             self._refresh_roles()
             i = nxt
         return out
+
+    def direct_one(self, buf: Any, base: int, s: int, e: int, memo: int, index: int) -> Any:
+        """Random access: element ``index`` (file bytes ``[s, e)``) built directly, or ``_MISS``."""
+        lo = self.live_offsets
+        hot = _NO_INTS
+        if lo is not None:
+            offs = self.live_offsets_list
+            a = bisect.bisect_left(offs, s)
+            if a < len(offs) and offs[a] < e:
+                hot = lo[a : bisect.bisect_left(offs, e)]
+        one = self._one
+        one[0] = s
+        one[1] = e
+        one[2] = memo
+        view_fn = None
+        if self.zc_views:
+            if self._vf_buf is not buf:
+                self._vf_buf = buf
+                self._vf = self._view_fn(buf)
+            view_fn = self._vf
+        out: list[Any] = []
+        for _ in range(2):
+            try:
+                j, m = self.direct_fn(buf, base, *self._one_parts, 0, 1, self.roles, self.live_keys, hot, view_fn, out)
+            except Exception as exc:
+                raise _load_error(exc, self.path, s, index) from None
+            if j == 1:
+                return out[0]
+            if m < 0 or m in self.roles or not self._classify(m):
+                break
+        return _MISS
 
     @staticmethod
     def _candidate(buf: Any, p: int) -> bool:
@@ -1254,6 +1292,10 @@ class _IndexedReader:
         rw.fresh.clear()
         rw.freed.clear()
         buf, base = self.fetch(s, e)
+        if eng.direct:
+            got = eng.direct_one(buf, base, s, e, idx.memo_at.item(i), i)
+            if got is not _MISS:
+                return got
         out = bytearray(eng.proto_op)
         out += b"("
         try:
