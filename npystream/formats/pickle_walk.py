@@ -49,7 +49,22 @@ Design (and why)
    (``LARGE_ELEMENT_BYTES``), resolving the id to a fresh writeable copy
    (:class:`_CopyingView`): one copy per payload instead of two (into the
    program, then into the ``bytes`` numpy's ``__setstate__`` keeps).
-3. **Build**: ONE persistent C ``pickle.Unpickler`` (subclassed for the
+3. **Direct** (:mod:`npystream.formats.pickle_direct`, C twin in
+   ``npystream._speedups``): the element kinds numpy writes most -- a plain
+   ndarray (``_reconstruct`` + BUILD of ``(1, shape, dtype, fortran, raw)``,
+   ~25 opcodes of fixed shape) and a one-opcode scalar (short ``str``,
+   ``bytes``, ``int``, ``float``, ``None``, ``bool``) -- are recognised in
+   the bytes and built straight away (numpy's ``_reconstruct`` +
+   ``__setstate__`` with a ``bytes`` payload, exactly what the unpickler
+   would end up doing; a read-only view in zero-copy mode), when the memo
+   entries they read are known to be the checked globals, ``b'b'`` and a
+   checked dtype (``_Engine.roles``, learnt from the memo on first use), they
+   write no entry anybody reads, and they hold no entry's last read.  Only
+   the other elements are rewritten and unpickled.  This removes the
+   unpickler, the rewriter and the placeholder pass from the common path
+   (workload 2: 2.3 s -> 1.4 s).  Needs the liveness table, so not used when
+   streaming from a forward-only source.
+4. **Build**: ONE persistent C ``pickle.Unpickler`` (subclassed for the
    safety policy, see :mod:`npystream.formats.pickle_safety`) loads each
    program ``PROTO MARK <elements> TUPLE STOP`` of ~1 MiB of elements
    (within one APPENDS batch).  Elements come out of ``itertools.chain`` over
