@@ -255,10 +255,12 @@ class FileSource(_MapMixin, ByteSource):
         self._f.seek(offset)
 
     def mmap_target(self) -> tuple[str | int, int] | None:
-        if self._path is not None:
-            return self._path, 0
+        # the descriptor first: it is the file whose header was read, even if the path was
+        # replaced since (mapping by path would map whatever is at the path now)
         if self._fileno is not None:
             return self._fileno, 0
+        if self._path is not None:
+            return self._path, 0
         return None
 
     @property

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +298,31 @@ def test_cut_or_corrupt_compressed_data_raises_our_errors(tmp_path):
     with zipfile.ZipFile(zpath) as zf, zf.open("m") as member, open_source(member) as src:
         with pytest.raises(FormatError):
             src.read(len(data))
+
+
+def test_mapping_follows_the_open_file_not_the_path(tmp_path: Path) -> None:
+    """A file replaced on disk after it was opened: the mapping still shows the opened file."""
+    import numpy as np
+
+    import npystream
+    from npystream.sources import open_source
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(10, dtype=np.int64))
+    src = open_source(str(path))
+    try:
+        other = tmp_path / "b.npy"
+        np.save(other, np.arange(100, 110, dtype=np.int64))
+        os.replace(other, path)  # the path now names another file
+        view = src.map()
+        assert bytes(view[-80:]) == np.arange(10, dtype=np.int64).tobytes()
+    finally:
+        src.close()
+    # np.memmap results too (open() maps the descriptor it read the header from)
+    np.save(path, np.arange(5, dtype=np.int32))
+    with open(path, "rb") as f:
+        replacement = tmp_path / "c.npy"
+        np.save(replacement, np.arange(50, 55, dtype=np.int32))
+        os.replace(replacement, path)
+        arr = npystream.open(f)
+        assert arr.tolist() == [0, 1, 2, 3, 4]

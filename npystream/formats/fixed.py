@@ -132,6 +132,8 @@ def open_npy(src: ByteSource, header: NpyHeader, *, mode: str = "r") -> np.ndarr
         raise NotSeekableError(_stream_hint(src), path=src.name)
     _check_length(src, header, start)
     where, base = target
+    if mm_mode == "r+" and isinstance(where, int) and getattr(src, "path", None):
+        where = src.path  # writing needs a writable handle: the descriptor may be read-only
     offset = base + start
     try:
         if isinstance(where, int):
