@@ -13,7 +13,10 @@ table (what decoding costs before the unpickler runs; payloads copied into
 the program, or replaced by zero-copy ids as ``open()`` does on a file), once with
 ``npystream._speedups`` and once with the Python functions of
 ``npystream.formats.pickle_walk``.  Both implementations must produce the same
-outputs (checked: element count, rewritten bytes); fastest of ``--repeat``.
+outputs (checked: element count, rewritten bytes); fastest of ``--repeat`` for
+each, wall time and CPU time (``time.process_time``: the machine may be shared).
+The pure-Python loops run with their fast paths (``pickle_ops.FAST_PATHS``);
+``--generic`` adds a row per loop with them switched off (the plain opcode loop).
 """
 
 from __future__ import annotations
@@ -92,22 +95,27 @@ def rewrite_all(impl, view, plan, live, pw, zero_copy) -> tuple[int, int]:
 
 
 def timed(fn, repeat: int):
-    best = None
+    """(fastest wall s, fastest CPU s, result) of ``repeat`` runs."""
+    best = best_cpu = None
     result = None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        t = time.perf_counter() - t0
+        t, c = time.perf_counter() - t0, time.process_time() - c0
         best = t if best is None else min(best, t)
-    return best, result
+        best_cpu = c if best_cpu is None else min(best_cpu, c)
+    return best, best_cpu, result
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="1,2,3")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--py-repeat", type=int, default=1, help="runs of the pure-Python loops (default 1)")
+    ap.add_argument("--generic", action="store_true", help="also time the Python loops without their fast paths")
     args = ap.parse_args(argv)
 
+    from npystream.formats import pickle_ops as ops
     from npystream.formats import pickle_walk as pw
     from npystream.formats.npy import read_header
     from npystream.sources import open_source
@@ -119,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _speedups.setup(pw.ScanError, pw.ScanState, pw.RewriteState, getattr(pw, "_text_int", None))
 
-    print("| workload | file MB | loop | C s | Python s | Python / C |")
+    print("| workload | file MB | loop | C s (CPU s) | Python s (CPU s) | Python / C (CPU) |")
     print("|---|---:|---|---:|---:|---:|")
+    variants = [("", True), (" [Python without fast paths]", False)] if args.generic else [("", True)]
+
+    def row(k: int, mb: float, what: str, c: tuple, p: tuple) -> None:
+        print(f"| {k} | {mb:.0f} | {what} | {c[0]:.3f} ({c[1]:.3f}) | {p[0]:.3f} ({p[1]:.3f}) | {p[1] / c[1]:.1f} |")
+
     for k in [int(x) for x in args.only.split(",")]:
         path = FILES[k]
         if not path.exists():
@@ -137,21 +150,34 @@ def main(argv: list[str] | None = None) -> int:
             view = memoryview(mm)
             try:
                 mb = len(view) / 1e6
-                tc, rc = timed(partial(scan_all, _speedups.scan_ops, view, header, pw), args.repeat)
-                tp, rp = timed(partial(scan_all, pw.scan_ops, view, header, pw), 1)
-                assert rc == rp, (rc, rp)
-                print(f"| {k} | {mb:.0f} | scan_ops (index build) | {tc:.3f} | {tp:.3f} | {tp / tc:.1f} |")
+                c = timed(partial(scan_all, _speedups.scan_ops, view, header, pw), args.repeat)
+                for label, fast in variants:
+                    ops.FAST_PATHS = fast
+                    try:
+                        p = timed(partial(scan_all, pw.scan_ops, view, header, pw), args.py_repeat)
+                    finally:
+                        ops.FAST_PATHS = True
+                    assert c[2] == p[2], (c[2], p[2])
+                    row(k, mb, "scan_ops (index build)" + label, c, p)
 
                 plan = [(header.data_offset, index.body_start, 0), *runs(index)]  # the array's header part first
                 for zero_copy in (False, True):
-                    tc, rc = timed(partial(rewrite_all, _speedups.rewrite_ops, view, plan, live, pw, zero_copy), args.repeat)
-                    tp, rp = timed(partial(rewrite_all, pw.rewrite_ops, view, plan, live, pw, zero_copy), 1)
-                    assert rc == rp, (rc, rp)
+                    c = timed(partial(rewrite_all, _speedups.rewrite_ops, view, plan, live, pw, zero_copy), args.repeat)
                     what = "rewrite_ops, zero-copy ids" if zero_copy else "rewrite_ops, payloads copied"
-                    print(f"| {k} | {mb:.0f} | {what} | {tc:.3f} | {tp:.3f} | {tp / tc:.1f} |")
+                    for label, fast in variants:
+                        ops.FAST_PATHS = fast
+                        try:
+                            p = timed(partial(rewrite_all, pw.rewrite_ops, view, plan, live, pw, zero_copy), args.py_repeat)
+                        finally:
+                            ops.FAST_PATHS = True
+                        assert c[2] == p[2], (c[2], p[2])
+                        row(k, mb, what + label, c, p)
             finally:
                 view.release()
-    print(f"(load average at the end: {os.getloadavg()[0]:.1f}; C: fastest of {args.repeat}, Python: one run)")
+    print(
+        f"(load average at the end: {os.getloadavg()[0]:.1f}; C: fastest of {args.repeat}, "
+        f"Python: fastest of {args.py_repeat}; ratio of CPU times)"
+    )
     return 0
 
 

@@ -977,13 +977,14 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
     zero_copy = rw.zero_copy
     free_on_read = rw.free_on_read and live is not None
     live_max = None  # computed on first use by the fast path
+    fast = FAST_PATHS
     arg_t = OP_ARG_T
     kind_t = OP_KIND_T
     run = pos
     status = RW_OK
     while pos < end:
         op = buf[pos]
-        if (op == 0x8C or op == 0x43) and not zero_copy:
+        if (op == 0x8C or op == 0x43) and fast and not zero_copy:
             # fast path: runs of "short literal + MEMOIZE" whose memo entry nobody reads
             q = pos
             if live_max is None:
