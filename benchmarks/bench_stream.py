@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if "iter" in outputs and "npload" in outputs and outputs["iter"] != outputs["npload"]:
         raise SystemExit(f"iter_objects and np.load disagree: {outputs['iter']} vs {outputs['npload']}")
     names = {
-        "iter": "`cat FILE | iter_objects(sys.stdin.buffer)` loop",
-        "convert": "`cat FILE | npystream convert - DST.ragged`",
+        "iter": "`cat FILE \\| iter_objects(sys.stdin.buffer)` loop",
+        "convert": "`cat FILE \\| npystream convert - DST.ragged`",
         "npload": "`np.load(BytesIO(stdin.read()))` + loop",
     }
     base = statistics.median(w for w, _ in results["npload"]) if "npload" in results else None

@@ -345,7 +345,7 @@ def _retain(eng: _Engine, cand: list[int], pinned: set[int]) -> None:
         if len(pinned) < RETAIN_MAX:
             if isinstance(v, _RETAIN_TYPES) or isinstance(v, TOKEN_TYPES):
                 keep = True
-            else:
+            elif eng.retained_bytes < RETAIN_BYTES:
                 size = _deep_size(v)
                 if size <= RETAIN_ONE and eng.retained_bytes + size <= RETAIN_BYTES:
                     eng.retained_bytes += size
