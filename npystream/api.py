@@ -62,6 +62,12 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                 path=os.fspath(file),
                 offset=0,
             )
+    if _is_zip_file_object(file):
+        from npystream.formats.npz import NpzArchive
+
+        if mode != "r":
+            raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")
+        return NpzArchive(file, **options)
     max_header_size = options.pop("max_header_size", None)
     src = open_source(file)
     try:
@@ -88,3 +94,18 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
         if src is not file:
             src.close()
         raise
+
+
+def _is_zip_file_object(file: Any) -> bool:
+    """A seekable binary file object positioned at a zip archive's first bytes (never moves it)."""
+    if isinstance(file, (str, bytes, os.PathLike)) or not hasattr(file, "read"):
+        return False
+    try:
+        if not file.seekable():
+            return False
+        pos = file.tell()
+        head = file.read(4)
+        file.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return False
+    return pos == 0 and isinstance(head, (bytes, bytearray)) and bytes(head) in _ZIP_MAGICS

@@ -15,6 +15,7 @@ import npystream
 from npystream.errors import (
     FormatError,
     NotSeekableError,
+    NpyStreamError,
     StoreNotFoundError,
     TruncatedError,
     UnsupportedError,
@@ -249,8 +250,10 @@ def test_bad_archives(tmp_path):
     path.write_bytes(raw[: len(raw) // 2])  # the central directory is gone
     with pytest.raises(FormatError, match="not a valid .npz"):
         npystream.open(path)
-    with pytest.raises(TypeError, match="path"):
-        NpzArchive(io.BytesIO(raw))
+    with NpzArchive(io.BytesIO(raw)) as z:  # file objects work too (see test_file_objects_like_np_load)
+        np.testing.assert_array_equal(z["a"], np.arange(1000))
+    with pytest.raises(TypeError, match="file object"):
+        NpzArchive(object())
     with pytest.raises(ValueError, match="read-only"):
         npystream.open(tmp_path / "cut.npz", mode="r+")
 
@@ -370,3 +373,48 @@ def test_random_archives_match_np_load(tmp_path_factory, arrays, compressed):
             got = archive.load(name) if compressed else archive[name]
             assert isinstance(got, np.memmap) != compressed
             assert_same(got, expected)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_file_objects_like_np_load(tmp_path, compressed: bool) -> None:
+    """npystream.open / NpzArchive on file objects: a real file maps its stored members; BytesIO reads them."""
+    save = np.savez_compressed if compressed else np.savez
+    arrays = {"a": np.arange(10, dtype=np.int32), "b": np.ones((3, 4)), "o": np.array([np.arange(3), "x"], dtype=object)}
+    path = tmp_path / "f.npz"
+    save(path, **arrays)
+    data = path.read_bytes()
+    with open(path, "rb") as f:
+        with npystream.open(f) as z:
+            assert isinstance(z, NpzArchive)
+            assert sorted(z) == ["a", "b", "o"]
+            for k in ("a", "b"):
+                np.testing.assert_array_equal(z.load(k), arrays[k])
+            if not compressed:
+                assert isinstance(z["a"], np.memmap)
+    bio = io.BytesIO(data)
+    with npystream.open(bio) as z:
+        assert isinstance(z, NpzArchive) and "BytesIO" in z.path
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(z.load(k), arrays[k])
+            if not compressed:
+                got = z[k]
+                np.testing.assert_array_equal(got, arrays[k])
+                assert not got.flags.writeable
+        objs = z["o"]
+        try:
+            got_o = list(objs)
+        finally:
+            objs.close()
+        np.testing.assert_array_equal(got_o[0], arrays["o"][0])
+        assert got_o[1] == "x"
+    assert not bio.closed  # the caller's file object stays open
+    with pytest.raises(TypeError, match="seekable binary file object"):
+        NpzArchive(12345)
+
+
+def test_bytesio_truncated_archive_is_a_clear_error() -> None:
+    buf = io.BytesIO()
+    np.savez(buf, a=np.arange(1000))
+    cut = io.BytesIO(buf.getvalue()[:500])
+    with pytest.raises(NpyStreamError):
+        NpzArchive(cut)

@@ -49,7 +49,7 @@ from npystream.errors import (
 )
 from npystream.formats.fixed import BatchIterator, batches_from_source, open_npy, read_array
 from npystream.formats.npy import MAX_HEADER_SIZE, NpyHeader, read_header
-from npystream.sources import ByteSource, StreamSource, WindowSource
+from npystream.sources import ByteSource, MemorySource, StreamSource, WindowSource
 
 __all__ = ["NpzArchive", "NpzMember"]
 
@@ -113,16 +113,28 @@ class NpzArchive(Mapping[str, np.ndarray]):
                 f"for object members, {sorted(_OBJECT_OPTIONS)}"
             )
         self._object_options = object_options
+        self._fileobj: Any = None  # a caller's file object without a path on disk (we never close it)
         if not isinstance(file, (str, os.PathLike)):
-            raise TypeError(
-                f"NpzArchive needs a path to a .npz file (stored members are memory-mapped "
-                f"from it), got {type(file).__name__}"
-            )
-        path = os.fspath(file)
-        self.path: str = path.decode() if isinstance(path, bytes) else path
+            if not (hasattr(file, "read") and hasattr(file, "seek")):
+                raise TypeError(
+                    f"NpzArchive needs a path to a .npz file or a seekable binary file object, "
+                    f"got {type(file).__name__}"
+                )
+            name = getattr(file, "name", None)
+            if isinstance(name, str) and os.path.isfile(name):
+                file = name  # a real file: map its stored members like for a path
+            else:
+                self._fileobj = file
+        if self._fileobj is not None:
+            self.path = f"<{type(self._fileobj).__name__}>"
+        else:
+            path = os.fspath(file)
+            self.path = path.decode() if isinstance(path, bytes) else path
         self._max_header_size = max_header_size
         try:
-            self._zip: zipfile.ZipFile | None = zipfile.ZipFile(self.path)
+            self._zip: zipfile.ZipFile | None = zipfile.ZipFile(
+                self._fileobj if self._fileobj is not None else self.path
+            )
         except FileNotFoundError:
             raise StoreNotFoundError("no such file", path=self.path) from None
         except zipfile.BadZipFile as exc:
@@ -131,7 +143,10 @@ class NpzArchive(Mapping[str, np.ndarray]):
                 "or np.savez_compressed",
                 path=self.path,
             ) from None
-        self._size = os.path.getsize(self.path)
+        if self._fileobj is not None:
+            self._size = self._fileobj.seek(0, os.SEEK_END)
+        else:
+            self._size = os.path.getsize(self.path)
         self._infos: dict[str, zipfile.ZipInfo] = {}
         for info in self._zip.infolist():
             if info.is_dir():
@@ -267,9 +282,7 @@ class NpzArchive(Mapping[str, np.ndarray]):
                 f"{self._size}-byte archive (corrupt or cut archive); re-create it",
                 path=self.path,
             )
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            raw = f.read(_LOCAL.size)
+        raw = self._read_at(info.header_offset, _LOCAL.size)
         if len(raw) < _LOCAL.size:
             raise TruncatedError(
                 f"the local header of member {key!r} is cut short ({len(raw)} of {_LOCAL.size} bytes)",
@@ -295,6 +308,14 @@ class NpzArchive(Mapping[str, np.ndarray]):
         self._starts[key] = start
         return start
 
+    def _read_at(self, offset: int, n: int) -> bytes:
+        if self._fileobj is not None:
+            self._fileobj.seek(offset)
+            return bytes(self._fileobj.read(n))
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+
     def member_source(self, name: str) -> ByteSource:
         """A byte source over a member's ``.npy`` bytes (the caller closes it).
 
@@ -311,6 +332,11 @@ class NpzArchive(Mapping[str, np.ndarray]):
         label = f"{self.path}[{key}]"
         if info.compress_type == zipfile.ZIP_STORED:
             start = self._data_start(key, info)
+            if self._fileobj is not None:  # no file to map: the member's bytes, read once (like np.load)
+                data = self._read_at(start, info.file_size)
+                if len(data) != info.file_size:
+                    raise TruncatedError(f"member {key!r} is cut short", path=self.path, offset=start + len(data))
+                return MemorySource(data, label)
             return WindowSource(self.path, start, info.file_size, label)
         try:
             stream = self.zipfile.open(info)
