@@ -47,11 +47,12 @@ def iter_objects(
 
     Seekable files are scanned once first (opcodes only, payloads skipped) so
     that every memo back-reference is exact and memory stays bounded.  Pipes
-    and compressed streams cannot be scanned ahead: they keep one APPENDS
-    batch (1000 elements) of raw bytes, and across batches only small shared
-    objects (see ``npystream.formats.pickle_walk``); a file that repeats a
-    large object 1000+ elements apart raises ``UnsupportedError`` there --
-    read it from a seekable file instead.
+    and compressed streams cannot be scanned ahead: they decode through a
+    window of a few MiB (elements decoded speculatively, checked when their
+    batch closes) and keep only small shared objects between runs (see
+    ``npystream.formats.pickle_stream``); a file that reads back a large
+    object far behind raises ``UnsupportedError`` there -- read it from a
+    seekable file instead.
     """
     policy = SafetyPolicy.make(
         trusted=trusted, allowed_globals=allowed_globals, encoding=encoding, fix_imports=fix_imports

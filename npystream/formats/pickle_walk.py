@@ -85,22 +85,17 @@ damaged file still yields the elements before the damage, then raises.
 
 Streaming from a non-seekable source (pipes, gzip, deflated zip members)
 --------------------------------------------------------------------------
-No liveness pre-pass is possible, so the memory policy is:
-
-* the reader buffers one *batch* of raw pickle bytes at a time (numpy writes
-  1000 elements per APPENDS batch: memory is ~1000 elements' raw bytes plus
-  one decoded chunk);
-* every memo write of the current batch is kept in a slot while the batch is
-  decoded; at the end of each batch the reader keeps only what later batches
-  may plausibly read back: classes/functions (globals), numpy dtypes, the
-  header's entries, and other values of at most 256 KiB each while the kept
-  total stays under 16 MiB and 65,536 entries (``RETAIN_*`` below); the rest
-  is released;
-* an element that reads back a released object from an earlier batch (e.g.
-  the same 2 MB array stored twice, 1000+ elements apart) raises
-  :class:`~npystream.errors.UnsupportedError` naming the element, with the
-  fix: read the file from a seekable source, where the liveness pass makes
-  every back-reference exact.  Elements before it have been yielded.
+No liveness pre-pass is possible; :mod:`npystream.formats.pickle_stream`
+holds the design.  In short: the scanner reads through one reusable window
+of raw bytes; once a batch has more than a few MiB undecoded, elements well
+below the top of the stack are decoded speculatively (numpy's writer never
+folds one element into another) and checked when the batch closes
+(:class:`~npystream.errors.UnsupportedError` if a later opcode did fold
+them); memo values are kept across runs only within a budget (globals,
+dtypes, small values), and an element that reads back a released object
+raises :class:`~npystream.errors.UnsupportedError` naming the element and the
+fix (read the file from a seekable source, where the liveness pass makes
+every back-reference exact).  Elements before it have been yielded.
 
 Coordinates: offsets are byte offsets in the source; ``header.data_offset``
 is the first pickle byte.
