@@ -545,3 +545,144 @@ def test_strings_with_memoize_bytes_inside(monkeypatch):
     plain = _file(obj_array([f"a{i}" for i in range(3000)] + [None, "x"]), 4)  # every batch via numpy
     assert lockstep(plain)[0] == "ok"
     assert lockstep(reframe(plain, every=500), pieces=[333])[0] == "ok"
+
+
+# ---------------------------------------------------------------------------
+# the rewriter's fast paths (``_rw_array`` and the string runs) against its generic loop
+
+
+def _rw_outcome(rw: ops.RewriteState, buf: Any, pos: int, end: int, base: int, out: bytearray) -> tuple:
+    try:
+        return ("ok", ops.rewrite_ops(buf, pos, end, base, rw, out))
+    except ops.ScanError as err:
+        return ("scan", err.kind, err.message, err.offset, err.index)
+
+
+def _rw_snap(rw: ops.RewriteState) -> dict[str, Any]:
+    snap = {f: (v.copy() if isinstance(v, (list, dict)) else v) for f in ops.RewriteState.__slots__ for v in [getattr(rw, f)]}
+    snap["slot_order"] = list(rw.slot_of.items())
+    return snap
+
+
+def _release(rw: ops.RewriteState) -> None:
+    """What the engine does between programs: recycle the slots of last reads."""
+    freed = rw.freed
+    for k in range(0, len(freed), 2):
+        m, s = freed[k], freed[k + 1]
+        if rw.slot_of.get(m) == s:
+            del rw.slot_of[m]
+            rw.free.append(s)
+    freed.clear()
+    rw.fresh.clear()
+
+
+def rw_lockstep(
+    buf: Any, ranges: list[tuple[int, int, int]], *, live: dict[int, int] | None, zero_copy: bool,
+    free_on_read: bool = True, base: int = 0, resolve: bool = True,
+) -> int:
+    """Rewrite each (start, end, memo) range with fast paths on and off, comparing after every call; returns
+    the bytes written."""
+    rws = [ops.RewriteState(None if live is None else dict(live), zero_copy=zero_copy, free_on_read=free_on_read)
+           for _ in range(2)]
+    outs = [bytearray(), bytearray()]
+    total = 0
+    try:
+        for r, (s, e, memo) in enumerate(ranges):
+            for rw in rws:
+                rw.memo = memo
+            pos = s
+            for attempt in range(10**6):
+                got = []
+                for fast, rw, out in zip((True, False), rws, outs):
+                    ops.FAST_PATHS = fast
+                    got.append((_rw_outcome(rw, buf, pos - base, e - base, base, out), _rw_snap(rw)))
+                where = f"range {r} ({s}, {e}, memo {memo}) attempt {attempt}"
+                assert got[0][0] == got[1][0], where
+                assert outs[0] == outs[1], where
+                assert got[0][1] == got[1][1], where
+                res = got[0][0]
+                if res[0] != "ok" or rws[0].status != ops.RW_MISSING or not resolve:
+                    break
+                for rw in rws:  # a resolver gives the entry a new slot
+                    rw.slot_of[rw.missing] = rw.nslots
+                    rw.nslots += 1
+                pos = res[1] + base
+            total += len(outs[0])
+            for rw, out in zip(rws, outs):
+                _release(rw)
+                out.clear()
+    finally:
+        ops.FAST_PATHS = True
+    return total
+
+
+def _index_of(data: bytes) -> Any:
+    from npystream.formats import pickle_walk as pw
+
+    src = MemorySource(data)
+    return pw.scan_index(src, read_header(src), SafetyPolicy.make())
+
+
+def _rw_runs(data: bytes, index: Any, rnd: random.Random) -> list[tuple[int, int, int]]:
+    ranges = [(read_header(MemorySource(data)).data_offset, index.body_start, 0)]
+    i = 0
+    while i < index.count:
+        j = min(index.count, i + rnd.choice((1, 2, 7, 50, 1000)))
+        ranges.append((int(index.starts[i]), int(index.ends[j - 1]), int(index.memo_at[i])))
+        i = j
+    return ranges
+
+
+@pytest.mark.parametrize("name", ["arrays_p3", "arrays_p4", "strings_p4", "plain_p4", "plain_p3", "late_dtypes_p4", "shaped_p4"])
+def test_rewrite_equal_generic(name, monkeypatch):
+    data = corpus()[name]
+    index = _index_of(data)
+    live = dict(zip(index.live_memo.tolist(), index.live_last.tolist()))
+    rnd = random.Random(name)
+    buf = memoryview(data)
+    calls = []
+    real = ops._rw_array
+    monkeypatch.setattr(ops, "_rw_array", lambda *a: (lambda got: calls.append(got is not None) or got)(real(*a)))
+    for zero_copy in (False, True):
+        assert rw_lockstep(buf, _rw_runs(data, index, rnd), live=live, zero_copy=zero_copy) > 0
+        rw_lockstep(buf, _rw_runs(data, index, rnd), live=None, zero_copy=zero_copy)
+    rw_lockstep(buf, _rw_runs(data, index, rnd), live=live, zero_copy=True, free_on_read=False)
+    # random access: the prefix, then single elements in random order (missing entries resolved, or not)
+    order = list(range(index.count))
+    rnd.shuffle(order)
+    ranges = _rw_runs(data, index, rnd)[:1] + [
+        (int(index.starts[i]), int(index.ends[i]), int(index.memo_at[i])) for i in order[:200]
+    ]
+    rw_lockstep(buf, ranges, live=live, zero_copy=True, free_on_read=False)
+    rw_lockstep(buf, ranges, live=live, zero_copy=False, resolve=False)
+    if "strings" not in name:
+        assert sum(calls) >= 100, sum(calls)  # the ndarray fast path took elements
+
+
+def test_rewrite_partial_buffers_and_long_memo():
+    """Buffers holding part of the file (``base`` != 0), and LONG_BINGET/LONG_BINPUT elements."""
+    for data in (corpus()["plain_p4"], widen_memo(corpus()["plain_p3"]), reframe(corpus()["plain_p4"], every=300)):
+        index = _index_of(data)
+        live = dict(zip(index.live_memo.tolist(), index.live_last.tolist()))
+        for i in range(0, min(index.count, 300), 7):
+            s, e = int(index.starts[i]), int(index.ends[min(i + 5, index.count - 1)])
+            piece = data[s:e]
+            for buf in (piece, bytearray(piece)):
+                rw_lockstep(buf, [(s, e, int(index.memo_at[i]))], base=s, live=live, zero_copy=True)
+                rw_lockstep(buf, [(s, e, int(index.memo_at[i]))], base=s, live=None, zero_copy=False)
+
+
+def test_rewrite_live_payloads_and_many_slots():
+    """Payload memo entries that are read again (the same bytes object twice) keep their bytes; >256 slots."""
+    shared = np.arange(7, dtype=np.int32)
+    items: list[Any] = []
+    for i in range(700):
+        items.append(shared if i % 3 == 0 else np.arange(i % 50, dtype=np.int32))
+        items.append(f"s{i}")
+    data = _file(obj_array(items), 4)
+    index = _index_of(data)
+    live = dict(zip(index.live_memo.tolist(), index.live_last.tolist()))
+    rnd = random.Random(2)
+    for zero_copy in (False, True):
+        rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=live, zero_copy=zero_copy)
+        rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=None, zero_copy=zero_copy)

@@ -942,6 +942,93 @@ def _zero_copy_target(buf: Any, q: int, end: int, memo: int, live: dict[int, int
     return False
 
 
+
+def _rw_array(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: bytearray, run: int, memo: int) -> Any:
+    """Rewrite one whole ndarray element at ``pos`` (see :func:`_fast_arrays`) as the generic loop would.
+
+    Returns (pos after it, memo counter after it) having appended ``buf[run:pos]``
+    and the element's rewrite to ``out``, or None (nothing done) when the
+    element is not whole before ``end`` or reads a memo entry without a slot.
+    """
+    m = _ARR_HEAD(buf, pos, end)
+    if m is None:
+        return None
+    r, nd, p1, b, p2, p3, p4, dt, ph = m.groups()
+    slot_of = rw.slot_of
+    gets = (_get_index(r), _get_index(nd), _get_index(b), _get_index(dt))
+    for g in gets:
+        if g >= memo or g not in slot_of:  # a missing slot (or one this element would write): generic loop
+            return None
+    pop = ph[0]
+    e = m.end()
+    te = e + (ph[1] if pop == 0x43 else (_u4(ph, 1)[0] if pop == 0x42 else _u8(ph, 1)[0]))
+    if te > end:
+        return None
+    t = _ARR_TAIL(buf, te, end)
+    if t is None:
+        return None
+    p5, p6 = t.groups()
+    puts = []
+    mm = memo
+    for p in (p1, p2, p3, p4, p5, p6):
+        if p[0] != OP_MEMOIZE:
+            mm = p[1] if p[0] == OP_BINPUT else _u4(p, 1)[0]
+        puts.append(mm)
+        mm += 1
+    live = rw.live
+    free = rw.free
+    fresh = rw.fresh
+    freed = rw.freed
+    free_on_read = rw.free_on_read and live is not None
+
+    def get(k: int, at: int) -> None:
+        g = gets[k]
+        s = slot_of[g]
+        out.extend(_GET_CODES[s] if s < 256 else b"j" + _pack_I(s))
+        if free_on_read and live.get(g) == base + at:
+            freed.append(g)
+            freed.append(s)
+
+    def put(k: int) -> None:
+        w = puts[k]
+        if live is None or w in live:
+            if free:
+                s = free.pop()
+            else:
+                s = rw.nslots
+                rw.nslots = s + 1
+            slot_of[w] = s
+            fresh.append(w)
+            out.extend(_PUT_CODES[s] if s < 256 else b"r" + _pack_I(s))
+
+    if run < pos:
+        out += buf[run:pos]
+    get(0, pos)
+    get(1, m.start(2))
+    out += b"K\x00\x85"
+    put(0)
+    get(2, m.start(4))
+    out += b"\x87"
+    put(1)
+    out += b"R"
+    put(2)
+    out += buf[m.end(6) : m.start(7)]  # MARK BININT1 1 <shape>
+    put(3)
+    get(3, m.start(8))
+    ps = m.start(9)
+    out += buf[ps - 1 : ps]  # NEWFALSE / NEWTRUE
+    if rw.zero_copy and live is not None and puts[4] not in live:  # the payload is the state's raw data
+        hdr = len(ph)
+        out += b"\x8a\x08" + _pack_q(base + ps + hdr) + b"\x8a\x08" + _pack_q(te - ps - hdr) + b"\x86Q"
+    else:
+        out += buf[ps:te]
+    put(4)
+    out += b"t"
+    put(5)
+    out += b"b"
+    return t.end(), mm
+
+
 def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: bytearray) -> int:
     """Append to ``out`` the opcodes of ``buf[pos:end]`` rewritten for the persistent unpickler.
 
@@ -984,27 +1071,43 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
     status = RW_OK
     while pos < end:
         op = buf[pos]
-        if (op == 0x8C or op == 0x43) and fast and not zero_copy:
-            # fast path: runs of "short literal + MEMOIZE" whose memo entry nobody reads
+        if fast and (op == 0x8C or (op == 0x43 and not zero_copy)):
+            # fast path: runs of "short literal + MEMOIZE" (str/bytes elements); SHORT_BINBYTES only
+            # without zero-copy (whose payload test would apply)
             q = pos
             if live_max is None:
                 live_max = (max(live) if live else -1) if live is not None and len(live) < 4096 else _INF
             while q + 1 < end:
                 nq = q + 2 + buf[q + 1]
-                if nq >= end or buf[nq] != OP_MEMOIZE or live is None or (memo <= live_max and memo in live):
+                if nq >= end or buf[nq] != OP_MEMOIZE:
                     break
                 out += buf[run:nq]
+                if live is None or (memo <= live_max and memo in live):
+                    if free:
+                        s = free.pop()
+                    else:
+                        s = rw.nslots
+                        rw.nslots = s + 1
+                    slot_of[memo] = s
+                    fresh.append(memo)
+                    out += _PUT_CODES[s] if s < 256 else b"r" + _pack_I(s)
                 memo += 1
                 run = q = nq + 1
                 if q >= end:
                     break
                 op = buf[q]
-                if op != 0x8C and op != 0x43:
+                if op != 0x8C and (op != 0x43 or zero_copy):
                     break
             if q != pos:
                 pos = q
                 continue
             op = buf[pos]
+        elif fast and (op == 0x68 or op == 0x6A):
+            got = _rw_array(buf, pos, end, base, rw, out, run, memo)
+            if got is not None:
+                pos, memo = got
+                run = pos
+                continue
         a = arg_t[op]
         if a == 0:
             npos = pos + 1
