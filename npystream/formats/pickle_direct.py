@@ -108,7 +108,6 @@ _ARRAY = re.compile(
 )
 _TAIL = re.compile(_S + rb"t" + _S + rb"b" + _S, re.S)
 _SEP = re.compile(_S, re.S)
-_SHAPE_INT = re.compile(rb"K(.)|M(..)|J(.{4})", re.S)
 _SHAPES: dict[bytes, tuple[int, ...] | None] = {}
 
 
