@@ -281,14 +281,15 @@ _ARR_RUNS: dict[bytes, Any] = {}  # GET bytes of (_reconstruct, ndarray, b'b', d
 
 
 def _arr_run_matcher(gets: bytes, r: bytes, nd: bytes, b: bytes, dt: bytes) -> Any:
-    """Matcher of the previous element's protocol-4 tail followed by the next element's head up to its length byte."""
+    """Matcher of the previous element's protocol-4 tail followed by the next element's head up to its length byte
+    (group 1: the shape's opcodes)."""
     m = _ARR_RUNS.get(gets)
     if m is None:
         if len(_ARR_RUNS) >= 64:
             _ARR_RUNS.clear()
         m = re.compile(
             re.escape(_ARR_TAIL4 + r + nd) + rb"K\x00\x85\x94" + re.escape(b) + rb"\x87\x94R\x94\(K\x01"
-            + _RX_SHAPE + rb"\x94" + re.escape(dt) + rb"[\x88\x89]C.",
+            + rb"(" + _RX_SHAPE + rb")\x94" + re.escape(dt) + rb"[\x88\x89]C.",
             re.DOTALL,
         ).match
         _ARR_RUNS[gets] = m
@@ -1026,7 +1027,48 @@ def _rw_array(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: by
     out += b"t"
     put(5)
     out += b"b"
-    return t.end(), mm
+    q = t.end()
+    if pop != 0x43 or live is None or (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
+        return q, mm
+    # protocol 4 with short payloads: the following elements with the same GETs, as long as none of
+    # their memo writes is live (all dropped), none of their GETs is a last read (no journal entry)
+    # and the slots stay (nothing is allocated or freed meanwhile)
+    run = _arr_run_matcher(r + nd + b + dt, r, nd, b, dt)
+    codes = [_GET_CODES[s] if s < 256 else b"j" + _pack_I(s) for s in (slot_of[g] for g in gets)]
+    pre = codes[0] + codes[1] + b"K\x00\x85" + codes[2] + b"\x87R(K\x01"
+    dtc = codes[3]
+    stop = _INF
+    if free_on_read:
+        for g in gets:
+            v = live.get(g)
+            if v is not None and base + q <= v < stop:
+                stop = v
+    zc = rw.zero_copy
+    keys = live.keys()
+    te = q - 4
+    while True:
+        m = run(buf, te, end)
+        if m is None:
+            break
+        e = m.end()
+        nte = e + buf[e - 1]
+        if nte + 4 > end or base + nte + 4 > stop or buf[nte : nte + 4] != _ARR_TAIL4:
+            break
+        if not keys.isdisjoint(range(mm, mm + _ARR_MEMO)):
+            break
+        out += pre
+        out += buf[m.start(1) : m.end(1)]
+        out += dtc
+        if zc:
+            out += buf[e - 3 : e - 2]
+            out += b"\x8a\x08" + _pack_q(base + e) + b"\x8a\x08" + _pack_q(nte - e) + b"\x86Q"
+        else:
+            out += buf[e - 3 : nte]
+        out += b"tb"
+        mm += _ARR_MEMO
+        te = nte
+        q = nte + 4
+    return q, mm
 
 
 def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: bytearray) -> int:
