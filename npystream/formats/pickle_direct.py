@@ -169,18 +169,7 @@ def _elements(
     out: list[Any],
     limit: int,
 ) -> tuple[int, int]:
-    """One element at a time: like :func:`direct_run` on lists, stopping at ``limit`` (<= ``k``).
-
-    Element j is ``buf[starts[j]-base : ends[j]-base]`` and its first memo
-    write has index ``memos[j]``.  ``roles`` maps memo indices to
-    :func:`role_of` results; ``live_keys`` are the sorted memo indices ever
-    read; ``hot`` the sorted file offsets of last reads that fall in this run.
-    ``view_fn(pos, end, shape, dtype, fortran)`` makes a zero-copy array from
-    ``buf[pos:end]`` (None: copy into ``bytes`` like numpy).  Built elements
-    are appended to ``out``.  ``j`` is the first element not built (``k`` if
-    all were); ``m`` is a memo index element j reads whose role is not in
-    ``roles`` yet (-1 otherwise): classify it and call again.
-    """
+    """One element at a time: :func:`direct_run` with lists, stopping at ``limit`` (<= ``k``) with m == -2."""
     import bisect
 
     nlive = len(live_keys)

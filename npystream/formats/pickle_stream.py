@@ -69,7 +69,6 @@ from npystream.errors import FormatError, UnsafePickleError, UnsupportedError
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_ops import (
     _BYTES_OPS,
-    _GET_CODES,
     A_LINE2,
     K_PUT,
     OP_ARG_T,
@@ -81,7 +80,6 @@ from npystream.formats.pickle_ops import (
     ScanError,
     ScanState,
     _line_end,
-    _pack_I,
     _zero_copy_target,
 )
 from npystream.formats.pickle_safety import TOKEN_TYPES, ArrayProto, SafetyPolicy
@@ -285,8 +283,8 @@ def _payload_memos(buf: Any, pos: int, end: int, memo: int) -> tuple[list[int], 
 def _deep_size(v: Any) -> int:
     """Bytes a memo value keeps alive, counting what containers hold (``> RETAIN_ONE`` once it is too big).
 
-    ``_rough_size`` (pickle_walk) counts containers shallowly, so a pinned
-    ndarray state tuple would keep its raw bytes alive uncounted.
+    A shallow size would miss what containers hold: a pinned ndarray state
+    tuple would keep its raw bytes alive uncounted.
     """
     total = 0
     stack = [v]
@@ -334,12 +332,7 @@ def _retain(eng: _Engine, cand: list[int], pinned: set[int]) -> None:
     cand = [m for m in cand if m in slot_of and m not in pinned]
     if not cand:
         return
-    out = bytearray(b"(")
-    for m in cand:
-        s = slot_of[m]
-        out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
-    out += b"t."
-    values = eng._run_program(out, elements=False)
+    values = eng.memo_values(cand)
     for m, v in zip(cand, values):
         keep = False
         if len(pinned) < RETAIN_MAX:

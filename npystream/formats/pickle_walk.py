@@ -110,7 +110,6 @@ import itertools
 import os
 import pickle
 import struct
-import sys
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -948,15 +947,21 @@ class _Engine:
             op = buf[p]
         return op in _DIRECT_FIRST
 
+    def memo_values(self, ms: list[int]) -> tuple[Any, ...]:
+        """The values of memo entries ``ms`` (each must hold a slot), read through the unpickler."""
+        slot_of = self.rw.slot_of
+        out = bytearray(b"(")
+        for m in ms:
+            s = slot_of[m]
+            out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
+        out += b"t."
+        return self._run_program(out, elements=False)
+
     def _classify(self, m: int) -> bool:
         """Learn the role of memo entry ``m`` (False if it has no slot here)."""
-        s = self.rw.slot_of.get(m)
-        if s is None:
+        if m not in self.rw.slot_of:
             return False
-        out = bytearray(b"(")
-        out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
-        out += b"t."
-        value = self._run_program(out, elements=False)[0]
+        value = self.memo_values([m])[0]
         ctx = self.ctx
         role = _role_of(value, lambda d: _checked_dtype(ctx, d))
         roles = self.roles
@@ -1084,53 +1089,6 @@ class _Engine:
         arr = _real_reconstruct(np.ndarray, (0,), b"b")
         arr.__setstate__((1, (1,), self.header.dtype, False, [item]))
         return arr[0]
-
-    # -- streaming retention -----------------------------------------------------
-    def retain(self, fresh: list[int], pinned: set[int]) -> None:
-        """Streaming: keep memo values of a batch that later batches may read back, within a budget.
-
-        Kept: globals (classes, functions), dtypes, and values of at most
-        RETAIN_ONE bytes while the total stays under RETAIN_BYTES and
-        RETAIN_MAX entries; everything else is released.
-        """
-        rw = self.rw
-        slot_of = rw.slot_of
-        cand = [m for m in fresh if m in slot_of and m not in pinned]
-        if not cand:
-            return
-        out = bytearray(b"(")
-        for m in cand:
-            s = slot_of[m]
-            out += _GET_CODES[s] if s < 256 else b"j" + _pack_I(s)
-        out += b"t."
-        values = self._run_program(out, elements=False)
-        for m, v in zip(cand, values):
-            keep = False
-            if len(pinned) < RETAIN_MAX:
-                if isinstance(v, _RETAIN_TYPES) or isinstance(v, TOKEN_TYPES):
-                    keep = True
-                else:
-                    size = _rough_size(v)
-                    if size <= RETAIN_ONE and self.retained_bytes + size <= RETAIN_BYTES:
-                        self.retained_bytes += size
-                        keep = True
-            if keep:
-                pinned.add(m)
-            else:
-                rw.free.append(slot_of.pop(m))
-        del values
-
-
-def _rough_size(v: Any) -> int:
-    """Bytes a memo value holds, roughly (arrays by nbytes, containers shallowly)."""
-    if type(v) is ArrayProto:
-        v = v[1] if len(v) == 2 else None
-    if isinstance(v, np.ndarray):
-        return int(v.nbytes) + 112
-    try:
-        return sys.getsizeof(v)
-    except TypeError:
-        return 1 << 30
 
 
 # ---------------------------------------------------------------------------
