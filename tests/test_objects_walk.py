@@ -27,6 +27,7 @@ from objcases import (
     expected_elements,
     obj_array,
 )
+from short_reads import ShortReads
 
 import npystream
 from npystream import FormatError, NotSeekableError, UnsafePickleError, UnsupportedError
@@ -44,22 +45,7 @@ from npystream.sources import MemorySource, StreamSource
 SAFE = SafetyPolicy.make()
 
 
-class _Pipe(io.RawIOBase):
-    """A forward-only reader that returns short reads, like a pipe."""
-
-    def __init__(self, data: bytes, step: int = 7777) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-        self._step = step
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        n = min(len(b), self._step, len(self._data) - self._pos)
-        b[:n] = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return n
+_Pipe = ShortReads
 
 
 def _loaded(data: bytes) -> np.ndarray:
