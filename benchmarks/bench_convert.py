@@ -11,10 +11,11 @@ a fresh process, wall time as seen from this process, peak anonymous
 memory (``RssAnon`` of the child, sampled every 2 ms):
 
 * ``cp SRC COPY``                                 (the bar: 1.5x)
-* ``npystream convert SRC DST.ragged``            (object .npy -> ragged store: large
-  elements copied file to file with ``os.copy_file_range``)
-* the same with ``npystream.conversion._READ_RANGES = False`` (every element through the
-  writer's buffer: the path before copy_file_range; row ``buffered``)
+* ``npystream convert SRC DST.ragged``            (object .npy -> ragged store: zero-copy
+  views of the mapped file copied into the writer's 1 MiB buffer, pwrite()n from there)
+* the same with ``npystream.conversion._READ_RANGES = True`` (row ``ranges``: large
+  elements read from the file with ``preadv`` into the buffer, ``copy_file_range`` for
+  those larger than it; off by default because it measured slower on the development VM)
 * ``cat SRC | npystream convert - DST2.ragged``   (the same through a pipe: no index, no
   zero-copy, one element at a time through ``iter_objects``)
 * ``npystream convert DST.ragged BACK.npy``       (ragged store -> object .npy)
@@ -22,13 +23,14 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 Ratios are from the same run.  Usage::
 
     python benchmarks/bench_convert.py [--dir /work/benchdata] [--count 20000] [--repeat 3]
-        [--src FILE.npy] [--rows to_ragged,buffered,stdin,to_npy]
+        [--src FILE.npy] [--rows to_ragged,ranges,stdin,to_npy]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -43,7 +45,7 @@ LO, HI = 1_000, 49_000
 ROWS = {
     "cp": "cp",
     "to_ragged": "convert object .npy -> ragged",
-    "buffered": "  same, copy_file_range off (buffered)",
+    "ranges": "  same, read from the file (_READ_RANGES)",
     "stdin": "cat | convert - (streamed) -> ragged",
     "to_npy": "convert ragged -> object .npy",
 }
@@ -90,14 +92,17 @@ _CONVERT = """
 import json, sys, time
 t = time.perf_counter()
 import npystream.conversion as conversion
-conversion._READ_RANGES = sys.argv[3] == "ranges"
+if sys.argv[3] == "ranges":  # off by default: elements read from the file (preadv/copy_file_range)
+    conversion._READ_RANGES = True
 r = conversion.convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """
 
 
-def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float, int | None]:
+def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float, int | None, float]:
+    """(wall s, in-process s, peak RssAnon, CPU s: user + system of the child and its children)."""
     os.sync()  # start every timed run with no dirty pages from the previous one
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     if stdin is not None:  # a real pipe: cat SRC | python ...
         cat = subprocess.Popen(["cat", stdin], stdout=subprocess.PIPE)
@@ -107,9 +112,11 @@ def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float,
     else:
         m = measure(code, *args)
     wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if m.returncode != 0:
         raise SystemExit(f"failed: {m.stderr}")
-    return wall, m.out["seconds"], m.peak
+    return wall, m.out["seconds"], m.peak, cpu
 
 
 def main() -> None:
@@ -138,8 +145,8 @@ def main() -> None:
     copy = os.path.join(a.dir, "bench_convert_cp.npy")
     store = os.path.join(a.dir, "bench_convert.ragged")
     back = os.path.join(a.dir, "bench_convert_back.npy")
-    buffered = store + ".buffered"
-    rows: dict[str, list[tuple[float, float, int | None]]] = {name: [] for name in ROWS}
+    ranged = store + ".ranges"
+    rows: dict[str, list[tuple[float, float, int | None, float]]] = {name: [] for name in ROWS}
     for _ in range(a.repeat):  # interleaved: cp, then each conversion, then cp again next round
         _warm(src)
         _tree_rm(copy)
@@ -148,33 +155,33 @@ def main() -> None:
         if "to_ragged" in wanted:
             _warm(src)
             _tree_rm(store)
-            rows["to_ragged"].append(_run(_CONVERT, src, store, "ranges"))
-        if "buffered" in wanted:
+            rows["to_ragged"].append(_run(_CONVERT, src, store, "default"))
+        if "ranges" in wanted:
             _warm(src)
-            _tree_rm(buffered)
-            rows["buffered"].append(_run(_CONVERT, src, buffered, "buffer"))
+            _tree_rm(ranged)
+            rows["ranges"].append(_run(_CONVERT, src, ranged, "ranges"))
         if "to_npy" in wanted:
             _tree_rm(back)
-            rows["to_npy"].append(_run(_CONVERT, store, back, "ranges"))
+            rows["to_npy"].append(_run(_CONVERT, store, back, "default"))
         if "stdin" in wanted:
             _tree_rm(store + "2")
-            rows["stdin"].append(_run(_CONVERT, "-", store + "2", "ranges", stdin=src))
+            rows["stdin"].append(_run(_CONVERT, "-", store + "2", "default", stdin=src))
             _tree_rm(store + "2")
     checks = []
     if "to_ragged" in wanted:
         same = subprocess.run([sys.executable, "-m", "npystream", "verify", src, store],
                               capture_output=True, text=True)
         checks.append(f"verify SRC vs store: {same.stdout.strip() or same.stderr.strip()}")
-    if "to_ragged" in wanted and "buffered" in wanted:
+    if "to_ragged" in wanted and "ranges" in wanted:
         parts = sorted(os.listdir(store))
-        ident = parts == sorted(os.listdir(buffered)) and all(
-            subprocess.run(["cmp", "-s", os.path.join(store, f), os.path.join(buffered, f)]).returncode == 0
+        ident = parts == sorted(os.listdir(ranged)) and all(
+            subprocess.run(["cmp", "-s", os.path.join(store, f), os.path.join(ranged, f)]).returncode == 0
             for f in parts)
-        checks.append(f"store from copy_file_range byte-identical to the buffered path's: {ident}")
+        checks.append(f"store read from the file byte-identical to the default path's: {ident}")
     if "to_npy" in wanted:
         identical = subprocess.run(["cmp", "-s", src, back]).returncode == 0
         checks.append(f"ragged -> .npy output byte-identical to the source: {identical}")
-    for p in (copy, store, back, buffered):
+    for p in (copy, store, back, ranged):
         _tree_rm(p)
 
     def med(name: str, i: int) -> float:
@@ -184,16 +191,18 @@ def main() -> None:
         vals = [r[2] for r in rows[name] if r[2] is not None]
         return f"{max(vals) / 2**20:.0f} MiB" if vals else "n/a"
 
-    cp = med("cp", 0)
-    print(f"\nmedian of {a.repeat} runs, page cache warm; wall = whole process incl. interpreter start")
-    print(f"{'':40} {'wall s':>8} {'in-process s':>13} {'x cp (wall)':>12} {'GB/s':>6}  peak RssAnon")
+    cp, cp_cpu = med("cp", 0), med("cp", 3)
+    print(f"\nmedian of {a.repeat} runs, page cache warm; wall = whole process incl. interpreter start;")
+    print("CPU = user + system time of the process and its children (cp: its Python wrapper too),")
+    print("steadier than wall when other processes compete for the cores")
+    print(f"{'':40} {'wall s':>7} {'in-proc s':>9} {'x cp':>6} {'CPU s':>6} {'x cp':>6} {'GB/s':>5}  peak RssAnon")
     for name in ROWS:
         if name not in wanted:
             continue
-        w, s = med(name, 0), med(name, 1)
+        w, s, c = med(name, 0), med(name, 1), med(name, 3)
         each = " ".join(f"{r[0]:.2f}" for r in rows[name])
-        print(f"{ROWS[name]:40} {w:8.2f} {s:13.2f} {w / cp:12.2f} {size / 1e9 / w:6.2f}  {peak(name)}"
-              f"   (runs: {each})")
+        print(f"{ROWS[name]:40} {w:7.2f} {s:9.2f} {w / cp:6.2f} {c:6.2f} {c / cp_cpu:6.2f} "
+              f"{size / 1e9 / w:5.2f}  {peak(name)}   (walls: {each})")
     print()
     for line in checks:
         print(line)

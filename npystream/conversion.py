@@ -310,15 +310,18 @@ def describe_source(spec: str) -> SourceInfo:
 _INDEX_LIMIT = 2_000_000
 _CHUNK = 64
 _WRITER_BUFFER = 1 << 20
-# Elements of at least this many bytes that are zero-copy views of the source file have
-# their bytes read from the file (RaggedWriter.append_from_file: preadv into the writer's
-# buffer, copy_file_range for elements larger than it) instead of copied out of the map:
-# no page faults on the map and no copy in user space.  Measured on the 2 GB benchmark
-# (kernel CPU time of the copy alone, the ranges of its 20,000 elements): preadv into a
-# 1 MiB buffer + pwrite 0.79 s, copy_file_range per element 1.11 s, memcpy out of the map
-# + pwrite 0.75 s + 0.21 s user; cp's single copy_file_range 0.73 s.
+# Reading elements from the file instead of copying them out of the map (off: measured
+# slower here).  With _READ_RANGES, elements of at least _RANGE_MIN bytes that are zero-copy
+# views of the source file have their bytes read from it (RaggedWriter.append_from_file:
+# preadv into the writer's buffer, copy_file_range for elements larger than the buffer):
+# no page faults on the map and no copy in user space.  On the development VM (Linux 6.18,
+# ext4) it costs more kernel time than it saves; the 2 GB benchmark, user + system CPU of
+# the whole conversion, medians of 4-5 interleaved runs: copy out of the map 1.46-1.52 s,
+# preadv 1.56-1.65 s, copy_file_range per element 1.85 s (cp: 0.66-0.78 s).  Kept, tested
+# and switchable so that `benchmarks/bench_convert.py --rows ranges` can re-measure it on
+# other kernels and file systems.
 _RANGE_MIN = 4 << 10
-_READ_RANGES = True  # False: every element is copied out of the map (benchmarks/bench_convert.py)
+_READ_RANGES = False
 
 
 def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = (),
@@ -706,7 +709,7 @@ def _object_to_ragged(
         try:
             start = count = len(writer)
             bar.add(start, 0)
-            if _READ_RANGES and info.kind == "object" and _indexable(info):
+            if _READ_RANGES and info.kind == "object" and _indexable(info):  # off by default
                 opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
                 indexed = _IndexedSource(info.path, start, opts, locate=True)
                 try:
