@@ -212,8 +212,13 @@ class Spy:
     """Counts the elements the fast paths took."""
 
     def __init__(self, monkeypatch: Any) -> None:
-        self.arrays = self.strings = 0
-        fa, fs = ops._fast_arrays, ops._fast_strings
+        self.arrays = self.strings = self.literals = 0
+        fa, fs, fl = ops._fast_arrays, ops._fast_strings, ops._fast_literals_p3
+
+        def literals(*args: Any) -> Any:
+            got = fl(*args)
+            self.literals += got[1] if got else 0
+            return got
 
         def arrays(*args: Any) -> Any:
             got = fa(*args)
@@ -227,6 +232,7 @@ class Spy:
 
         monkeypatch.setattr(ops, "_fast_arrays", arrays)
         monkeypatch.setattr(ops, "_fast_strings", strings)
+        monkeypatch.setattr(ops, "_fast_literals_p3", literals)
 
 
 def lockstep(data: bytes, *, pieces: list[int] | None = None, count: int | None = None, discard: bool = True) -> tuple:
@@ -324,6 +330,8 @@ def test_fast_paths_take_the_elements(monkeypatch):
         ("arrays_p4", "arrays", 300),
         ("arrays_p3", "arrays", 300),
         ("strings_p4", "strings", 1000),
+        ("strings_p3", "literals", 1000),
+        ("strings_p4", "literals", 50),  # BINUNICODE + MEMOIZE (strings of 256+ bytes)
         ("late_dtypes_p4", "arrays", 250),
         ("late_dtypes_p3", "arrays", 250),
     ]:
@@ -686,3 +694,72 @@ def test_rewrite_live_payloads_and_many_slots():
     for zero_copy in (False, True):
         rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=live, zero_copy=zero_copy)
         rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=None, zero_copy=zero_copy)
+
+
+def test_protocol3_literals_numpy_and_loop(monkeypatch):
+    """Protocol-3 str/bytes elements: the numpy pass (LONG_BINPUT candidates) and the one-by-one loop, with
+    payloads that hold fake LONG_BINPUTs ('r' + the next index), across the 2**8 memo boundary."""
+    items: list[Any] = []
+    for i in range(1800):
+        k = i % 6
+        if k == 0:
+            items.append(f"t{i}")
+        elif k == 1:
+            items.append(b"r" + struct.pack("<I", 300 + i) + b"%d" % i)  # looks like a LONG_BINPUT
+        elif k == 2:
+            items.append("r\x00\x00\x00\x00" + str(i))
+        elif k == 3:
+            items.append("z" * (i % 300) + str(i))
+        elif k == 4:
+            items.append(bytes(range(i % 256)) + b"%d" % i)
+        else:
+            items.append(np.arange(i % 9, dtype=np.int32))
+    data = _file(obj_array(items), 3)
+    spy = Spy(monkeypatch)
+    assert lockstep(data)[0] == "ok"
+    assert spy.literals >= 1400, spy.literals
+    assert lockstep(data, pieces=_random_pieces(11))[0] == "ok"
+    assert lockstep(widen_memo(data), pieces=[501])[0] == "ok"
+    for delta in (-700, -1):
+        lockstep(data, count=len(items) + delta)
+
+
+@cache
+def _p3_literals() -> bytes:
+    items = [f"w{i}" * (1 + i % 4) if i % 3 else b"b%05d" % i for i in range(400)]
+    return _file(obj_array(items), 3)
+
+
+def test_forged_protocol3_literals():
+    """Protocol-3 literal elements forged: memo writes out of sequence, the literal opcode replaced (BININT
+    reads the length as a value; BINSTRING has the same layout), a fake LONG_BINPUT with the right index
+    inside the payload."""
+    data = _p3_literals()
+    hdr = read_header(MemorySource(data))
+    pkl = data[hdr.data_offset :]
+    body = pkl.index(b"]") + 2
+    found = [(c, s, e, a) for c, s, e, a in _ops(pkl) if s > body]
+    puts = {s: a for c, s, e, a in found if c in (ops.OP_BINPUT, ops.OP_LONG_BINPUT)}
+    cases = 0
+    errors = 0
+    for (code, start, end, _arg), nxt in zip(found, found[1:]):
+        if code not in (0x58, 0x42) or start % 5:
+            continue
+        at = hdr.data_offset + start
+        variants = []
+        for op in (b"J", b"T", b"N", b"C"):
+            variants.append(data[:at] + op + data[at + 1 :])
+        if nxt[1] in puts:  # the PUT right after: index +-1
+            p_at = hdr.data_offset + nxt[1]
+            for delta in (-1, 1):
+                idx = struct.pack("<I", puts[nxt[1]] + delta) if nxt[0] == ops.OP_LONG_BINPUT else bytes([(puts[nxt[1]] + delta) % 256])
+                variants.append(data[: p_at + 1] + idx + data[p_at + 1 + len(idx) :])
+            if end - start >= 5 + 6 and nxt[0] == ops.OP_LONG_BINPUT:  # a fake PUT of the right index in the payload
+                fake = b"r" + struct.pack("<I", puts[nxt[1]])
+                variants.append(data[: at + 5] + fake + data[at + 5 + len(fake) :])
+        for v in variants:
+            out = lockstep(v)
+            errors += out[0] == "scan"
+            cases += 1
+        lockstep(variants[-1], pieces=[64])
+    assert cases > 200 and errors > 50, (cases, errors)

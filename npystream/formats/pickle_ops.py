@@ -461,6 +461,93 @@ def _fast_strings(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: 
     return pos + int(ends[k - 1]) + 1, k
 
 
+_LEN4_OPS = (0x58, 0x42)  # BINUNICODE, BINBYTES
+_LIT_LEN = {0x58: 4, 0x42: 4, 0x43: 1, 0x8C: 1}  # literal opcode -> size of its length field
+
+
+def _fast_literals_p3(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: int, n: int, done: int) -> Any:
+    """A run of "literal + memo write" elements at ``pos`` (protocol 3 str/bytes with BINPUT/LONG_BINPUT, and
+    BINUNICODE/BINBYTES + MEMOIZE of protocol 4): applies their effect, returns (pos, k) or None.
+
+    BINPUT/LONG_BINPUT must write ``memo, memo + 1, ...`` as the generic loop requires.
+    """
+    room = min(st.count + 8 - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
+    if room <= 0:
+        return None
+    rel: Any = None
+    k = 0
+    span = lim - pos
+    top = (memo >> 24) & 0xFF
+    want = min(room, 1000 - (len(st.starts) >> 3) % 1000)
+    if buf[pos] in _LEN4_OPS and span > 10 and memo >= 256 and ((memo + want) >> 24) & 0xFF == top:
+        # numpy: candidate ends are LONG_BINPUT opcodes ("r", then an index whose top byte is known);
+        # from the first element on, each start's opcode and length must lead exactly to the next
+        # candidate, whose index must be the next memo index -- so the verified prefix is exact
+        size = min(span, max(4096, want * (10 + _u4(buf, pos + 1)[0]) * 2))
+        a = np.frombuffer(buf, dtype=np.uint8, count=size, offset=pos)
+        cand = np.flatnonzero((a[: size - 4] == OP_LONG_BINPUT) & (a[4:] == top))
+        del a
+        if len(cand):
+            w = np.frombuffer(bytes(buf[pos : pos + size]) + bytes(8), dtype=np.uint8).astype(np.int64)
+            starts_rel = np.empty(len(cand), dtype=np.int64)
+            starts_rel[0] = 0
+            starts_rel[1:] = cand[:-1] + 5
+            s1 = starts_rel + 1
+            length = w[s1] | (w[s1 + 1] << 8) | (w[s1 + 2] << 16) | (w[s1 + 3] << 24)
+            c1 = cand + 1
+            index = w[c1] | (w[c1 + 1] << 8) | (w[c1 + 2] << 16) | (w[c1 + 3] << 24)
+            op = w[starts_rel]
+            ok = (
+                ((op == 0x58) | (op == 0x42))
+                & (starts_rel + 5 + length == cand)
+                & (index == np.arange(memo, memo + len(cand), dtype=np.int64))
+            )
+            k = len(ok) if ok.all() else int(np.argmin(ok))
+            if k:
+                rel = starts_rel[:k]
+                q = pos + int(cand[k - 1]) + 5
+    if not k:
+        # one element at a time
+        offs = []
+        q = pos
+        mm = memo
+        while len(offs) < room and q < lim:
+            op = buf[q]
+            if offs and mm >= 256 and op in _LEN4_OPS:
+                break  # the numpy pass can take the following ones
+            la = _LIT_LEN.get(op)
+            if la is None or q + 1 + la > lim:
+                break
+            p = q + 1 + la + (buf[q + 1] if la == 1 else _u4(buf, q + 1)[0])
+            if p + 2 > lim:
+                break
+            pop = buf[p]
+            if pop == OP_BINPUT and buf[p + 1] == mm:
+                nq = p + 2
+            elif pop == OP_LONG_BINPUT and p + 5 <= lim and _u4(buf, p + 1)[0] == mm:
+                nq = p + 5
+            elif pop == OP_MEMOIZE and la == 4:  # short literals + MEMOIZE are _fast_strings' runs
+                nq = p + 1
+            else:
+                break
+            offs.append(q - pos)
+            mm += 1
+            q = nq
+        k = len(offs)
+        if not k:
+            return None
+        rel = np.array(offs, dtype=np.int64)
+    elif k > room:
+        k = room
+        rel = rel[:k]
+        q = pos + int(cand[k - 1]) + 5
+    st.starts += (rel + (base + pos)).astype("<i8").tobytes()
+    st.memo_at += np.arange(memo, memo + k, dtype="<i8").tobytes()
+    st.dep.extend([0] * k)
+    st.memo_seen = True
+    return q, k
+
+
 def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     """Walk whole opcodes of ``buf[pos:end]`` (file offset of ``buf[0]`` is ``base``); return the new pos.
 
@@ -536,6 +623,15 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                         continue
                 elif op == 0x8C or op == 0x43:
                     got = _fast_strings(buf, pos, lim, base, st, memo, n, done)
+                    if got is None:
+                        got = _fast_literals_p3(buf, pos, lim, base, st, memo, n, done)
+                    if got is not None:
+                        pos, k = got
+                        n += k
+                        memo += k
+                        continue
+                elif op == 0x58 or op == 0x42:
+                    got = _fast_literals_p3(buf, pos, lim, base, st, memo, n, done)
                     if got is not None:
                         pos, k = got
                         n += k
