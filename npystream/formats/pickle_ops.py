@@ -296,6 +296,26 @@ def _arr_run_matcher(gets: bytes, r: bytes, nd: bytes, b: bytes, dt: bytes) -> A
     return m
 
 
+_ARR_RUNS3: dict[bytes, Any] = {}
+_PACK6 = struct.Struct("<6I").pack
+
+
+def _arr_run_matcher3(gets: bytes, r: bytes, nd: bytes, b: bytes, dt: bytes) -> Any:
+    """Protocol 3 (LONG_BINPUT) twin of :func:`_arr_run_matcher`; groups 1-6: the six memo indices written
+    (the previous element's last two, then this element's first four)."""
+    m = _ARR_RUNS3.get(gets)
+    if m is None:
+        if len(_ARR_RUNS3) >= 64:
+            _ARR_RUNS3.clear()
+        m = re.compile(
+            rb"r(....)tr(....)b" + re.escape(r + nd) + rb"K\x00\x85r(....)" + re.escape(b) + rb"\x87r(....)Rr(....)\(K\x01"
+            + _RX_SHAPE + rb"r(....)" + re.escape(dt) + rb"[\x88\x89]C.",
+            re.DOTALL,
+        ).match
+        _ARR_RUNS3[gets] = m
+    return m
+
+
 def _get_index(g: bytes) -> int:
     return g[1] if g[0] == OP_BINGET else _u4(g, 1)[0]
 
@@ -356,7 +376,51 @@ def _fast_arrays(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: i
         offs.append(base + q)
         mm += _ARR_MEMO
         q = t.end()
-        if pop != 0x43 or (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
+        if pop != 0x43:
+            continue
+        if p1[0] == p2[0] == p3[0] == p4[0] == p5[0] == p6[0] == OP_LONG_BINPUT:
+            # protocol 3 with short payloads, memo indices >= 256: one match per element, its six
+            # memo indices checked as one 24-byte string
+            run = _arr_run_matcher3(r + nd + b + dt, r, nd, b, dt)
+            lr = len(r)
+            b_at = lr + len(nd) + 8
+            dt_back = 3 + len(dt)
+            te = q - 12  # where this element's tail starts
+            mp = mm - _ARR_MEMO  # memo counter at the start of the element whose tail is at te
+            k0 = len(offs)
+            pend = last = last_dt = pend_dt = -1
+            while True:
+                m = run(buf, te, lim)
+                if m is None or b"".join(m.groups()) != _PACK6(mp + 4, mp + 5, mp + 6, mp + 7, mp + 8, mp + 9):
+                    break
+                if pend >= 0:
+                    offs.append(base + pend)
+                    last = pend
+                    last_dt = pend_dt
+                    q = te + 12
+                    if len(offs) >= room:
+                        pend = -1
+                        break
+                pend = te + 12
+                e = m.end()
+                pend_dt = e - dt_back
+                te = e + buf[e - 1]
+                mp += _ARR_MEMO
+            if pend >= 0:
+                t = _ARR_TAIL(buf, te, lim)
+                if t is not None and t.groups() == (b"r" + _pack_I(mp + 4), b"r" + _pack_I(mp + 5)):
+                    offs.append(base + pend)
+                    last = pend
+                    last_dt = pend_dt
+                    q = t.end()
+            if last >= 0:
+                mm += _ARR_MEMO * (len(offs) - k0)
+                reads[ri] = base + last
+                reads[ndi] = base + last + lr
+                reads[bi] = base + last + b_at
+                reads[dti] = base + last_dt
+            continue
+        if (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
             continue
         # protocol 4 with short payloads: the following elements with the same GETs, one match each
         # (the previous element's tail + this element's head up to its payload length byte)
