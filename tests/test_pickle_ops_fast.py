@@ -664,7 +664,7 @@ def test_rewrite_equal_generic(name, monkeypatch):
     rw_lockstep(buf, ranges, live=live, zero_copy=True, free_on_read=False)
     rw_lockstep(buf, ranges, live=live, zero_copy=False, resolve=False)
     if "strings" not in name:
-        assert sum(calls) >= 100, sum(calls)  # the ndarray fast path took elements
+        assert sum(calls) >= 20, sum(calls)  # the ndarray fast path took elements (runs: one call each)
 
 
 def test_rewrite_partial_buffers_and_long_memo():

@@ -1188,8 +1188,10 @@ def _rw_array(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: by
     put(5)
     out += b"b"
     q = t.end()
-    if pop != 0x43 or live is None or (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
+    if pop != 0x43 or (p1 + p2 + p3 + p4 + p5 + p6) != b"\x94\x94\x94\x94\x94\x94":
         return q, mm
+    if live is None:
+        return _rw_array_run_keep(buf, q, end, rw, out, mm, r, nd, b, dt, gets)
     # protocol 4 with short payloads: the following elements with the same GETs, as long as none of
     # their memo writes is live (all dropped), none of their GETs is a last read (no journal entry)
     # and the slots stay (nothing is allocated or freed meanwhile)
@@ -1225,6 +1227,50 @@ def _rw_array(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: by
         else:
             out += buf[e - 3 : nte]
         out += b"tb"
+        mm += _ARR_MEMO
+        te = nte
+        q = nte + 4
+    return q, mm
+
+
+def _rw_array_run_keep(
+    buf: Any, q: int, end: int, rw: RewriteState, out: bytearray, mm: int, r: bytes, nd: bytes, b: bytes, dt: bytes,
+    gets: tuple[int, ...],
+) -> tuple[int, int]:
+    """Without a liveness table (streaming) every memo write is kept: the protocol-4 elements following the
+    one just rewritten (same GETs, short payloads), each memo write given a slot in order; (pos, memo)."""
+    slot_of = rw.slot_of
+    free = rw.free
+    fresh = rw.fresh
+    run = _arr_run_matcher(r + nd + b + dt, r, nd, b, dt)
+    codes = [_GET_CODES[s] if s < 256 else b"j" + _pack_I(s) for s in (slot_of[g] for g in gets)]
+    g_head = codes[0] + codes[1] + b"K\x00\x85"
+    g_b = codes[2] + b"\x87"
+    dtc = codes[3]
+    te = q - 4
+    while True:
+        m = run(buf, te, end)
+        if m is None:
+            break
+        e = m.end()
+        nte = e + buf[e - 1]
+        if nte + 4 > end or buf[nte : nte + 4] != _ARR_TAIL4:
+            break
+        puts = []
+        for w in range(mm, mm + _ARR_MEMO):
+            if free:
+                s = free.pop()
+            else:
+                s = rw.nslots
+                rw.nslots = s + 1
+            slot_of[w] = s
+            puts.append(_PUT_CODES[s] if s < 256 else b"r" + _pack_I(s))
+        fresh.extend(range(mm, mm + _ARR_MEMO))
+        out += g_head + puts[0] + g_b + puts[1] + b"R" + puts[2] + b"(K\x01"
+        out += buf[m.start(1) : m.end(1)]
+        out += puts[3] + dtc
+        out += buf[e - 3 : nte]
+        out += puts[4] + b"t" + puts[5] + b"b"
         mm += _ARR_MEMO
         te = nte
         q = nte + 4
