@@ -109,6 +109,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -982,6 +983,55 @@ def _infer_kind(x: Any) -> str:
     return "array"
 
 
+class _WriteBehind:
+    """One helper thread that runs one ``pwrite`` at a time while the writer goes on.
+
+    :meth:`submit` waits for the previous write (raising its error) before
+    handing over the next, so at most one write is in flight; :meth:`wait`
+    waits for it.  An interrupt while waiting leaves the write in flight (a
+    later :meth:`wait` collects it).
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._todo: Any = queue.SimpleQueue()
+        self._done: Any = queue.SimpleQueue()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="npystream-ragged-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._todo.get()
+            if job is None:
+                return
+            try:
+                _pwrite_all(*job)
+            except BaseException as exc:  # handed to the writer's thread
+                self._done.put(exc)
+            else:
+                self._done.put(None)
+
+    def submit(self, fd: int, data: Any, offset: int) -> None:
+        self.wait()
+        self._todo.put((fd, data, offset))
+        self._busy = True
+
+    def wait(self) -> None:
+        if self._busy:
+            exc = self._done.get()
+            self._busy = False
+            if exc is not None:
+                raise exc
+
+    def stop(self) -> None:
+        """End the thread once the write in flight (if any) is done; its error is dropped."""
+        self._todo.put(None)
+        self._thread.join()
+        self._busy = False
+
+
 class RaggedWriter:
     """Stream elements into a ragged store, crash-safely, in bounded memory.
 
@@ -996,7 +1046,10 @@ class RaggedWriter:
     not against power loss).  Memory is one ``buffer_size`` buffer plus the
     pending offsets; a commit (what readers and a crash see) happens every
     ``commit_bytes`` of values, every 65,536 elements, and on ``flush()`` /
-    ``close()``.  See the module docstring for the layout and commit protocol.
+    ``close()``.  ``write_behind=True`` writes each full buffer to
+    ``values.npy`` from a helper thread while the next one fills (two buffers;
+    the same bytes on disk, and a commit still waits for every write first).
+    See the module docstring for the layout and commit protocol.
 
     >>> import tempfile, os, numpy as np
     >>> p = os.path.join(tempfile.mkdtemp(), "w.ragged")
@@ -1017,6 +1070,7 @@ class RaggedWriter:
         durable: bool = True,
         buffer_size: int = 4 << 20,
         commit_bytes: int = 64 << 20,
+        write_behind: bool = False,
     ) -> None:
         self._path = os.path.abspath(os.fspath(path))
         if mode not in ("w", "a", "x"):
@@ -1053,6 +1107,8 @@ class RaggedWriter:
         self._commit_bytes = max(buffer_size, commit_bytes)
         self._broken = False
         self._copy_range = hasattr(os, "copy_file_range")
+        self._write_behind = bool(write_behind)
+        self._wb: _WriteBehind | None = None
         self._preadv = getattr(os, "preadv", None)
         if dtype is not None:
             dt = np.dtype(dtype)
@@ -1185,6 +1241,11 @@ class RaggedWriter:
         self._cap = size
         self._isz = isz
         self._fast = self._dtype if self._kind == "array" and self._ndim == 1 else None
+        if self._write_behind:
+            spare = bytearray(size)
+            self._spare = (spare, memoryview(spare),
+                           np.frombuffer(spare, dtype=self._dtype) if self._kind == "array" else None)
+            self._wb = _WriteBehind()
 
     def _meta(self, count: int, nitems: int) -> bytes:
         assert self._dtype is not None
@@ -1620,9 +1681,26 @@ class RaggedWriter:
     def _spill(self) -> None:
         """Write the buffer to values.npy (not yet committed); commit every commit_bytes."""
         if self._pos:
-            self._write_bytes(self._mv[: self._pos])
+            if self._wb is not None:
+                self._spill_behind()
+            else:
+                self._write_bytes(self._mv[: self._pos])
             self._pos = 0
         self._maybe_commit()
+
+    def _spill_behind(self) -> None:
+        """Hand the full buffer to the helper thread and go on filling the spare one."""
+        off = self._hdr_len[VALUES] + (self._nitems + self._pend_items) * self._isz
+        try:
+            self._wb.submit(self._fds[VALUES], self._mv[: self._pos], off)  # waits for the last one
+        except OSError:
+            self._broken = True
+            self._fast = None
+            raise
+        self._pend_items += self._pos // self._isz
+        spare = self._spare
+        self._spare = (self._buf, self._mv, self._nbuf)
+        self._buf, self._mv, self._nbuf = spare
 
     def _maybe_commit(self) -> None:
         if self._pend_items * self._isz >= self._commit_bytes or len(self._pend_lens) >= _MAX_PENDING:
@@ -1643,6 +1721,8 @@ class RaggedWriter:
     def _commit_now(self) -> None:
         isz = self._dtype.itemsize
         fds = self._fds
+        if self._wb is not None:
+            self._wb.wait()  # data before the offsets that point at it
         if self._pos:
             self._write_bytes(self._mv[: self._pos])
             self._pos = 0
@@ -1713,6 +1793,10 @@ class RaggedWriter:
 
     def _release(self) -> None:
         self._closed = True
+        if self._wb is not None:  # before the descriptors it writes to are closed
+            self._wb.stop()
+            self._wb = None
+            self._spare = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
