@@ -12,7 +12,7 @@ Directions (the direction follows from what SRC is and DST's suffix;
     fixed-dtype .npy.gz | "-" (stdin)                                -> .npy           (to="npy")
 
 Memory: one element at a time (object streams) or one copy buffer (byte
-streams) plus the ragged writer's buffer, whatever the input size.
+streams) plus the ragged writer's two 1 MiB buffers, whatever the input size.
 
 Atomic output: DST is built under a hidden temporary name beside it
 (``.NAME.<tag>.npystream-tmp``) and renamed into place only when complete.
