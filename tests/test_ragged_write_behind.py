@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import npystream.formats.ragged as ragged
 from npystream.errors import NpyStreamError
@@ -124,3 +126,45 @@ def test_helper_thread_ends_with_the_writer(tmp_path):
     with RaggedWriter(tmp_path / "b.ragged", write_behind=True, durable=False) as w:
         pass  # no element: no buffer, no thread
     assert len(_helpers()) == before
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=0, max_size=40),
+    buffer_size=st.sampled_from([64, 1000, 4096, 1 << 20]),
+    commit_bytes=st.sampled_from([1, 5000, 64 << 20]),
+    flush_at=st.integers(0, 40),
+)
+def test_any_mix_of_paths_gives_the_same_store(tmp_path_factory, sizes, buffer_size, commit_bytes,
+                                                flush_at):
+    """append() vs append_from_file() (preadv / copy_file_range), write-behind on and off."""
+    tmp_path = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(len(sizes))
+    arrays = [rng.integers(-1000, 1000, n).astype("<i4") for n in sizes]
+    src = tmp_path / "src.bin"
+    offsets = []
+    with open(src, "wb") as f:
+        for a in arrays:
+            f.write(b"\x07" * 3)
+            offsets.append(f.tell())
+            f.write(a.tobytes())
+    fd = os.open(src, os.O_RDONLY)
+    stores = []
+    try:
+        for behind, from_file in ((False, False), (True, False), (False, True), (True, True)):
+            path = tmp_path / f"{behind}-{from_file}.ragged"
+            with RaggedWriter(path, dtype="<i4", buffer_size=buffer_size, commit_bytes=commit_bytes,
+                              durable=False, write_behind=behind) as w:
+                for i, (a, off) in enumerate(zip(arrays, offsets)):
+                    if from_file and hasattr(os, "preadv"):
+                        w.append_from_file(a, fd, off)  # a's bytes are at off in src
+                    else:
+                        w.append(a)
+                    if i == flush_at:
+                        w.flush()
+            stores.append(_store_bytes(path))
+    finally:
+        os.close(fd)
+    assert all(s == stores[0] for s in stores[1:])
+    r = RaggedArray(tmp_path / "True-True.ragged")
+    assert len(r) == len(arrays) and all(np.array_equal(a, b) for a, b in zip(arrays, r))
