@@ -714,6 +714,7 @@ def test_protocol3_literals_numpy_and_loop(monkeypatch):
             items.append(bytes(range(i % 256)) + b"%d" % i)
         else:
             items.append(np.arange(i % 9, dtype=np.int32))
+    items[1000] = "L" * 1_500_000  # longer than the numpy pass looks ahead (1 MiB): one at a time
     data = _file(obj_array(items), 3)
     spy = Spy(monkeypatch)
     assert lockstep(data)[0] == "ok"

@@ -557,7 +557,7 @@ def _fast_literals_p3(buf: Any, pos: int, lim: int, base: int, st: ScanState, me
         # numpy: candidate ends are LONG_BINPUT opcodes ("r", then an index whose top byte is known);
         # from the first element on, each start's opcode and length must lead exactly to the next
         # candidate, whose index must be the next memo index -- so the verified prefix is exact
-        size = min(span, max(4096, want * (10 + _u4(buf, pos + 1)[0]) * 2))
+        size = min(span, 1 << 20, max(4096, want * (10 + _u4(buf, pos + 1)[0]) * 2))  # bounded copy below
         a = np.frombuffer(buf, dtype=np.uint8, count=size, offset=pos)
         cand = np.flatnonzero((a[: size - 4] == OP_LONG_BINPUT) & (a[4:] == top))
         del a
