@@ -764,3 +764,17 @@ def test_forged_protocol3_literals():
             cases += 1
         lockstep(variants[-1], pieces=[64])
     assert cases > 200 and errors > 50, (cases, errors)
+
+
+@pytest.mark.parametrize("name", ["plain_p4", "plain_p3", "strings_p4", "arrays_p3", "arrays_p4", "framed"])
+def test_every_element_count(name):
+    """Headers promising every count up to the real one: the element limit is hit at every position of a run,
+    and runs start with every room left (frames, other kinds end them); the generic loop raises at the same
+    opcode."""
+    data = reframe(_short("plain_p4"), every=300) if name == "framed" else _short(name)
+    real = read_header(MemorySource(data)).count
+    for count in range(0, real + 1):
+        out = lockstep(data, count=count)
+        assert (out[0] == "scan") == (count < real), (count, out)
+        if name.endswith("p3") and count % 3 == 0:
+            lockstep(widen_memo(data), count=count)

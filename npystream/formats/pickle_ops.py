@@ -386,7 +386,7 @@ def _fast_arrays(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: i
         offs.append(base + q)
         mm += _ARR_MEMO
         q = t.end()
-        if pop != 0x43:
+        if pop != 0x43 or len(offs) >= room:
             continue
         if p1[0] == p2[0] == p3[0] == p4[0] == p5[0] == p6[0] == OP_LONG_BINPUT:
             # protocol 3 with short payloads, memo indices >= 256: one match per element, its six
