@@ -778,3 +778,24 @@ def test_every_element_count(name):
         assert (out[0] == "scan") == (count < real), (count, out)
         if name.endswith("p3") and count % 3 == 0:
             lockstep(widen_memo(data), count=count)
+
+
+def test_rewrite_string_runs_with_live_entries():
+    """Long runs of short strings where some strings are read back later (their memo writes are live), and
+    >256 slots: the numpy rewrite stops before each live write; without a liveness table every write is kept."""
+    words = [f"w{i}" for i in range(3000)]
+    items: list[Any] = list(words)
+    for j in (70, 71, 500, 1999, 2500):
+        items[j + 300] = words[j]  # the same object again: a BINGET, and words[j]'s memo write is live
+    data = _file(obj_array(items), 4)
+    index = _index_of(data)
+    live = dict(zip(index.live_memo.tolist(), index.live_last.tolist()))
+    assert len(live) >= 6  # the five words read again, and the prefix's
+    rnd = random.Random(4)
+    for zero_copy in (False, True):
+        assert rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=live, zero_copy=zero_copy) > 0
+        rw_lockstep(memoryview(data), _rw_runs(data, index, rnd), live=None, zero_copy=zero_copy)
+    bts = _file(obj_array([b"b%d" % i for i in range(700)]), 4)  # SHORT_BINBYTES (not with zero-copy)
+    index = _index_of(bts)
+    for zero_copy in (False, True):
+        rw_lockstep(memoryview(bts), _rw_runs(bts, index, rnd), live=None, zero_copy=zero_copy)

@@ -1287,6 +1287,85 @@ def _rw_array_run_keep(
     return q, mm
 
 
+def _rw_strings(buf: Any, pos: int, end: int, rw: RewriteState, out: bytearray, run: int, memo: int) -> Any:
+    """A long run of "short literal + MEMOIZE" elements rewritten with numpy, as the generic loop would:
+    memo writes nobody reads dropped, or (no liveness table, no free slots) each given the next new
+    slot.  Returns (pos, memo) having appended ``buf[run:pos]`` and the run, or None (nothing done)."""
+    span = end - pos
+    if span < 3 * 64:
+        return None
+    zero_copy = rw.zero_copy
+    size = min(span, 1 << 16)
+    a = np.frombuffer(buf, dtype=np.uint8, count=size, offset=pos)
+    ends = np.flatnonzero(a == OP_MEMOIZE)
+    k = len(ends)
+    if k < 64:
+        return None
+    rel = np.empty(k, dtype=np.int64)
+    rel[0] = 0
+    rel[1:] = ends[:-1] + 1
+    op = a[rel]
+    lit_ok = (op == 0x8C) if zero_copy else ((op == 0x8C) | (op == 0x43))
+    ok = (rel + 2 + a[np.minimum(rel + 1, size - 1)] == ends) & lit_ok
+    if not ok.all():
+        k = int(np.argmin(ok))
+        if k < 64:
+            return None
+    live = rw.live
+    if live is not None:
+        if len(live) > 4096:
+            return None
+        keys = np.fromiter(live, dtype=np.int64, count=len(live))
+        hit = keys[(keys >= memo) & (keys < memo + k)]
+        if len(hit):
+            k = int(hit.min()) - memo  # the elements before the first live memo write
+            if k < 64:
+                return None
+        e = int(ends[k - 1]) + 1
+        keep = np.ones(e, dtype=bool)
+        keep[ends[:k]] = False
+        if run < pos:
+            out += buf[run:pos]
+        out += a[:e][keep].tobytes()
+        return pos + e, memo + k
+    if rw.free:
+        return None
+    s0 = rw.nslots
+    # every memo write kept: each element's literal bytes, then BINPUT/LONG_BINPUT of its new slot
+    slots = np.arange(s0, s0 + k, dtype=np.int64)
+    plen = np.where(slots < 256, 2, 5)
+    lit = ends[:k] - rel[:k]  # literal bytes of each element (without its MEMOIZE)
+    shift = np.cumsum(plen) - plen - np.arange(k)  # where element i's bytes move in the output
+    e = int(ends[k - 1]) + 1
+    total = e - k + int(plen.sum())
+    res = np.empty(total, dtype=np.uint8)
+    keep = np.ones(e, dtype=bool)
+    keep[ends[:k]] = False
+    src = np.flatnonzero(keep)
+    res[src + np.repeat(shift, lit)] = a[src]
+    at = ends[:k] + shift  # where each element's memo write goes
+    small = plen == 2
+    res[at[small]] = OP_BINPUT
+    res[at[small] + 1] = slots[small]
+    big = ~small
+    if big.any():
+        ab = at[big]
+        sb = slots[big]
+        res[ab] = OP_LONG_BINPUT
+        res[ab + 1] = sb & 0xFF
+        res[ab + 2] = (sb >> 8) & 0xFF
+        res[ab + 3] = (sb >> 16) & 0xFF
+        res[ab + 4] = (sb >> 24) & 0xFF
+    if run < pos:
+        out += buf[run:pos]
+    out += res.tobytes()
+    rw.nslots = s0 + k
+    mrange = range(memo, memo + k)
+    rw.slot_of.update(zip(mrange, range(s0, s0 + k)))
+    rw.fresh.extend(mrange)
+    return pos + e, memo + k
+
+
 def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: bytearray) -> int:
     """Append to ``out`` the opcodes of ``buf[pos:end]`` rewritten for the persistent unpickler.
 
@@ -1332,6 +1411,11 @@ def rewrite_ops(buf: Any, pos: int, end: int, base: int, rw: RewriteState, out: 
         if fast and (op == 0x8C or (op == 0x43 and not zero_copy)):
             # fast path: runs of "short literal + MEMOIZE" (str/bytes elements); SHORT_BINBYTES only
             # without zero-copy (whose payload test would apply)
+            got = _rw_strings(buf, pos, end, rw, out, run, memo)
+            if got is not None:
+                pos, memo = got
+                run = pos
+                continue
             q = pos
             if live_max is None:
                 live_max = (max(live) if live else -1) if live is not None and len(live) < 4096 else _INF
