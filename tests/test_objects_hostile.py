@@ -401,6 +401,43 @@ MISUSE = {
 }
 
 
+def _forged_dtype(code: str, state: bytes) -> bytes:
+    """``dtype(code, False, True)`` then BUILD with the state tuple whose item opcodes are ``state``."""
+    return glob("numpy", "dtype") + uni(code) + b"\x89\x88\x87R(" + state + b"tb"
+
+
+def _array_of(dtype: bytes, nbytes: int = 8) -> bytes:
+    return reconstruct_head() + b"(" + integer(1) + shape_ops((1,)) + dtype + b"\x89" + raw_bytes(b"\x00" * nbytes) + b"tb"
+
+
+# dtype states numpy's own __setstate__ does not validate (the first crashed the interpreter, found
+# by the mutation test): refused before numpy sees them, as a bare dtype element and inside an array
+_I = integer
+FORGED_STATES = {
+    "fields_not_dict": ("O8", _I(3) + uni("|") + b"N" + _I(-1) + _I(-1) + _I(63)),
+    "v1_fields_not_dict": ("f8", _I(1) + uni("<") + b"N" + _I(5) + _I(8) + _I(8)),
+    "v3_names_fields_not_dict": ("f8", _I(3) + uni("<") + b"NN" + _I(-1) + _I(-1) + _I(-1) + _I(0)),
+    "field_not_dtype": (
+        "V8",
+        _I(3) + uni("|") + b"N(" + uni("a") + b"t}" + uni("a") + _I(5) + _I(0) + b"\x86s" + _I(8) + _I(1) + _I(16),
+    ),
+    "name_not_in_fields": (
+        "V8",
+        _I(3) + uni("|") + b"N(" + uni("a") + uni("b") + b"t}" + uni("a") + dtype_ops("f8", "<") + _I(0)
+        + b"\x86s" + _I(8) + _I(1) + _I(16),
+    ),
+    "subarray_not_dtype": ("V16", _I(3) + uni("|") + _I(5) + _I(2) + b"\x85\x86NN" + _I(16) + _I(8) + _I(0)),
+    "datetime_meta_forged": ("M8", _I(4) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0) + b"N" + _I(5) + b"\x86"),
+    "byteorder_forged": ("f8", _I(3) + uni("x") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
+    "version_forged": ("f8", _I(9) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
+    "state_not_tuple": ("f8", b"N"),
+}
+for _name, (_code, _state) in FORGED_STATES.items():
+    MISUSE[f"dtype_state_{_name}"] = _forged_dtype(_code, _state)
+    MISUSE[f"array_dtype_state_{_name}"] = _array_of(_forged_dtype(_code, _state))
+MISUSE["dtype_built_twice"] = dtype_ops("f8", "<") + b"(" + _I(3) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0) + b"tb"
+
+
 @pytest.mark.parametrize(("name", "tail"), list(MISUSE.items()), ids=list(MISUSE))
 def test_misused_allowed_callables_refused(tmp_path, name, tail):
     data = _elements_case(tail, proto=3)

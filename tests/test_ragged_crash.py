@@ -79,9 +79,11 @@ def _run_kills(tmp_path, iterations: int, seed: int) -> None:
     last = 0
     kills = 0
     for it in range(iterations):
-        mode = "w" if it % 9 == 8 else "a"
+        # a complete store would make the next append finish at once: start it over then
+        mode = "w" if it % 9 == 8 or last == TARGET else "a"
         buffer_size = rnd.choice([64, 512, 4096])
-        pid = _fork_writer(path, mode, buffer_size)
+        # a 1 ms pause every 25 elements: a whole run takes > 100 ms, so the kill (< 30 ms) lands mid-write
+        pid = _fork_writer(path, mode, buffer_size, pause_every=25)
         time.sleep(rnd.uniform(0, 0.03))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)

@@ -52,6 +52,7 @@ import numpy as np
 from npystream.formats.pickle_safety import (
     NDARRAY_TOKEN,
     TOKEN_TYPES,
+    DtypeProto,
     _real_reconstruct,
 )
 
@@ -76,6 +77,8 @@ def role_of(value: Any, checked_dtype: Any) -> tuple[int, Any]:
         return ROLE_NDARRAY, value
     if t is bytes and value == b"b":
         return ROLE_B, value
+    if t is DtypeProto:
+        value = value.dtype
     if isinstance(value, np.dtype):
         try:
             canon = checked_dtype(value)

@@ -64,6 +64,8 @@ __all__ = [
     "SafetyPolicy",
     "SafeUnpickler",
     "ArrayProto",
+    "DtypeProto",
+    "check_dtype_state",
     "PickleDecodeError",
     "check_dtype",
     "finalize",
@@ -216,6 +218,8 @@ def check_dtype(d: Any) -> np.dtype:
     a later BUILD in the same pickle could otherwise change a dtype that an
     array already handed out still uses.
     """
+    if type(d) is DtypeProto:
+        d = d.dtype
     if not isinstance(d, np.dtype):
         raise UnsafePickleError(f"expected a numpy dtype, got {type(d).__name__}")
     try:
@@ -243,6 +247,137 @@ def check_dtype(d: Any) -> np.dtype:
 
 # ---------------------------------------------------------------------------
 # placeholders and checked callables
+
+
+_INT32 = 1 << 31
+
+
+def _dtype_like(x: Any) -> bool:
+    return type(x) is DtypeProto or isinstance(x, np.dtype)
+
+
+def _real_dtype(x: Any) -> Any:
+    return x.dtype if type(x) is DtypeProto else x
+
+
+def _state_error(state: Any, why: str) -> UnsafePickleError:
+    return UnsafePickleError(f"dtype state {state!r:.200} refused before numpy sees it: {why}")
+
+
+def check_dtype_state(state: Any) -> tuple[Any, ...]:
+    """Validate the state a pickle's BUILD hands to a dtype; return it with nested placeholders replaced.
+
+    numpy's ``dtype.__setstate__`` trusts the types of what it is given (a
+    ``fields`` entry that is not a dict, a field that is not a dtype, ...) and
+    can crash the interpreter on a forged state, so the shape numpy writes is
+    checked here first: ``(version, byteorder, subarray, names, fields,
+    elsize, alignment, flags[, metadata])`` with versions 0-4 and their older
+    shorter forms; the dtype is then checked again by :func:`check_dtype`.
+    """
+    if type(state) is not tuple or not 5 <= len(state) <= 9:
+        raise _state_error(state, "expected a tuple of 5 to 9 items")
+    n = len(state)
+    version = state[0] if n > 5 else 0
+    if type(version) is not int or not 0 <= version <= 4:
+        raise _state_error(state, "version must be an int from 0 to 4")
+    rest = list(state[1:] if n > 5 else state)
+    endian = rest[0]
+    if endian not in ("<", ">", "|", "=", b"<", b">", b"|", b"=") or type(endian) not in (str, bytes):
+        raise _state_error(state, "byte order must be one of < > | =")
+    subarray = rest[1]
+    if subarray is not None:
+        if (
+            type(subarray) is not tuple
+            or len(subarray) != 2
+            or not _dtype_like(subarray[0])
+            or type(subarray[1]) is not tuple
+            or not all(type(x) is int and 0 <= x < _INT32 for x in subarray[1])
+        ):
+            raise _state_error(state, "subarray must be (dtype, tuple of ints)")
+        rest[1] = (_real_dtype(subarray[0]), subarray[1])
+    has_names = n >= 7
+    names = rest[2] if has_names else None
+    fields = rest[3] if has_names else rest[2]
+    if has_names and (names is None) != (fields is None):
+        raise _state_error(state, "names and fields must both be given or both be None")
+    if names is not None and (
+        type(names) is not tuple
+        or not all(type(x) in (str, bytes) for x in names)
+        or len(set(names)) != len(names)
+        or not all(x in fields for x in names)
+    ):
+        raise _state_error(state, "names must be a tuple of distinct strings, each a key of fields")
+    if fields is not None:
+        if type(fields) is not dict:
+            raise _state_error(state, "fields must be a dict")
+        real_fields: dict[Any, Any] = {}
+        for key, entry in fields.items():
+            if type(entry) is not tuple:
+                raise _state_error(state, f"field {key!r:.40} must map to a tuple")
+            if type(key) is int:  # versions 0 and 1 keep the names under key -1
+                if key != -1 or version > 1 or not all(type(x) in (str, bytes) for x in entry):
+                    raise _state_error(state, "only versions 0 and 1 keep a tuple of names under field -1")
+                real_fields[key] = entry
+                continue
+            if (
+                type(key) not in (str, bytes)
+                or not 2 <= len(entry) <= 3
+                or not _dtype_like(entry[0])
+                or type(entry[1]) is not int
+                or not 0 <= entry[1] < _INT32
+                or (len(entry) == 3 and type(entry[2]) not in (str, bytes, type(None)))
+            ):
+                raise _state_error(state, f"field {key!r:.40} must map to (dtype, offset[, title])")
+            real_fields[key] = (_real_dtype(entry[0]), *entry[1:])
+        if version <= 1 and -1 not in real_fields:
+            raise _state_error(state, "versions 0 and 1 need the names under field -1")
+        if has_names:
+            rest[3] = real_fields
+        else:
+            rest[2] = real_fields
+    ints = rest[4:] if has_names else rest[3:]
+    if n == 9:
+        meta = ints.pop()
+        if not (
+            meta is None
+            or type(meta) is dict
+            or (
+                type(meta) is tuple
+                and len(meta) == 2
+                and (meta[0] is None or type(meta[0]) is dict)
+                and type(meta[1]) is tuple
+                and 2 <= len(meta[1]) <= 4
+                and type(meta[1][0]) in (str, bytes)
+                and all(type(x) is int and -_INT32 <= x < _INT32 for x in meta[1][1:])
+            )
+        ):
+            raise _state_error(state, "metadata must be None, a dict or numpy's datetime tuple")
+    if not all(type(x) is int and -_INT32 <= x < _INT32 for x in ints):
+        raise _state_error(state, "element size, alignment and flags must be 32-bit ints")
+    return (version, *rest) if n > 5 else tuple(rest)
+
+
+class DtypeProto:
+    """Placeholder for a dtype made by the pickle: BUILD's state is checked before numpy's ``__setstate__`` runs.
+
+    Consumers unwrap it (``.dtype``, checked by :func:`check_dtype`); one
+    BUILD only, as numpy writes.
+    """
+
+    __slots__ = ("dtype", "built")
+
+    def __init__(self, d: np.dtype) -> None:
+        self.dtype = d
+        self.built = False
+
+    def __setstate__(self, state: Any) -> None:
+        if self.built:
+            raise UnsafePickleError("dtype received a second state (BUILD applied twice); numpy writes one")
+        self.built = True
+        self.dtype.__setstate__(check_dtype_state(state))
+
+    def __reduce__(self) -> Any:  # pragma: no cover - never pickled
+        raise TypeError("placeholder")
 
 
 class ArrayProto(list):
@@ -386,7 +521,13 @@ def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = F
     except Exception as exc:
         raise FormatError(f"bad dtype code {text!r} in pickle ({type(exc).__name__}: {exc})") from None
     ctx.dtypes.append(d)
-    return d
+    if ctx.real:  # trusted mode's second pass: the same states were checked by the first
+        return d
+    ctx.protos += 1
+    proto = DtypeProto(d)
+    if ctx.made is not None:
+        ctx.made.append(proto)
+    return proto
 
 
 def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
@@ -577,6 +718,8 @@ class SafeUnpickler(pickle.Unpickler):
 
 def _checked_dtype(ctx: LoadContext, d: Any) -> np.dtype:
     """check_dtype(d), cached per dtype object while its description stays the same."""
+    if type(d) is DtypeProto:
+        d = d.dtype
     hit = ctx.checked.get(id(d))
     if hit is not None and hit[0] is d and hit[1] == d.str and hit[2] == d.names:
         return hit[3]
@@ -600,6 +743,8 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
     # fast path: a 1-d numeric array exactly as numpy writes it
     if type(state) is tuple and len(state) == 5:
         version, shape, d, fortran, raw = state
+        if type(d) is DtypeProto:
+            d = d.dtype
         if (
             version == 1
             and type(version) is int
@@ -681,6 +826,11 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
     t = type(obj)
     if t is ArrayProto:
         return _build_array(obj, ctx, seen, depth)
+    if t is DtypeProto:
+        got = seen.get(id(obj))
+        if got is None:
+            got = seen[id(obj)] = check_dtype(obj.dtype)
+        return got
     if depth > MAX_NESTING:
         raise FormatError(f"containers nested more than {MAX_NESTING} deep around arrays")
     key = id(obj)
@@ -709,7 +859,7 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
     return obj
 
 
-_WALK = {ArrayProto, list, dict, tuple}
+_WALK = {ArrayProto, DtypeProto, list, dict, tuple}
 
 
 def _speedups_module() -> Any:
@@ -749,7 +899,7 @@ def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
         return _build_array(obj, ctx, seen, 0)
     if isinstance(obj, _Refusing):
         return obj.real
-    if isinstance(obj, np.dtype):
+    if t is DtypeProto or isinstance(obj, np.dtype):
         return check_dtype(obj)
     if ctx.protos and t in _WALK:
         return _walk(obj, ctx, seen, 0)

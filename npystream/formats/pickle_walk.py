@@ -148,6 +148,7 @@ from npystream.formats.pickle_safety import (
     DONE,
     TOKEN_TYPES,
     ArrayProto,
+    DtypeProto,
     PickleDecodeError,
     SafetyPolicy,
     SafeUnpickler,
@@ -629,8 +630,8 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
     )
 
 
-_RETAIN_TYPES = (type, type(len), np.dtype)
-_SPECIAL = frozenset({ArrayProto, *TOKEN_TYPES})
+_RETAIN_TYPES = (type, type(len), np.dtype, DtypeProto)
+_SPECIAL = frozenset({ArrayProto, DtypeProto, *TOKEN_TYPES})
 _SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple}
 
 
@@ -655,7 +656,7 @@ def _memo_with(unpickler: Any, updates: dict[int, Any]) -> Any:
     w.memo = unpickler.memo
     w.load()
     return w.memo
-_WALK_REACH = frozenset({ArrayProto, list, dict, tuple})
+_WALK_REACH = frozenset({ArrayProto, DtypeProto, list, dict, tuple})
 
 
 class _Engine:
@@ -750,7 +751,7 @@ class _Engine:
             reach.add(id(obj))
             if t is dict:
                 stack.extend(obj.values())
-            else:
+            elif t is not DtypeProto:
                 stack.extend(obj)
         if all(id(p) in reach for p in made):
             made.clear()
@@ -759,14 +760,15 @@ class _Engine:
         check_load(ctx)
         seen: dict[int, Any] = {}
         for p in made:
-            _build_array(p, ctx, seen, 0)
+            if type(p) is ArrayProto:
+                _build_array(p, ctx, seen, 0)
         made.clear()
         # arrays of earlier elements may still be placeholders in the memo: hand out the arrays
         # (a placeholder without state is the outer array's, from the prefix)
         old = {
-            k: _build_array(v, ctx, seen, 0)
+            k: (_build_array(v, ctx, seen, 0) if type(v) is ArrayProto else v.dtype)
             for k, v in self.unpickler.memo.copy().items()
-            if type(v) is ArrayProto and v
+            if (type(v) is ArrayProto and v) or type(v) is DtypeProto
         }
         if old:
             self.unpickler.memo = _memo_with(self.unpickler, old)
@@ -962,6 +964,8 @@ class _Engine:
         if m not in self.rw.slot_of:
             return False
         value = self.memo_values([m])[0]
+        if type(value) is DtypeProto:
+            value = value.dtype
         ctx = self.ctx
         role = _role_of(value, lambda d: _checked_dtype(ctx, d))
         roles = self.roles
