@@ -737,10 +737,16 @@ def _object_to_ragged(
                 "pickled, or --cast same_kind to unify dtypes",
                 path=info.label, index=exc.index,
             ) from None
-        except BaseException:
+        except Exception:
             # commit what was appended (a --resume run keeps it), but never let a
-            # secondary error from closing replace the real one (e.g. Ctrl-C -> 130)
+            # secondary error from closing replace the real one
             _close_quietly(writer)
+            raise
+        except BaseException:
+            # Ctrl-C / SIGTERM: commit what was appended if the writer's state is whole
+            # (the interrupt may land half-way through an append), else keep the last
+            # commit, what a kill leaves; --resume continues from either
+            writer.salvage()
             raise
         writer.close()
         bar.close()

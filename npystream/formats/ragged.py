@@ -983,53 +983,76 @@ def _infer_kind(x: Any) -> str:
     return "array"
 
 
+_STOP = object()
+
+
+def _write_behind_loop(jobs: Any, wake: Any, done: Any, errors: list[BaseException]) -> None:
+    """The helper thread of :class:`_WriteBehind` (holds its queues, not the object, so it can be collected)."""
+    while True:
+        token = wake.get()
+        while jobs:
+            try:
+                if not errors:
+                    _pwrite_all(*jobs[0])
+            except BaseException as exc:  # handed to the writer's thread
+                errors.append(exc)
+            jobs.popleft()
+            done.put(None)
+        if token is _STOP:
+            return
+
+
 class _WriteBehind:
     """One helper thread that runs one ``pwrite`` at a time while the writer goes on.
 
     :meth:`submit` waits for the previous write (raising its error) before
     handing over the next, so at most one write is in flight; :meth:`wait`
-    waits for it.  An interrupt while waiting leaves the write in flight (a
-    later :meth:`wait` collects it).
+    waits for it.  Its state survives an exception raised at any bytecode of
+    the writer's thread (Ctrl-C, SIGTERM turned into an exception), so a
+    later :meth:`wait` can neither hang nor return early: the jobs in flight
+    are the items of a deque, added by one ``append`` call and removed by the
+    helper only once written; the writer's side holds no lock (two
+    ``SimpleQueue``s carry wake-ups, extra ones are harmless); a write error
+    stays set (every later :meth:`wait` raises it).  The thread ends on
+    :meth:`stop`, or when the object is collected.
     """
 
     def __init__(self) -> None:
+        import collections
         import queue
 
-        self._todo: Any = queue.SimpleQueue()
-        self._done: Any = queue.SimpleQueue()
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name="npystream-ragged-writer", daemon=True)
+        self._jobs: Any = collections.deque()
+        self._wake: Any = queue.SimpleQueue()  # writer -> helper: look at the jobs (or _STOP)
+        self._done: Any = queue.SimpleQueue()  # helper -> writer: a job finished
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=_write_behind_loop,
+            args=(self._jobs, self._wake, self._done, self._errors),
+            name="npystream-ragged-writer",
+            daemon=True,
+        )
         self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._todo.get()
-            if job is None:
-                return
-            try:
-                _pwrite_all(*job)
-            except BaseException as exc:  # handed to the writer's thread
-                self._done.put(exc)
-            else:
-                self._done.put(None)
 
     def submit(self, fd: int, data: Any, offset: int) -> None:
         self.wait()
-        self._todo.put((fd, data, offset))
-        self._busy = True
+        self._jobs.append((fd, data, offset))
+        self._wake.put(None)
 
     def wait(self) -> None:
-        if self._busy:
-            exc = self._done.get()
-            self._busy = False
-            if exc is not None:
-                raise exc
+        jobs = self._jobs
+        while jobs:
+            self._wake.put(None)  # in case an interrupt came between submit's append and put
+            self._done.get()
+        if self._errors:
+            raise self._errors[0]
 
     def stop(self) -> None:
-        """End the thread once the write in flight (if any) is done; its error is dropped."""
-        self._todo.put(None)
+        """End the thread once the writes in flight (if any) are done; their error is dropped."""
+        self._wake.put(_STOP)
         self._thread.join()
-        self._busy = False
+
+    def __del__(self) -> None:
+        self._wake.put(_STOP)
 
 
 class RaggedWriter:
@@ -1811,12 +1834,52 @@ class RaggedWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        # Elements appended before an exception are kept (committed), like a crash would;
-        # but a block that failed before the first element creates no (empty) store.
-        if exc_type is not None and self._buf is None:
-            self._release()
-        else:
+        # Elements appended before an exception are kept (committed); but a block that
+        # failed before the first element creates no (empty) store, and an interrupt
+        # (Ctrl-C, SystemExit) may have landed inside an append: then salvage().
+        if exc_type is None:
             self.close()
+        elif self._buf is None:
+            self.abort()
+        elif issubclass(exc_type, Exception):  # type: ignore[arg-type]
+            self.close()
+        else:
+            self.salvage()
+
+    def salvage(self) -> None:
+        """After an interrupt: commit what was appended if the buffered state is whole, else :meth:`abort`.
+
+        Ctrl-C can land between two statements of :meth:`append`; the
+        buffered counts are then checked against each other (items in the
+        pending lengths == items written or buffered) before anything is
+        committed.  Either way the store is a consistent prefix.
+        """
+        if self._closed:
+            return
+        try:
+            whole = (
+                not self._broken
+                and self._buf is not None
+                and self._pos % self._isz == 0
+                and sum(self._pend_lens) == self._pend_items + self._pos // self._isz
+                and (self._ndim is None or self._ndim < 2 or len(self._pend_shapes) == self._ndim * len(self._pend_lens))
+            )
+        except Exception:
+            whole = False
+        if whole:
+            self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Release the store without committing what is buffered (idempotent).
+
+        The store stays at its last commit, exactly what a killed process
+        leaves; use it after an interrupt that may have landed half-way
+        through an :meth:`append` (the buffered state is then not trusted).
+        """
+        if not self._closed:
+            self._release()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
