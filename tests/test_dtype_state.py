@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
 from npystream.errors import UnsafePickleError
-from npystream.formats.pickle_safety import check_dtype, check_dtype_state
+from npystream.formats.pickle_safety import DtypeProto, check_dtype, check_dtype_state
 
 _DTYPES = hnp.nested_dtypes(
     subtype_strategy=hnp.scalar_dtypes() | hnp.byte_string_dtypes() | hnp.unicode_string_dtypes(),
@@ -28,6 +28,9 @@ def test_numpy_states_pass_and_rebuild(d: np.dtype) -> None:
     fresh.__setstate__(checked)
     assert fresh == d and fresh.flags == d.flags and fresh.itemsize == d.itemsize
     assert check_dtype(fresh) == d
+    proto = DtypeProto(np.dtype(*args))  # what BUILD runs in safe mode
+    proto.__setstate__(state)
+    assert proto.dtype == d and proto.dtype.flags == d.flags
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,8 @@ def test_numpy_states_pass_and_rebuild(d: np.dtype) -> None:
     [
         np.dtype("f4", metadata={"k": 1}),
         np.dtype("M8[3ms]"),
+        np.dtype("m8[us]", metadata={"a": 1}),
+        np.dtype([("t", "M8[s]"), ("o", "O")]),
         np.dtype({"names": ["a"], "formats": ["f4"], "titles": ["T"], "offsets": [0]}),
         np.dtype([("a", "f4"), ("b", "i1")], align=True),
         np.dtype(("f4", (2, 3))),

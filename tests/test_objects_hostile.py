@@ -431,6 +431,12 @@ FORGED_STATES = {
     "byteorder_forged": ("f8", _I(3) + uni("x") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
     "version_forged": ("f8", _I(9) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
     "state_not_tuple": ("f8", b"N"),
+    # a datetime dtype given a state without its unit (numpy 2.4 segfaulted), and the converse
+    "datetime_without_meta": ("M8", _I(3) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
+    "float_with_datetime_meta": (
+        "f8",
+        _I(4) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0) + b"N(C\x01s" + _I(1) + _I(1) + _I(1) + b"t\x86",
+    ),
 }
 for _name, (_code, _state) in FORGED_STATES.items():
     MISUSE[f"dtype_state_{_name}"] = _forged_dtype(_code, _state)

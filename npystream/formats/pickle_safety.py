@@ -374,7 +374,11 @@ class DtypeProto:
         if self.built:
             raise UnsafePickleError("dtype received a second state (BUILD applied twice); numpy writes one")
         self.built = True
-        self.dtype.__setstate__(check_dtype_state(state))
+        checked = check_dtype_state(state)
+        if (self.dtype.kind in "mM") != (len(checked) == 9 and type(checked[8]) is tuple):
+            # numpy 2.4 segfaults on a datetime dtype given a state without its unit
+            raise _state_error(state, "datetime dtypes need numpy's datetime tuple as metadata, others must not have one")
+        self.dtype.__setstate__(checked)
 
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
