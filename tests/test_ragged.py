@@ -793,3 +793,17 @@ def test_failure_before_the_first_element_creates_nothing(tmp_path, monkeypatch)
     with pytest.raises(CastError), RaggedWriter(p, mode="w", kind="array") as w:
         w.append("not an array")
     assert [x.tolist() for x in RaggedArray(p)] == [[0, 1]]
+
+
+def test_store_directory_gets_the_umask_mode_not_mkdtemp_0700(tmp_path):
+    """A store is a directory others may need to read: its mode follows the umask, like mkdir's."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        save_ragged(tmp_path / "a.ragged", [np.arange(3.0)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.ragged").st_mode) == 0o750
+    save_ragged(tmp_path / "b.ragged", [np.arange(3.0)])
+    assert stat.S_IMODE(os.stat(tmp_path / "b.ragged").st_mode) == 0o777 & ~old

@@ -975,6 +975,20 @@ class _RaggedObject(RaggedArray):
 # --------------------------------------------------------------------------- #
 
 
+def _umask() -> int:
+    """The process umask: from /proc (Linux), else read by setting it and setting it back."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _infer_kind(x: Any) -> str:
     if isinstance(x, str):
         return "str"
@@ -1299,6 +1313,7 @@ class RaggedWriter:
                 "the parent directory of the store does not exist; create it first", path=parent
             )
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: a store gets a directory's usual mode
         try:
             assert self._dtype is not None and self._ndim is not None
             parts = [(VALUES, self._dtype, (0,)), (OFFSETS, _I8, (1,))]
