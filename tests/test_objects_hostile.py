@@ -432,6 +432,8 @@ FORGED_STATES = {
     "version_forged": ("f8", _I(9) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
     "state_not_tuple": ("f8", b"N"),
     # a datetime dtype given a state without its unit (numpy 2.4 segfaulted), and the converse
+    "object_big_endian": ("O8", _I(3) + uni(">") + b"NNN" + _I(-1) + _I(-1) + _I(63)),  # numpy 2.4 segfaulted
+    "float_no_byte_order": ("f8", _I(3) + uni("|") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
     "datetime_without_meta": ("M8", _I(3) + uni("<") + b"NNN" + _I(-1) + _I(-1) + _I(0)),
     "float_with_datetime_meta": (
         "f8",

@@ -378,6 +378,13 @@ class DtypeProto:
         if (self.dtype.kind in "mM") != (len(checked) == 9 and type(checked[8]) is tuple):
             # numpy 2.4 segfaults on a datetime dtype given a state without its unit
             raise _state_error(state, "datetime dtypes need numpy's datetime tuple as metadata, others must not have one")
+        endian = checked[1] if len(checked) > 5 else checked[0]
+        if (self.dtype.byteorder == "|") != (endian in ("|", b"|")):
+            # numpy 2.4 segfaults comparing an object dtype marked big-endian
+            raise _state_error(
+                state, f"byte order {endian!r} for type code {self.dtype.str[1:]!r}; numpy writes "
+                + ("'|'" if self.dtype.byteorder == "|" else "'<' or '>'")
+            )
         self.dtype.__setstate__(checked)
 
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
