@@ -357,24 +357,98 @@ def check_dtype_state(state: Any) -> tuple[Any, ...]:
     return (version, *rest) if n > 5 else tuple(rest)
 
 
-class DtypeProto:
-    """Placeholder for a dtype made by the pickle: BUILD's state is checked before numpy's ``__setstate__`` runs.
+def _latin1(x: Any) -> Any:
+    return x.decode("latin1") if type(x) is bytes else x
 
-    Consumers unwrap it (``.dtype``, checked by :func:`check_dtype`); one
-    BUILD only, as numpy writes.
+
+def _normal_state(st: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A state with Python 2's str/bytes differences evened out (byte order as str, datetime unit as bytes)."""
+    out = list(st)
+    out[1] = _latin1(out[1])
+    if len(out) == 9 and type(out[8]) is tuple and len(out[8]) == 2 and type(out[8][1]) is tuple and out[8][1]:
+        unit = out[8][1][0]
+        out[8] = (out[8][0], (unit.encode("latin1") if type(unit) is str else unit, *out[8][1][1:]))
+    return tuple(out)
+
+
+def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
+    """The dtype numpy's constructors build from an 8/9-item state, or None if numpy would not write ``st`` for it.
+
+    ``base`` is ``np.dtype(code)`` from the pickle's ``dtype(code, 0, 1)``.
+    The pickle's state is never handed to numpy's ``__setstate__`` this way:
+    the dtype is built from its description (byte order, unit, subarray,
+    fields, metadata) through numpy's validating constructors, and its own
+    state must then equal the pickle's.
+    """
+    st = _normal_state(st)
+    _version, endian, subarray, names, fields, elsize, _alignment, flags = st[:8]
+    meta = st[8] if len(st) == 9 else None
+    try:
+        if subarray is not None:
+            d = np.dtype((subarray[0], subarray[1]))
+        elif names is not None:
+            entries = [fields[n] for n in names]
+            spec: dict[str, Any] = {
+                "names": list(names),
+                "formats": [e[0] for e in entries],
+                "offsets": [e[1] for e in entries],
+                "itemsize": elsize,
+            }
+            if any(len(e) == 3 and e[2] is not None for e in entries):
+                spec["titles"] = [e[2] if len(e) == 3 else None for e in entries]
+            d = np.dtype(spec, align=bool(flags & 0x80))  # NPY_ALIGNED_STRUCT
+        else:
+            text = base.str[1:]
+            if base.kind in "mM":
+                unit, num = meta[1][0].decode("ascii"), meta[1][1]
+                if unit != "generic":
+                    text += f"[{num}{unit}]"
+            d = np.dtype(text if endian == "|" else endian + text)
+        user_meta = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
+        if user_meta is not None:
+            d = np.dtype(d, metadata=user_meta)
+        mine = _normal_state(d.__reduce__()[2])
+        return d if mine == st else None
+    except Exception:  # any description numpy's constructors refuse: not a state numpy writes
+        return None
+
+
+class DtypeProto:
+    """Placeholder for a dtype made by the pickle: its BUILD state never reaches numpy's ``__setstate__`` unchecked.
+
+    numpy 2.4's ``dtype.__setstate__`` trusts its argument and segfaults on
+    several forged states (found by mutating valid files).  Safe mode
+    therefore builds the dtype from the state's description with numpy's
+    validating constructors and refuses a state that differs from the one
+    numpy writes for that dtype (:func:`_dtype_from_state`).  Trusted mode
+    falls back to numpy's ``__setstate__`` on a structurally checked state
+    for states numpy would not write (as ``np.load`` would run them).
+    Consumers unwrap it (``.dtype``); one BUILD only, as numpy writes.
     """
 
-    __slots__ = ("dtype", "built")
+    __slots__ = ("dtype", "built", "trusted")
 
-    def __init__(self, d: np.dtype) -> None:
+    def __init__(self, d: np.dtype, trusted: bool = False) -> None:
         self.dtype = d
         self.built = False
+        self.trusted = trusted
 
     def __setstate__(self, state: Any) -> None:
         if self.built:
             raise UnsafePickleError("dtype received a second state (BUILD applied twice); numpy writes one")
         self.built = True
         checked = check_dtype_state(state)
+        if len(checked) >= 8:
+            canon = _dtype_from_state(self.dtype, checked)
+            if canon is not None:
+                self.dtype = canon
+                return
+        if not self.trusted:
+            raise _state_error(
+                state,
+                f"numpy writes a different state for any {self.dtype.str[1:]!r} dtype it builds from this "
+                "description (pass trusted=True for a file you wrote)",
+            )
         if (self.dtype.kind in "mM") != (len(checked) == 9 and type(checked[8]) is tuple):
             # numpy 2.4 segfaults on a datetime dtype given a state without its unit
             raise _state_error(state, "datetime dtypes need numpy's datetime tuple as metadata, others must not have one")
@@ -535,7 +609,7 @@ def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = F
     if ctx.real:  # trusted mode's second pass: the same states were checked by the first
         return d
     ctx.protos += 1
-    proto = DtypeProto(d)
+    proto = DtypeProto(d, ctx.trusted)
     if ctx.made is not None:
         ctx.made.append(proto)
     return proto
