@@ -224,6 +224,26 @@ def test_interrupts_at_random_instants_never_hang_nor_corrupt(tmp_path):
     assert not _helpers(), "a helper thread outlived its writer"
 
 
+def _interrupt_at_line(where: str, line: int, seen: list[int]):
+    """A sys.settrace function raising KeyboardInterrupt at the ``line``-th line event of ragged's
+    functions named ``where`` (counted in ``seen[0]``): an interrupt at that exact statement."""
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != where or frame.f_globals is not ragged.__dict__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == line:
+                    raise KeyboardInterrupt
+            return local
+
+        return local(frame, event, arg)
+
+    return tracer
+
+
 @pytest.mark.parametrize("where", ["submit", "wait"])
 def test_write_behind_survives_an_exception_at_every_line(tmp_path, where):
     """KeyboardInterrupt injected (with a trace function) at each line of submit()/wait() in turn:
@@ -238,19 +258,7 @@ def test_write_behind_survives_an_exception_at_every_line(tmp_path, where):
             wb = ragged._WriteBehind()
             data = np.full(1 << 16, k % 251, dtype=np.uint8)
             seen = [0]
-
-            def tracer(frame, event, arg, k=k, seen=seen):
-                if frame.f_code.co_name != where or frame.f_globals is not ragged.__dict__:
-                    return None
-
-                def local(frame, event, arg):
-                    if event == "line":
-                        seen[0] += 1
-                        if seen[0] == k + 1:
-                            raise KeyboardInterrupt
-                    return local
-
-                return local(frame, event, arg)
+            tracer = _interrupt_at_line(where, k + 1, seen)
 
             if where == "wait":
                 wb.submit(fd, data, 0)
@@ -304,19 +312,7 @@ def test_interrupt_at_every_line_of_an_append_leaves_a_prefix(tmp_path, where, b
             for x in items[:30]:
                 w.append(x)
         seen = [0]
-
-        def tracer(frame, event, arg, k=k, seen=seen):
-            if frame.f_code.co_name != where or frame.f_globals is not ragged.__dict__:
-                return None
-
-            def local(frame, event, arg):
-                if event == "line":
-                    seen[0] += 1
-                    if seen[0] == k + 1:
-                        raise KeyboardInterrupt
-                return local
-
-            return local(frame, event, arg)
+        tracer = _interrupt_at_line(where, k + 1, seen)
 
         try:
             with RaggedWriter(path, mode="a", buffer_size=256, commit_bytes=1 << 20, write_behind=behind,
