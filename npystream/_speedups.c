@@ -515,10 +515,52 @@ ivec_free(ivec *a)
 /* ------------------------------------------------------------------------ */
 /* attributes of the state objects                                           */
 
+/* Attribute names as interned str objects, made once per C string literal: the scan returns to
+ * Python once per 1000-element batch and reads/writes ~20 state attributes each time, and
+ * PyObject_GetAttrString builds (decodes, hashes) a new str per call. */
+#define NAME_CACHE 64
+static const char *name_keys[NAME_CACHE];
+static PyObject *name_vals[NAME_CACHE];
+static int name_n = 0;
+
+static PyObject *
+attr_name(const char *name) /* borrowed (kept for the life of the module), NULL on error */
+{
+    for (int i = 0; i < name_n; i++)
+        if (name_keys[i] == name)
+            return name_vals[i];
+    if (name_n == NAME_CACHE)
+        return NULL;
+    PyObject *s = PyUnicode_InternFromString(name);
+    if (s == NULL)
+        return NULL;
+    name_keys[name_n] = name;
+    name_vals[name_n++] = s;
+    return s;
+}
+
+static PyObject *
+get_attr(PyObject *o, const char *name)
+{
+    PyObject *k = attr_name(name);
+    if (k == NULL)
+        return PyErr_Occurred() ? NULL : PyObject_GetAttrString(o, name);
+    return PyObject_GetAttr(o, k);
+}
+
+static int
+set_attr(PyObject *o, const char *name, PyObject *v)
+{
+    PyObject *k = attr_name(name);
+    if (k == NULL)
+        return PyErr_Occurred() ? -1 : PyObject_SetAttrString(o, name, v);
+    return PyObject_SetAttr(o, k, v);
+}
+
 static int
 get_i64(PyObject *o, const char *name, int64_t *out)
 {
-    PyObject *v = PyObject_GetAttrString(o, name);
+    PyObject *v = get_attr(o, name);
     if (v == NULL)
         return -1;
     long long x = PyLong_AsLongLong(v);
@@ -532,7 +574,7 @@ get_i64(PyObject *o, const char *name, int64_t *out)
 static int
 get_truth(PyObject *o, const char *name, int *out)
 {
-    PyObject *v = PyObject_GetAttrString(o, name);
+    PyObject *v = get_attr(o, name);
     if (v == NULL)
         return -1;
     int r = PyObject_IsTrue(v);
@@ -549,7 +591,7 @@ set_i64(PyObject *o, const char *name, int64_t x)
     PyObject *v = PyLong_FromLongLong(x);
     if (v == NULL)
         return -1;
-    int r = PyObject_SetAttrString(o, name, v);
+    int r = set_attr(o, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -557,7 +599,7 @@ set_i64(PyObject *o, const char *name, int64_t x)
 static int
 set_bool(PyObject *o, const char *name, int x)
 {
-    return PyObject_SetAttrString(o, name, x ? Py_True : Py_False);
+    return set_attr(o, name, x ? Py_True : Py_False);
 }
 
 static int
@@ -658,7 +700,7 @@ scan_ops(PyObject *self, PyObject *args)
         get_i64(st, "data_end", &data_end) || get_i64(st, "proto", &proto) ||
         get_truth(st, "in_batch", &in_batch) || get_truth(st, "memo_seen", &memo_seen))
         goto finish;
-    if ((count_obj = PyObject_GetAttrString(st, "count")) == NULL)
+    if ((count_obj = get_attr(st, "count")) == NULL)
         goto finish;
     {
         int overflow = 0;
@@ -669,7 +711,7 @@ scan_ops(PyObject *self, PyObject *args)
             count = overflow > 0 ? INT64_MAX / 2 : INT64_MIN / 2;
     }
     {
-        PyObject *fo = PyObject_GetAttrString(st, "frame_end");
+        PyObject *fo = get_attr(st, "frame_end");
         if (fo == NULL)
             goto finish;
         int overflow = 0;
@@ -680,10 +722,10 @@ scan_ops(PyObject *self, PyObject *args)
         if (overflow)
             frame_end = overflow > 0 ? INF : -INF;
     }
-    if (!(reads = PyObject_GetAttrString(st, "reads")) || !(memo_depth = PyObject_GetAttrString(st, "memo_depth")) ||
-        !(global_check = PyObject_GetAttrString(st, "global_check")) ||
-        !(l_marks = PyObject_GetAttrString(st, "marks")) || !(l_starts = PyObject_GetAttrString(st, "starts")) ||
-        !(l_memo_at = PyObject_GetAttrString(st, "memo_at")) || !(l_dep = PyObject_GetAttrString(st, "dep")))
+    if (!(reads = get_attr(st, "reads")) || !(memo_depth = get_attr(st, "memo_depth")) ||
+        !(global_check = get_attr(st, "global_check")) ||
+        !(l_marks = get_attr(st, "marks")) || !(l_starts = get_attr(st, "starts")) ||
+        !(l_memo_at = get_attr(st, "memo_at")) || !(l_dep = get_attr(st, "dep")))
         goto finish;
     if (!PyDict_Check(reads) || !PyDict_Check(memo_depth)) {
         PyErr_SetString(PyExc_TypeError, "ScanState.reads and ScanState.memo_depth must be dicts");
@@ -735,6 +777,29 @@ scan_ops(PyObject *self, PyObject *args)
             break;
         }
         const unsigned char op = buf[pos];
+        if (op == 0x8c && phase == PH_BODY && depth == td) {
+            /* Fast path, same effect as the generic branches below: a run of elements that are
+             * SHORT_BINUNICODE + MEMOIZE (a list of short strings, protocol 4): each a new
+             * element-level slot (starts, memo_at, dep 0) whose memo write is the next index.
+             * 3,000,000 strings: index scan 0.058 -> 0.029 s CPU (/tmp/scantime.py). */
+            int64_t p2 = pos;
+            while (p2 + 2 <= lim && buf[p2] == 0x8c) {
+                const int64_t q2 = p2 + 2 + buf[p2 + 1];
+                if (q2 >= lim || buf[q2] != OP_MEMOIZE || n >= MAX_STACK - 1 || done + starts.n > count + 8)
+                    break;
+                TRY(ivec_push(&starts, base + p2));
+                TRY(ivec_push(&memo_at, memo));
+                TRY(ivec_push(&dep, 0));
+                n += 1;
+                memo += 1;
+                memo_seen = 1;
+                p2 = q2 + 1;
+            }
+            if (p2 != pos) {
+                pos = p2;
+                continue;
+            }
+        }
         const int a = op_arg[op];
         const int kind = op_kind[op];
         const char *name = op_name[op];
@@ -1431,9 +1496,9 @@ rewrite_ops(PyObject *self, PyObject *args)
         get_truth(rw, "free_on_read", &free_on_read))
         goto finish;
     nslots0 = nslots;
-    if (!(slot_of = PyObject_GetAttrString(rw, "slot_of")) || !(live = PyObject_GetAttrString(rw, "live")) ||
-        !(free_list = PyObject_GetAttrString(rw, "free")) || !(fresh = PyObject_GetAttrString(rw, "fresh")) ||
-        !(freed = PyObject_GetAttrString(rw, "freed")))
+    if (!(slot_of = get_attr(rw, "slot_of")) || !(live = get_attr(rw, "live")) ||
+        !(free_list = get_attr(rw, "free")) || !(fresh = get_attr(rw, "fresh")) ||
+        !(freed = get_attr(rw, "freed")))
         goto finish;
     if (!PyDict_Check(slot_of) || !PyList_Check(free_list) || !PyList_Check(fresh) || !PyList_Check(freed) ||
         (live != Py_None && !PyDict_Check(live))) {
@@ -1587,7 +1652,7 @@ rewrite_ops(PyObject *self, PyObject *args)
                     }
                     FLUSH(); /* (key is released below) */
                     run = pos;
-                    int r = PyObject_SetAttrString(rw, "missing", key); /* py: rw.missing = m */
+                    int r = set_attr(rw, "missing", key); /* py: rw.missing = m */
                     Py_DECREF(key);
                     TRY(r);
                     status = RW_MISSING;
