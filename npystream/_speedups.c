@@ -781,7 +781,7 @@ scan_ops(PyObject *self, PyObject *args)
             /* Fast path, same effect as the generic branches below: a run of elements that are
              * SHORT_BINUNICODE + MEMOIZE (a list of short strings, protocol 4): each a new
              * element-level slot (starts, memo_at, dep 0) whose memo write is the next index.
-             * 3,000,000 strings: index scan 0.058 -> 0.029 s CPU (/tmp/scantime.py). */
+             * 3,000,000 strings: index scan 0.052 -> 0.033 s CPU (min of 9, with and without it). */
             int64_t p2 = pos;
             while (p2 + 2 <= lim && buf[p2] == 0x8c) {
                 const int64_t q2 = p2 + 2 + buf[p2 + 1];
