@@ -74,3 +74,80 @@ def test_special_states_pass(d: np.dtype) -> None:
 def test_forged_states_refused(state: object) -> None:
     with pytest.raises(UnsafePickleError, match="refused before numpy sees it"):
         check_dtype_state(state)
+
+
+def _no_placeholders(x: object, depth: int = 0) -> None:
+    """No safe-mode placeholder anywhere inside ``x`` (dict keys, sets and other classes' attributes included)."""
+    from npystream.formats.pickle_safety import ArrayProto
+
+    assert type(x) not in (DtypeProto, ArrayProto), f"a placeholder was handed out: {x!r}"
+    assert depth < 50
+    if isinstance(x, dict):
+        for k, v in x.items():
+            _no_placeholders(k, depth + 1)
+            _no_placeholders(v, depth + 1)
+    elif isinstance(x, (list, tuple, set, frozenset)):
+        for v in x:
+            _no_placeholders(v, depth + 1)
+    elif isinstance(x, np.ndarray) and x.dtype.hasobject:
+        for v in x.ravel().tolist():
+            _no_placeholders(v, depth + 1)
+    elif hasattr(x, "__dict__"):
+        _no_placeholders(vars(x), depth + 1)
+
+
+def _save(path, items) -> list:
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    np.save(path, arr, allow_pickle=True)
+    return list(np.load(path, allow_pickle=True))
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_dtypes_as_dict_keys_and_set_members_match_np_load(tmp_path, trusted):
+    """Dtypes where the finaliser used to look only at values: dict keys (plain and inside tuples), sets, frozensets."""
+    from objcases import assert_same_elements
+
+    import npystream
+
+    path = tmp_path / "k.npy"
+    want = _save(path, [
+        {np.dtype("f4"): 1, "k": np.dtype(">i2"), (np.dtype("i1"), 2): "tuple key"},
+        [np.dtype("M8[s]"), (np.dtype("U3"),), {np.dtype("f2"), np.dtype("c8")}],
+        {frozenset([np.dtype("f8")]): [np.arange(3)]},
+        frozenset({np.dtype([("a", "<i4"), ("b", "O")])}),
+    ])
+    got = list(npystream.iter_objects(path, trusted=trusted))
+    assert_same_elements(got, want)
+    _no_placeholders(got)
+    with npystream.open(path, trusted=trusted, nsidx=False) as arr:
+        again = [arr[i] for i in range(len(arr))]
+    assert_same_elements(again, want)
+    _no_placeholders(again)
+
+
+def test_allowed_global_objects_get_real_arrays_and_dtypes(tmp_path):
+    """Safe mode with allowed_globals: an allowed class's instance holding arrays and dtypes gets the real ones
+    (the program runs again with real objects once every array state and dtype was checked), as np.load gives."""
+    import collections
+
+    from objcases import assert_same_elements
+
+    import npystream
+
+    path = tmp_path / "o.npy"
+    want = _save(path, [
+        collections.OrderedDict(x=np.arange(3), d=np.dtype("f4"), s=[np.zeros(2)]),
+        "plain",
+        collections.OrderedDict(y=np.ones((2, 2), order="F"), again=np.dtype(">u2")),
+    ])
+    opts = {"allowed_globals": ["collections.OrderedDict"]}
+    got = list(npystream.iter_objects(path, **opts))
+    assert_same_elements(got, want)
+    _no_placeholders(got)
+    for zero_copy in (True, False):
+        with npystream.open(path, zero_copy=zero_copy, nsidx=False, **opts) as arr:
+            again = [arr[i] for i in range(len(arr))]
+        assert_same_elements(again, want)
+        _no_placeholders(again)

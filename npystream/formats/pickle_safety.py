@@ -712,10 +712,11 @@ class LoadContext:
 
     __slots__ = ("trusted", "dtypes", "protos", "view", "checked", "made", "real")
 
-    def __init__(self, trusted: bool) -> None:
+    def __init__(self, trusted: bool, track: bool = False) -> None:
         self.trusted = trusted
-        # trusted mode: the placeholders made by the current load (see pickle_walk's _run_program)
-        self.made: list[ArrayProto] | None = [] if trusted else None
+        # trusted mode, and safe mode with allowed_globals (objects of other classes may hold
+        # placeholders): the placeholders made by the current load (see pickle_walk's _run_program)
+        self.made: list[Any] | None = [] if trusted or track else None
         self.real = False  # trusted mode's second pass: _reconstruct returns real arrays
         self.dtypes: list[np.dtype] = []
         self.protos = 0  # set once any array placeholder was made (then containers are walked)
@@ -729,7 +730,7 @@ class SafeUnpickler(pickle.Unpickler):
     def __init__(self, feed: Any, policy: SafetyPolicy, *, zero_copy_view: Any = None) -> None:
         super().__init__(feed, fix_imports=policy.fix_imports, encoding=policy.encoding, errors="strict")
         self.policy = policy
-        self.ctx = LoadContext(policy.trusted)
+        self.ctx = LoadContext(policy.trusted, track=bool(policy.allowed_globals))
         self.ctx.view = zero_copy_view
         # trusted mode too: numpy's _reconstruct and dtype go through the checked versions
         self.use_protos = True
@@ -760,7 +761,7 @@ class SafeUnpickler(pickle.Unpickler):
         if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] in ("_reconstruct", "dtype")):
             fn, real = _CHECKED[key]
             if fn is _reconstruct_checked:
-                if _FastReconstruct is not None and not policy.trusted:
+                if _FastReconstruct is not None and self.ctx.made is None:
                     ctx = self.ctx
                     return _FastReconstruct(
                         ArrayProto, NDARRAY_TOKEN, np.ndarray, lambda *a: _reconstruct_checked(ctx, *a), ctx
@@ -929,9 +930,27 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
         return obj
     if t is dict:
         seen[key] = obj
+        rekey = False
         for k, v in obj.items():
             if type(v) in _WALK:
                 obj[k] = _walk(v, ctx, seen, depth + 1)
+            if type(k) in _WALK:  # a dtype placeholder, or a tuple/frozenset that may hold one
+                rekey = True
+        if rekey:
+            items = [((_walk(k, ctx, seen, depth + 1) if type(k) in _WALK else k), v) for k, v in obj.items()]
+            if any(a is not b for (a, _), b in zip(items, obj)):
+                obj.clear()  # in place: other references to this dict see the same object
+                obj.update(items)
+        return obj
+    if t is set or t is frozenset:
+        seen[key] = obj
+        items = [(_walk(x, ctx, seen, depth + 1) if type(x) in _WALK else x) for x in obj]
+        if any(a is not b for a, b in zip(items, obj)):
+            if t is set:
+                obj.clear()
+                obj.update(items)
+            else:
+                obj = seen[key] = frozenset(items)
         return obj
     if t is tuple:
         seen[key] = obj
@@ -944,7 +963,7 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
     return obj
 
 
-_WALK = {ArrayProto, DtypeProto, list, dict, tuple}
+_WALK = {ArrayProto, DtypeProto, list, dict, tuple, set, frozenset}
 
 
 def _speedups_module() -> Any:

@@ -632,7 +632,7 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
 
 _RETAIN_TYPES = (type, type(len), np.dtype, DtypeProto)
 _SPECIAL = frozenset({ArrayProto, DtypeProto, *TOKEN_TYPES})
-_SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple}
+_SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple, set, frozenset}
 
 
 class _MemoWriter(pickle.Unpickler):
@@ -656,7 +656,7 @@ def _memo_with(unpickler: Any, updates: dict[int, Any]) -> Any:
     w.memo = unpickler.memo
     w.load()
     return w.memo
-_WALK_REACH = frozenset({ArrayProto, DtypeProto, list, dict, tuple})
+_WALK_REACH = frozenset({ArrayProto, DtypeProto, list, dict, tuple, set, frozenset})
 
 
 class _Engine:
@@ -732,7 +732,7 @@ class _Engine:
             self.feed.set(b"")
 
     def _trusted_rerun(self, program: bytearray, result: Any, made: list[ArrayProto]) -> Any:
-        """Trusted mode: placeholders that escaped into objects the finaliser does not walk.
+        """Trusted mode, and safe mode with allowed_globals: placeholders that escaped into objects the finaliser does not walk.
 
         Array placeholders reachable through lists, dicts, tuples and object
         arrays are built by the finaliser.  One handed to anything else (a
@@ -751,6 +751,7 @@ class _Engine:
             reach.add(id(obj))
             if t is dict:
                 stack.extend(obj.values())
+                stack.extend(obj.keys())
             elif t is not DtypeProto:
                 stack.extend(obj)
         if all(id(p) in reach for p in made):
