@@ -151,3 +151,18 @@ def test_allowed_global_objects_get_real_arrays_and_dtypes(tmp_path):
             again = [arr[i] for i in range(len(arr))]
         assert_same_elements(again, want)
         _no_placeholders(again)
+
+
+def test_checked_globals_kept_as_values_are_the_real_ones(tmp_path):
+    """Classes safe mode wraps (np.ndarray, bytearray, bytes, np.dtype) stored as values, nested or not."""
+    from objcases import assert_same_elements
+
+    import npystream
+
+    path = tmp_path / "c.npy"
+    want = _save(path, [[np.ndarray, bytearray], {"t": (bytes, np.dtype)}, np.ndarray, {np.dtype}])
+    got = list(npystream.iter_objects(path))
+    assert_same_elements(got, want)
+    assert got[0][0] is np.ndarray and got[0][1] is bytearray and got[1]["t"] == (bytes, np.dtype)
+    with npystream.open(path, nsidx=False) as arr:
+        assert_same_elements([arr[i] for i in range(len(arr))], want)

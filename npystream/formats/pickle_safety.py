@@ -40,10 +40,12 @@ global like ``np.load(allow_pickle=True)`` except numpy's ``_reconstruct`` and
 ``_trusted_rerun`` in pickle_walk).  Persistent ids and extension
 codes are refused by the scanner in both modes.
 
-A wrapper returned for a global that is itself an element (an object array
-holding the class ``bytearray``, say) is mapped back to the real object when
-it is a whole element; nested inside a container it stays the wrapper
-(documented limitation of safe mode).
+A wrapper returned for a global that is itself a value (an object array
+holding the class ``bytearray``, say) is mapped back to the real object, as a
+whole element and inside lists, dicts (keys too), tuples and sets; so are
+array and dtype placeholders.  With ``allowed_globals``, an allowed class's
+instance that received a placeholder makes the load run once more with real
+objects after every state was checked (``_trusted_rerun`` in pickle_walk).
 """
 
 from __future__ import annotations
@@ -759,6 +761,8 @@ class SafeUnpickler(pickle.Unpickler):
             )
         key = (mmod, mname)
         if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] in ("_reconstruct", "dtype")):
+            # a stand-in may end up inside a container element: the finaliser walks containers from now on
+            self.ctx.protos = self.ctx.protos or 1
             fn, real = _CHECKED[key]
             if fn is _reconstruct_checked:
                 if _FastReconstruct is not None and self.ctx.made is None:
@@ -917,6 +921,8 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
         if got is None:
             got = seen[id(obj)] = check_dtype(obj.dtype)
         return got
+    if t in _TOKENS:  # a checked global kept as a value (np.save of [bytearray, np.ndarray]): the real one
+        return obj.real
     if depth > MAX_NESTING:
         raise FormatError(f"containers nested more than {MAX_NESTING} deep around arrays")
     key = id(obj)
@@ -994,6 +1000,8 @@ else:
     build_arrays_c = None
 
 TOKEN_TYPES = tuple(t for t in (_Checked, _NdarrayToken, _ReconstructChecked, _FastReconstruct) if t is not None)
+_TOKENS = frozenset(TOKEN_TYPES)
+_WALK.update(TOKEN_TYPES)
 
 
 def finalize(obj: Any, ctx: LoadContext, seen: dict[int, Any]) -> Any:
