@@ -247,8 +247,60 @@ finish:
     return result;
 }
 
+/* has_special(obj, types) -> bool: whether obj, or anything inside its exact lists, tuples and dicts
+ * (keys too), is of one of the exact types in the tuple `types` -- the finaliser's placeholders and
+ * wrappers (pickle_safety.finalize walks an element in Python only when this says so).  Sets and
+ * frozensets, nesting deeper than 100 and more than 100,000 visited objects answer True: the Python
+ * walk (which handles shared and cyclic references) decides then. */
+static int
+hs_visit(PyObject *o, PyObject *const *types, Py_ssize_t nt, Py_ssize_t *budget, int depth)
+{
+    PyTypeObject *t = Py_TYPE(o);
+    for (Py_ssize_t i = 0; i < nt; i++)
+        if ((PyObject *)t == types[i])
+            return 1;
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBytes_Type || o == Py_None ||
+        t == &PyBool_Type)
+        return 0;
+    if (--*budget < 0 || depth > 100)
+        return 1;
+    if (t == &PyList_Type) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); i++)
+            if (hs_visit(PyList_GET_ITEM(o, i), types, nt, budget, depth + 1))
+                return 1;
+    }
+    else if (t == &PyTuple_Type) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++)
+            if (hs_visit(PyTuple_GET_ITEM(o, i), types, nt, budget, depth + 1))
+                return 1;
+    }
+    else if (t == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v))
+            if (hs_visit(k, types, nt, budget, depth + 1) || hs_visit(v, types, nt, budget, depth + 1))
+                return 1;
+    }
+    else if (t == &PySet_Type || t == &PyFrozenSet_Type) {
+        return PySet_GET_SIZE(o) > 0;
+    }
+    return 0;
+}
+
+static PyObject *
+has_special(PyObject *self, PyObject *args)
+{
+    PyObject *obj, *types;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO!", &obj, &PyTuple_Type, &types))
+        return NULL;
+    Py_ssize_t budget = 100000;
+    return PyBool_FromLong(hs_visit(obj, &PyTuple_GET_ITEM(types, 0), PyTuple_GET_SIZE(types), &budget, 0));
+}
+
 static PyMethodDef build_methods[] = {
     {"build_arrays", build_arrays, METH_VARARGS, "Safe-mode array building fast path (see pickle_safety)."},
+    {"has_special", has_special, METH_VARARGS, "Whether a placeholder or wrapper may be inside obj (see pickle_safety)."},
     {NULL, NULL, 0, NULL},
 };
 

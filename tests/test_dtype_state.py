@@ -166,3 +166,25 @@ def test_checked_globals_kept_as_values_are_the_real_ones(tmp_path):
     assert got[0][0] is np.ndarray and got[0][1] is bytearray and got[1]["t"] == (bytes, np.dtype)
     with npystream.open(path, nsidx=False) as arr:
         assert_same_elements([arr[i] for i in range(len(arr))], want)
+
+
+def test_has_special_c_check():
+    """The C pre-check that lets finalize skip walking plain containers: exact answers, conservative when unsure."""
+    from npystream.formats import pickle_safety as ps
+
+    if ps._has_special is None:
+        pytest.skip("C accelerator not active")
+    types = ps._SPECIAL_TYPES
+    proto = DtypeProto(np.dtype("f4"))
+    assert not ps._has_special({"a": [1, 2.5, "x", b"y", None, True], "b": (1, (2,))}, types)
+    assert ps._has_special({"a": [1, (2, proto)]}, types)
+    assert ps._has_special({(1, proto): 0}, types)  # dict keys are looked at
+    assert ps._has_special([ps.ArrayProto()], types)
+    assert ps._has_special({1, 2}, types)  # sets: left to the Python walk
+    deep: list = []
+    for _ in range(150):
+        deep = [deep]
+    assert ps._has_special(deep, types)  # deeper than 100: left to the Python walk
+    shared = [1] * 10
+    assert not ps._has_special([shared] * 5000, types)
+    assert ps._has_special([shared] * 200_000, types)  # over 100,000 containers: left to the Python walk
