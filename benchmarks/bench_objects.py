@@ -16,7 +16,9 @@ Workloads (seeded, numpy 2.x np.save, protocol 4):
 1. ~2 GB: 20,000 float32 arrays, lengths uniform in [1,000, 49,000]
    (+ index build time and 100,000 random ``decode(i)``, zero-copy);
 2. ~160 MB: 1,000,000 int32 arrays of 5-60 items;
-3. 3,000,000 short Python strings.
+3. 3,000,000 short Python strings;
+4. (not in issue 3; ``--only 4``) 300,000 small dicts (an int, a str, a list of two str, a float):
+   container elements, which the safe-mode finaliser must look inside.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ import sys
 from pathlib import Path
 
 DATA = Path(os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata"))
-FILES = {1: DATA / "obj_float32_arrays.npy", 2: DATA / "obj_int32_small.npy", 3: DATA / "obj_strings.npy"}
+FILES = {
+    1: DATA / "obj_float32_arrays.npy",
+    2: DATA / "obj_int32_small.npy",
+    3: DATA / "obj_strings.npy",
+    4: DATA / "obj_dicts.npy",
+}
 
 
 def make() -> None:
@@ -57,6 +64,14 @@ def make() -> None:
         for i, w in enumerate(words):
             arr[i] = f"s{int(w):x}"
         np.save(FILES[3], arr)
+    if not FILES[4].exists():
+        arr = np.empty(300_000, dtype=object)
+        ids = rng.integers(0, 10**9, len(arr))
+        scores = rng.random(len(arr))
+        for i in range(len(arr)):
+            arr[i] = {"id": int(ids[i]), "name": f"n{int(ids[i]):x}", "tags": ["a", f"t{i % 97}"],
+                      "score": float(scores[i])}
+        np.save(FILES[4], arr)
     for k, p in FILES.items():
         print(f"workload {k}: {p} {p.stat().st_size / 1e6:.0f} MB")
 

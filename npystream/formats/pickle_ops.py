@@ -1295,6 +1295,20 @@ def _rw_strings(buf: Any, pos: int, end: int, rw: RewriteState, out: bytearray, 
     if span < 3 * 64:
         return None
     zero_copy = rw.zero_copy
+    # The generic loop calls this at every short literal: test 16 elements in Python first, so that
+    # only real runs pay the numpy pass over 64 KiB (elements that are small dicts paid it at every
+    # key: 300k dicts 22.6 s -> see benchmarks/bench_objects.py --only 4)
+    p = pos
+    for _ in range(16):
+        if p + 2 > end:
+            return None
+        o = buf[p]
+        if o != 0x8C and (zero_copy or o != 0x43):
+            return None
+        p += 2 + buf[p + 1]
+        if p >= end or buf[p] != OP_MEMOIZE:
+            return None
+        p += 1
     size = min(span, 1 << 16)
     a = np.frombuffer(buf, dtype=np.uint8, count=size, offset=pos)
     ends = np.flatnonzero(a == OP_MEMOIZE)
