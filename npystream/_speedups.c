@@ -1126,6 +1126,17 @@ scan_ops(PyObject *self, PyObject *args)
             TRY(ivec_pop(&marks, &mark_off));
             TRY(ivec_pop(&marks, &n));
             depth -= 1;
+            if (phase == PH_BODY && depth == 1 && in_batch && kind == K_TOMARK1) {
+                /* The MARK taken for an APPENDS batch was the first opcode of a single element that
+                 * numpy appends alone (`e APPEND`: a 0-d or one-element array, or a batch of one
+                 * after 1000s) and that starts with a MARK (a frozenset, a tuple of 4+ items): its
+                 * slots were that element's insides; it is one element-level slot now. */
+                in_batch = 0;
+                td = 1;
+                tbase = 5;
+                ivec_cut(&starts, 0);
+                ivec_cut(&memo_at, 0);
+            }
             if (phase == PH_BODY && (depth == 0 || (depth == 1 && in_batch))) {
                 if (depth == 1) { /* closing an APPENDS batch */
                     if (op != OP_APPENDS)

@@ -350,6 +350,13 @@ CASES: list[Case] = [
         tags=frozenset({"arrays"}),
     ),
     Case("strings_3000", lambda: obj_array(f"str-{i}" for i in range(3000)), tags=frozenset({"big"})),
+    # numpy appends a lone element with APPEND, no MARK: one that starts with its own MARK (a tuple of
+    # 4+ items, a frozenset in protocol 4) used to be taken for an APPENDS batch and refused
+    Case("zero_d_long_tuple", lambda: obj_array([(1, "two", 3.0, None)]).reshape(()), tags=frozenset({"zero_d"})),
+    Case("one_element_frozenset", lambda: obj_array([frozenset({1, "a"})])),
+    Case("one_element_empty_frozenset", lambda: obj_array([frozenset()])),
+    Case("batch_of_one_long_tuple", lambda: obj_array(_mixed(1000) + [(1, 2, (3, 4), 5, np.arange(3))]),
+         tags=frozenset({"arrays"})),
 ]
 
 # The same mixed content written with every pickle protocol numpy users meet.
@@ -385,6 +392,11 @@ for _proto in (2, 3, 4, 5):
             protocol=_proto,
             tags=frozenset({"protocol", "structured"}),
         )
+    )
+for _proto in (2, 3):
+    CASES.append(
+        Case(f"protocol{_proto}_zero_d_long_tuple", lambda: obj_array([(1, 2, 3, 4, frozenset({5}))]).reshape(()),
+             protocol=_proto, tags=frozenset({"protocol", "zero_d"}))
     )
 # numpy 1.x writers: protocol 3, GLOBAL 'numpy.core.multiarray _reconstruct'.
 CASES.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from npystream.errors import UnsafePickleError
@@ -188,3 +189,58 @@ def test_has_special_c_check():
     shared = [1] * 10
     assert not ps._has_special([shared] * 5000, types)
     assert ps._has_special([shared] * 200_000, types)  # over 100,000 containers: left to the Python walk
+
+
+
+
+def _leaf_strategy():
+    return st.one_of(
+        st.integers(-(2**70), 2**70),
+        st.text(max_size=5),
+        st.binary(max_size=5),
+        st.none(),
+        st.sampled_from([np.dtype("f4"), np.dtype(">i2"), np.dtype("M8[ms]"), np.dtype([("a", "<u1"), ("b", "O")]),
+                         np.ndarray, bytearray, bytes, np.dtype]),
+        hnp.arrays(hnp.scalar_dtypes(), hnp.array_shapes(max_dims=2, max_side=3)),
+    )
+
+
+def _tree_strategy():
+    hashable = st.one_of(st.integers(), st.text(max_size=3),
+                         st.sampled_from([np.dtype("f8"), np.dtype("<U2"), bytes, np.ndarray]))
+    return st.recursive(
+        _leaf_strategy(),
+        lambda kids: st.one_of(
+            st.lists(kids, max_size=4),
+            st.tuples(kids, kids),
+            st.dictionaries(st.one_of(hashable, st.tuples(hashable, hashable)), kids, max_size=3),
+            st.frozensets(hashable, max_size=3),
+            st.sets(hashable, max_size=3),
+        ),
+        max_leaves=10,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_random_nested_values_match_np_load_and_hold_no_placeholder(tmp_path_factory, data):
+    """Random trees of containers (dict keys, sets, tuples) holding arrays, dtypes and classes safe mode wraps:
+    iteration and random access equal np.load's elements, and no placeholder or wrapper is handed out."""
+    import warnings
+
+    from objcases import assert_same_elements
+
+    import npystream
+
+    items = data.draw(st.lists(_tree_strategy(), min_size=1, max_size=4))
+    path = tmp_path_factory.mktemp("tree") / "t.npy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _save(path, items)
+    got = list(npystream.iter_objects(path))
+    assert_same_elements(got, want)
+    _no_placeholders(got)
+    with npystream.open(path, nsidx=False) as arr:
+        again = [arr[i] for i in range(len(arr))]
+    assert_same_elements(again, want)
+    _no_placeholders(again)

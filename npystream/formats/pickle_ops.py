@@ -897,6 +897,15 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                 mark_off = marks.pop()
                 n = marks.pop()
                 depth -= 1
+                if phase == PH_BODY and depth == 1 and in_batch and kind == K_TOMARK1:
+                    # The MARK taken for an APPENDS batch was the first opcode of a single element that
+                    # numpy appends alone (`e APPEND`: a 0-d or one-element array, or a batch of one
+                    # after 1000s) and that starts with a MARK (a frozenset, a tuple of 4+ items): its
+                    # slots were that element's insides; it is one element-level slot now.
+                    in_batch = False
+                    td, tbase = 1, 5
+                    del starts[:]
+                    del memo_at[:]
                 if phase == PH_BODY and (depth == 0 or (depth == 1 and in_batch)):
                     if depth == 1:  # closing an APPENDS batch
                         if op != OP_APPENDS:
