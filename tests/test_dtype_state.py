@@ -224,23 +224,43 @@ def _tree_strategy():
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_random_nested_values_match_np_load_and_hold_no_placeholder(tmp_path_factory, data):
-    """Random trees of containers (dict keys, sets, tuples) holding arrays, dtypes and classes safe mode wraps:
-    iteration and random access equal np.load's elements, and no placeholder or wrapper is handed out."""
+    """Random trees of containers (dict keys, sets, tuples) holding arrays, dtypes and classes safe mode wraps,
+    pickled with protocols 2-5, 0-d or 1-d: iteration, random access and a short-read pipe equal np.load's
+    elements, and no placeholder or wrapper is handed out."""
+    import io
+    import pickle
     import warnings
 
     from objcases import assert_same_elements
+    from short_reads import ShortReads
 
     import npystream
 
     items = data.draw(st.lists(_tree_strategy(), min_size=1, max_size=4))
+    proto = data.draw(st.sampled_from([None, 2, 3, 5]))
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    if len(items) == 1 and data.draw(st.booleans()):
+        arr = arr.reshape(())
     path = tmp_path_factory.mktemp("tree") / "t.npy"
+    with warnings.catch_warnings(), open(path, "wb") as f:
+        warnings.simplefilter("ignore")
+        if proto is None:  # what np.save writes (protocol 4)
+            np.save(f, arr, allow_pickle=True)
+        else:  # what other numpy versions and writers produce
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+            pickle.dump(arr, f, protocol=proto)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        want = _save(path, items)
+        want = list(np.load(path, allow_pickle=True).flat)
     got = list(npystream.iter_objects(path))
     assert_same_elements(got, want)
     _no_placeholders(got)
-    with npystream.open(path, nsidx=False) as arr:
-        again = [arr[i] for i in range(len(arr))]
+    with npystream.open(path, nsidx=False) as a:
+        again = [a[i] for i in range(len(a))] if a.shape else [a[()]]
     assert_same_elements(again, want)
     _no_placeholders(again)
+    streamed = list(npystream.iter_objects(io.BufferedReader(ShortReads(path.read_bytes(), step=997))))
+    assert_same_elements(streamed, want)
+    _no_placeholders(streamed)
