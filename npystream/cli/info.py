@@ -162,7 +162,7 @@ def _text(d: dict[str, Any]) -> str:
         size = f"{d['file_size']} bytes on disk, {d['expected_size']} expected ({note})"
     rows = [
         ("format", f".npy {d['version']}" + (f" ({d['compression']}-compressed)" if d["compression"] else "")),
-        ("shape", f"{shape} ({d['count']} elements)"),
+        ("shape", f"{shape} ({d['count']} element{'' if d['count'] == 1 else 's'})"),
         ("dtype", d["dtype_text"]),
         ("order", "Fortran" if d["fortran_order"] else "C"),
         ("data offset", str(d["data_offset"])),
