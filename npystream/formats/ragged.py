@@ -1066,7 +1066,8 @@ class _WriteBehind:
         self._thread.join()
 
     def __del__(self) -> None:
-        self._wake.put(_STOP)
+        with contextlib.suppress(Exception):  # (interpreter shutdown)
+            self._wake.put(_STOP)
 
 
 class RaggedWriter:
