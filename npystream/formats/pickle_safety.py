@@ -607,8 +607,10 @@ def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = F
         d = np.dtype(text, align=bool(align), copy=True)
     except Exception as exc:
         raise FormatError(f"bad dtype code {text!r} in pickle ({type(exc).__name__}: {exc})") from None
-    ctx.dtypes.append(d)
-    if ctx.real:  # trusted mode's second pass: the same states were checked by the first
+    if ctx.trusted or ctx.real:
+        # numpy's own __setstate__ may build this one (trusted fallback, second pass): check_load checks it
+        ctx.dtypes.append(d)
+    if ctx.real:  # the second pass: the same states were checked by the first
         return d
     ctx.protos += 1
     proto = DtypeProto(d, ctx.trusted)
@@ -969,7 +971,8 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
     return obj
 
 
-_WALK = {ArrayProto, DtypeProto, list, dict, tuple, set, frozenset}
+_CONTAINERS = (list, dict, tuple, set, frozenset)  # the exact types the finaliser looks inside
+_WALK = {ArrayProto, DtypeProto, *_CONTAINERS}  # + the wrapper types, below
 
 
 def _speedups_module() -> Any:

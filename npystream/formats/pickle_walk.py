@@ -144,7 +144,10 @@ from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests
     scan_ops,
 )
 from npystream.formats.pickle_safety import (
+    _CONTAINERS,
+    _SPECIAL_TYPES,
     _SWAPPED,
+    _WALK,
     DONE,
     TOKEN_TYPES,
     ArrayProto,
@@ -631,8 +634,8 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
 
 
 _RETAIN_TYPES = (type, type(len), np.dtype, DtypeProto)
-_SPECIAL = frozenset({ArrayProto, DtypeProto, *TOKEN_TYPES})
-_SPECIAL_PROTOS = _SPECIAL | {list, dict, tuple, set, frozenset}
+_SPECIAL = frozenset(_SPECIAL_TYPES)  # placeholders and wrappers: finalised whenever present
+_SPECIAL_PROTOS = frozenset(_WALK)  # ... and containers, once placeholders exist
 
 
 class _MemoWriter(pickle.Unpickler):
@@ -656,7 +659,7 @@ def _memo_with(unpickler: Any, updates: dict[int, Any]) -> Any:
     w.memo = unpickler.memo
     w.load()
     return w.memo
-_WALK_REACH = frozenset({ArrayProto, DtypeProto, list, dict, tuple, set, frozenset})
+_WALK_REACH = frozenset({ArrayProto, DtypeProto, *_CONTAINERS})
 
 
 class _Engine:
