@@ -182,6 +182,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # limits of the walker (each with its reason)
 CHUNK_BYTES = 1 << 20  # bytes of pickle per unpickler load (bounds the decoded chunk)
+VIEW_RUN_BYTES = 64 << 20  # the same for zero-copy views of a mapped file (nothing is copied)
 LARGE_ELEMENT_BYTES = 64 << 10  # copying mode: chunks averaging this much per element copy payloads once (see _CopyingView)
 STREAM_READ = 1 << 20  # read size for non-mappable sources
 RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
@@ -1499,7 +1500,11 @@ class ElementDecoder:
         for i in order[:1] + order[-1:]:
             self._check(i)
         got: dict[int, Any] = {}
-        index = self._reader.index
+        reader = self._reader
+        index = reader.index
+        # A run's bytes are fetched (copied) unless the file is mapped; zero-copy views of a
+        # map cost nothing per byte, so their runs are bounded only by VIEW_RUN_BYTES.
+        limit = VIEW_RUN_BYTES if reader.engine.zc_views else CHUNK_BYTES
         k = 0
         while k < len(order):
             a = order[k]
@@ -1507,7 +1512,7 @@ class ElementDecoder:
             while (
                 j < len(order)
                 and order[j] == order[j - 1] + 1
-                and int(index.starts[order[j]]) - int(index.starts[a]) < CHUNK_BYTES
+                and int(index.starts[order[j]]) - int(index.starts[a]) < limit
             ):
                 j += 1
             try:
