@@ -22,8 +22,21 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 
 Ratios are from the same run.  Usage::
 
-    python benchmarks/bench_convert.py [--dir /work/benchdata] [--count 20000] [--repeat 3]
-        [--src FILE.npy] [--rows to_ragged,ranges,stdin,to_npy]
+    python benchmarks/bench_convert.py [--dir /work/benchdata] [--count 20000] [--repeat 5]
+        [--src FILE.npy] [--rows to_ragged,ranges,stdin,to_npy] [--no-prewarm]
+
+Fresh memory for every run.  Each row writes about 2 GB of new page cache,
+and on a virtual machine whose balloon device reports free pages to the host
+(virtio-balloon free page reporting, as on the development VM) memory that
+has been free for a few seconds is handed back to the host and costs a host
+page fault per page when the guest touches it again: the same ``cp`` took
+2.2-7.4 s after the freed pages had been reported and 0.6-1.4 s right after
+3 GB had been touched and freed (``/tmp/exp/prewarm.py``, 2026-12-07).  Which
+row got the fast memory then depended on the order of the rows (one run had
+every ``cp`` but the first at 4.2-4.7 s and the conversions at 1.4-1.9 s).
+So before every timed run the parent touches and frees ``size + 1 GB`` of
+anonymous memory (after ``sync``): every row, ``cp`` included, starts with the
+same supply of recently freed pages.  ``--no-prewarm`` turns that off.
 """
 
 from __future__ import annotations
@@ -114,9 +127,19 @@ def _child_env(pycache: str | None) -> dict[str, str] | None:
     return env
 
 
+_PREWARM = 0  # bytes of anonymous memory touched and freed before each timed run (see the docstring)
+
+
+def _prewarm() -> None:
+    if _PREWARM:
+        block = np.ones(_PREWARM, dtype=np.uint8)  # touches every page
+        del block  # freed: the pages the next run's page cache is made of
+
+
 def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float, int | None, float]:
     """(wall s, in-process s, peak RssAnon, CPU s: user + system of the child and its children)."""
     os.sync()  # start every timed run with no dirty pages from the previous one
+    _prewarm()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     if stdin is not None:  # a real pipe: cat SRC | python ...
@@ -138,14 +161,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/work/benchdata")
     ap.add_argument("--count", type=int, default=20_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--src", help="an existing object .npy to convert instead of the generated one")
     ap.add_argument("--rows", default=",".join(ROWS),
                     help=f"comma-separated rows to run (default all: {','.join(ROWS)}; cp always runs)")
+    ap.add_argument("--no-prewarm", action="store_true",
+                    help="do not touch and free memory before each timed run (see the docstring)")
     ap.add_argument("--no-pycache", action="store_true",
                     help="let children recompile npystream every run if PYTHONDONTWRITEBYTECODE is set")
     a = ap.parse_args()
-    global _ENV
+    global _ENV, _PREWARM
     _ENV = _child_env(None if a.no_pycache else os.path.join(a.dir, "pycache"))
     subprocess.run([sys.executable, "-c", "import npystream.conversion, npystream.formats.ragged, "
                     "npystream.object_array, npystream.objects, npystream.formats.pickle_walk, "
@@ -163,7 +188,9 @@ def main() -> None:
         generate_float32_objects(src, a.count)
     gen_s = time.perf_counter() - t
     size = os.path.getsize(src)
+    _PREWARM = 0 if a.no_prewarm else size + (1 << 30)
     print(f"file: {src}  {size / 1e9:.2f} GB, {a.count} float32 arrays (ready in {gen_s:.1f} s)")
+    print("before each run: sync" + (f", {_PREWARM / 1e9:.1f} GB touched and freed" if _PREWARM else ""))
     print("children: " + ("compiled bytecode cached in " + _ENV["PYTHONPYCACHEPREFIX"] if _ENV else
                           "inherited environment (no bytecode cache if PYTHONDONTWRITEBYTECODE is set)"))
     copy = os.path.join(a.dir, "bench_convert_cp.npy")
@@ -227,6 +254,10 @@ def main() -> None:
         each = " ".join(f"{r[0]:.2f}" for r in rows[name])
         print(f"{ROWS[name]:40} {w:7.2f} {s:9.2f} {w / cp:6.2f} {c:6.2f} {c / cp_cpu:6.2f} "
               f"{size / 1e9 / w:5.2f}  {peak(name)}   (walls: {each})")
+    if "to_ragged" in wanted:
+        pairs = [r[0] / c[0] for r, c in zip(rows["to_ragged"], rows["cp"])]
+        print(f"\nconvert / cp, wall, round by round: {' '.join(f'{x:.2f}' for x in pairs)} "
+              f"(median {statistics.median(pairs):.2f})")
     print()
     for line in checks:
         print(line)

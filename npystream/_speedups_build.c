@@ -305,10 +305,13 @@ static PyMethodDef build_methods[] = {
 };
 
 int npystream_direct_init(PyObject *module); /* _speedups_direct.c */
+int npystream_io_init(PyObject *module);     /* _speedups_io.c */
 
 int
 npystream_build_init(PyObject *module)
 {
+    if (npystream_io_init(module) < 0)
+        return -1;
     if (npystream_direct_init(module) < 0)
         return -1;
     if (str_setstate == NULL) {
