@@ -19,6 +19,7 @@ re-decompressing, which would make "random access" quadratic).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import mmap
@@ -148,6 +149,16 @@ class ByteSource:
         """A read-only memoryview of the whole source (mappable sources only)."""
         raise NotSeekableError("this source cannot be memory-mapped", path=self.name)
 
+    def release_pages(self, start: int, end: int) -> None:
+        """Drop the mapping's pages of bytes ``[start, end)`` (whole pages) from this process.
+
+        A hint for readers done with that part of a mapped file: the file's
+        pages stay in the page cache and views into them stay valid (the next
+        access maps them again), but the process no longer holds them, so
+        that closing the map at the end (and the resident size) does not
+        grow with the file.  A no-op for unmapped sources.
+        """
+
     # -- lifetime ------------------------------------------------------------
     def close(self) -> None:
         """Release the underlying file if this source opened it."""
@@ -161,6 +172,9 @@ class ByteSource:
     def __repr__(self) -> str:
         flags = [f for f in ("seekable", "mappable") if getattr(self, f)]
         return f"<{type(self).__name__} {self.name!r} {' '.join(flags) or 'stream'}>"
+
+
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # not on Windows
 
 
 class _MapMixin:
@@ -188,6 +202,18 @@ class _MapMixin:
             self._mm = mm
             self._view = memoryview(mm)[base : base + size]
         return self._view
+
+    def release_pages(self, start: int, end: int) -> None:
+        mm = self._mm
+        target = self.mmap_target()  # type: ignore[attr-defined]
+        if mm is None or target is None or end <= start or _DONTNEED is None:
+            return
+        base = target[1]
+        lo = (base + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = (base + end) // mmap.PAGESIZE * mmap.PAGESIZE  # the page holding `end` stays
+        if hi > lo:
+            with contextlib.suppress(OSError, ValueError):  # a hint: never an error
+                mm.madvise(_DONTNEED, lo, hi - lo)
 
     def _close_map(self) -> None:
         # Views handed out keep the mapping alive through their exporter;

@@ -183,6 +183,7 @@ __all__ = [
 # limits of the walker (each with its reason)
 CHUNK_BYTES = 1 << 20  # bytes of pickle per unpickler load (bounds the decoded chunk)
 VIEW_RUN_BYTES = 64 << 20  # the same for zero-copy views of a mapped file (nothing is copied)
+RELEASE_STEP = 32 << 20  # iter_elements(release_behind=True): map pages dropped behind the reader in these steps
 LARGE_ELEMENT_BYTES = 64 << 10  # copying mode: chunks averaging this much per element copy payloads once (see _CopyingView)
 STREAM_READ = 1 << 20  # read size for non-mappable sources
 RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
@@ -1350,14 +1351,20 @@ def iter_elements(
     zero_copy: bool = False,
     start: int = 0,
     stop: int | None = None,
+    release_behind: bool = False,
     _on_close: Any = None,
 ) -> Iterator[Any]:
     """Elements ``start..stop-1`` of a pickled ``.npy`` in C order, each like ``np.load(...).flat[i]``.
 
     Arguments are checked now; elements are built lazily.  See the module
-    docstring for the memory policy of non-seekable sources.  (``_on_close``
-    is called when the generator finishes or is closed: ``iter_objects``
-    closes the source it opened that way.)
+    docstring for the memory policy of non-seekable sources.
+    ``release_behind=True`` (for consumers that are done with each element
+    before the next, like a converter copying it) drops the map's pages
+    behind the reader every 32 MiB (``ByteSource.release_pages``): views
+    stay valid, and the map's teardown at the end stays small (about 60 ms
+    for a 2 GB file otherwise).  (``_on_close`` is called when the generator
+    finishes or is closed: ``iter_objects`` closes the source it opened that
+    way.)
     """
     if not isinstance(policy, SafetyPolicy):
         raise TypeError(f"policy must be a SafetyPolicy, got {type(policy).__name__}")
@@ -1379,7 +1386,8 @@ def iter_elements(
     view = _map_or_none(src)
     if zero_copy and view is None:
         raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
-    return _flatten(_iter_indexed(src, header, policy, index, view, zero_copy, start, stop), _on_close)
+    chunks = _iter_indexed(src, header, policy, index, view, zero_copy, start, stop, release_behind)
+    return _flatten(chunks, _on_close)
 
 
 def _flatten(chunks: Iterator[list[Any]], on_close: Any) -> Iterator[Any]:
@@ -1406,6 +1414,7 @@ def _iter_indexed(
     zero_copy: bool,
     start: int,
     stop: int,
+    release_behind: bool = False,
 ) -> Iterator[list[Any]]:
     error: Exception | None = None
     tentative = -1
@@ -1417,6 +1426,7 @@ def _iter_indexed(
     stop = min(stop, index.count)
     certain = stop if tentative < 0 else min(stop, tentative)
     reader = _IndexedReader(src, header, policy, index, view, zero_copy=zero_copy, sequential=True, copy_large=True)
+    released = int(index.starts[start]) if release_behind and start < certain else -1
     for a, b, ends in _chunks(index, start, certain):
         try:
             items = reader.run(a, b, ends)
@@ -1425,6 +1435,9 @@ def _iter_indexed(
             raise part.error from None
         yield items
         del items
+        if released >= 0 and int(ends[-1]) - released >= RELEASE_STEP:  # the consumer is done with them
+            src.release_pages(released, int(ends[-1]))
+            released = int(ends[-1])
     for i in range(max(certain, start), stop):  # elements of the batch open at the damage
         try:
             item = reader.run(i, i + 1)[0]
