@@ -323,9 +323,11 @@ _WRITER_BUFFER = 1 << 20
 _RANGE_MIN = 4 << 10
 _READ_RANGES = False
 # The ragged writer's pwrite()s run on a helper thread while the next buffer fills
-# (RaggedWriter(write_behind=True)).  2 GB benchmark, medians of 6 interleaved runs at load
-# ~1.5: 1.07 s with, 1.30 s without (cp 0.65 s); under load 3-4, with both cores busy,
-# 2.23 s vs 2.03 s (a second core is what it needs).
+# (RaggedWriter(write_behind=True); the C helper, npystream._speedups.WriteBehind, keeps up
+# to 3 writes queued and never needs the GIL).  2 GB benchmark, Python helper, medians of 6
+# interleaved runs at load ~1.5: 1.07 s with, 1.30 s without (cp 0.65 s); under load 3-4,
+# with both cores busy, 2.23 s vs 2.03 s (a second core is what it needs).  C helper, whole
+# processes, 3 interleaved runs each: 0.70-0.77 s (Python helper 0.96-1.13 s).
 _WRITE_BEHIND = True
 
 
@@ -730,9 +732,9 @@ def _object_to_ragged(
                 json.dump(identity, fh)
         # A 1 MiB buffer (fits the L2 caches of the development VM): the copy into it
         # and the pwrite() out of it stay in cache; elements larger than it are
-        # pwrite()n straight from the (zero-copy) element.  2 GB benchmark, medians
-        # of 3-4 interleaved runs: 64 KiB 1.80 s, 512 KiB 1.49 s, 1 MiB 1.26-1.43 s,
-        # 2 MiB 1.64 s, 4 MiB (the writer's default) 1.92 s; cp 0.70-0.77 s.
+        # pwrite()n straight from the (zero-copy) element.  2 GB benchmark with the C
+        # write-behind helper, whole fresh processes, medians of 4-6 interleaved runs
+        # (2026-12-07): 256 KiB 1.15 s, 1 MiB 0.80-0.88 s, 2 MiB 0.73-0.95 s, 4 MiB 1.15 s.
         writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
                               buffer_size=_WRITER_BUFFER, write_behind=_WRITE_BEHIND)
         try:
