@@ -144,8 +144,10 @@ static int
 collect(WBObject *w, long long most)
 {
     long long completed;
+    int err;
     pthread_mutex_lock(&w->mu);
     completed = w->completed;
+    err = w->err;
     pthread_mutex_unlock(&w->mu);
     if (w->submitted - completed > most) {
         Py_BEGIN_ALLOW_THREADS
@@ -153,6 +155,7 @@ collect(WBObject *w, long long most)
         while (w->submitted - w->completed > most)
             pthread_cond_wait(&w->cv, &w->mu);
         completed = w->completed;
+        err = w->err;
         pthread_mutex_unlock(&w->mu);
         Py_END_ALLOW_THREADS
     }
@@ -164,8 +167,8 @@ collect(WBObject *w, long long most)
         job->views = NULL;
         job->npieces = 0;
     }
-    if (w->err) {
-        errno = w->err;
+    if (err) {
+        errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
