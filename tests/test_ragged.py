@@ -807,3 +807,54 @@ def test_store_directory_gets_the_umask_mode_not_mkdtemp_0700(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a.ragged").st_mode) == 0o750
     save_ragged(tmp_path / "b.ragged", [np.arange(3.0)])
     assert stat.S_IMODE(os.stat(tmp_path / "b.ragged").st_mode) == 0o777 & ~old
+
+
+def test_creation_sweeps_what_killed_creators_left(tmp_path):
+    """`.NAME.tmp-*` / `.NAME.old-*` directories whose creator's flock is free and that are older
+    than _STALE_AGE are removed when NAME is created again; live, young and foreign ones stay."""
+    import fcntl
+    import time
+
+    from npystream.formats import ragged
+
+    def leftover(name, age=60.0, inner="values.npy"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / inner).write_bytes(b"x" * 100)
+        os.utime(d, (time.time() - age, time.time() - age))
+        return d
+
+    dead_tmp = leftover(".s.ragged.tmp-abc123")
+    dead_old = leftover(".s.ragged.old-def456", inner="old")  # a replaced store, half deleted
+    young = leftover(".s.ragged.tmp-young1", age=0.0)
+    live = leftover(".s.ragged.tmp-live01")
+    other = leftover(".t.ragged.tmp-other1")  # another store's
+    plain = leftover("s.ragged.tmp-notours")  # not hidden: not ours
+    os.symlink(dead_tmp, tmp_path / ".s.ragged.tmp-link01")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a creator at work (this process, another descriptor)
+    try:
+        with RaggedWriter(tmp_path / "s.ragged", dtype="<f4") as w:
+            w.append(np.ones(3, "<f4"))
+        left = set(os.listdir(tmp_path))
+    finally:
+        os.close(fd)
+    assert not dead_tmp.exists() and not dead_old.exists()
+    assert young.exists() and live.exists() and other.exists() and plain.exists()
+    assert ".s.ragged.tmp-link01" in left  # a symlink is never followed nor removed
+    assert "s.ragged" in left and len(RaggedArray(tmp_path / "s.ragged")) == 1
+    assert ragged._STALE_AGE > 0
+
+
+def test_writer_holds_the_lock_from_creation(tmp_path):
+    """The lock taken on the hidden directory is the store's writer lock once it is renamed."""
+    p = tmp_path / "s.ragged"
+    with RaggedWriter(p, dtype="<f4") as w:
+        w.append(np.ones(3, "<f4"))
+        with pytest.raises(NpyStreamError, match="another RaggedWriter"):
+            RaggedWriter(p, mode="a")
+        with pytest.raises(NpyStreamError, match="another RaggedWriter"):
+            RaggedWriter(p, mode="w")
+    with RaggedWriter(p, mode="a") as w2:
+        w2.append(np.ones(2, "<f4"))
+    assert len(RaggedArray(p)) == 2

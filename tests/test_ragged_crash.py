@@ -104,6 +104,12 @@ def _run_kills(tmp_path, iterations: int, seed: int) -> None:
     assert _check_prefix(path) == TARGET
     leftovers = [f for f in os.listdir(tmp_path) if f != "k.ragged"]
     assert all(f.startswith(".k.ragged.") for f in leftovers), leftovers
+    # what the killed creators left is removed by the next creation, once older than _STALE_AGE
+    for f in leftovers:
+        os.utime(tmp_path / f, (time.time() - 60, time.time() - 60))
+    _write(path, "w", 4096)
+    assert _check_prefix(path) == TARGET
+    assert os.listdir(tmp_path) == ["k.ragged"]
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -85,7 +85,10 @@ cache survives it) but not against a power loss.
 A new store is built in a hidden temporary directory beside the target and
 renamed into place once it holds its empty parts and ``meta.json``, so the
 target path never names a half-created store (a killed creator may leave
-the hidden ``.NAME.tmp-*`` directory behind).  ``mode='w'`` over an existing
+the hidden ``.NAME.tmp-*`` directory behind, or ``.NAME.old-*`` holding the
+store it was replacing; each is flock-ed by its creator, and the next
+creation of NAME removes those whose lock is free and that are older than
+10 s).  ``mode='w'`` over an existing
 store moves the old store aside and deletes it after the rename.
 ``mode='a'`` opens an existing store, rewrites each part's header with the
 committed shape, then truncates each part to the committed length (dropping
@@ -310,6 +313,45 @@ def _lock_dir(dir_fd: int, path: str) -> None:
                 path=path,
             ) from None
         raise
+
+
+# A creator's hidden directory younger than this is never swept, locked or not (it may be
+# between its mkdtemp and its lock).
+_STALE_AGE = 10.0
+
+
+def _sweep_stale(parent: str, name: str) -> None:
+    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` directories that a killed creator left beside a store.
+
+    Each is locked (flock) by its creator while it exists, and the lock dies
+    with the process: one whose lock is free and that is older than
+    ``_STALE_AGE`` seconds is a leftover.  Best effort, never an error;
+    nothing is swept where flock is missing (Windows).
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return
+    prefixes = (f".{name}.tmp-", f".{name}.old-")
+    now = time.time()
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefixes)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < _STALE_AGE:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its creator is alive
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _is_locked(path: str) -> bool:
@@ -1362,7 +1404,20 @@ class RaggedWriter:
             raise StoreNotFoundError(
                 "the parent directory of the store does not exist; create it first", path=parent
             )
+        _sweep_stale(parent, name)
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        # Locked while it exists (and, renamed, as the store's writer lock): a later creator
+        # removes such directories only when their lock is free, i.e. their creator died.
+        dir_fd: int | None = None
+        trash_fd: int | None = None
+        try:
+            dir_fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            _lock_dir(dir_fd, tmp)
+        except BaseException:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: a store gets a directory's usual mode
         try:
             assert self._dtype is not None and self._ndim is not None
@@ -1391,19 +1446,24 @@ class RaggedWriter:
                     raise FileExistsError(errno.EEXIST, "the store exists (mode='x')", p)
                 self._check_replaceable()
                 trash = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                trash_fd = os.open(trash, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                _lock_dir(trash_fd, trash)
                 os.rename(p, os.path.join(trash, "old"))
-            os.rename(tmp, p)
+            os.rename(tmp, p)  # dir_fd now names the store
             tmp = None
             if self._durable:
                 _fsync_dir(parent)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-        dir_fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            if trash_fd is not None:
+                os.close(trash_fd)
         self._dir_fd = dir_fd
-        _lock_dir(dir_fd, p)
         for part, pdt, shape in parts:
             fd = _open_at(dir_fd, part, os.O_RDWR)
             self._fds[part] = fd
