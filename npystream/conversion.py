@@ -308,6 +308,8 @@ def describe_source(spec: str) -> SourceInfo:
 # (24 bytes per element: 48 MB at the limit) with zero-copy views of the mapped
 # file; above it, and for streams, elements are unpickled one at a time.
 _INDEX_LIMIT = 2_000_000
+# Above this many elements a plain file is streamed without an index (see open_elements).
+_STREAM_ABOVE = 4_000_000
 _CHUNK = 64
 _WRITER_BUFFER = 1 << 20
 # Reading elements from the file instead of copying them out of the map (off: measured
@@ -354,6 +356,20 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
     plain = _plain(src)
     from npystream.objects import iter_objects
 
+    if plain and src.count is not None and src.count > _STREAM_ABOVE:
+        # the offset index of a seekable file costs 16 bytes per element (64 MB at the
+        # limit): above it, read the file front to back as a stream, whose memory does not
+        # grow with the element count (slower: 1.4-2.3x on 1-3 million small elements)
+        seq = _Sequential(src.path)
+        try:
+            it = _closing(iter_objects(seq, **opts), seq)
+        except BaseException:
+            seq.close()
+            raise
+        if start:
+            for _ in islice(it, start):
+                pass
+        return it
     if views and plain and not start:
         # one pass, elements are zero-copy views of the map (about twice as fast as
         # the index path: 2 GB benchmark 0.12-0.16 s vs 0.30-0.37 s for 20,000
@@ -368,6 +384,32 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
         for _ in islice(it, start):
             pass
     return it
+
+
+def _closing(it: Iterator[Any], f: Any) -> Iterator[Any]:
+    try:
+        yield from it
+    finally:
+        f.close()
+
+
+class _Sequential(io.RawIOBase):
+    """A file read front to back, not seekable: the object stream reads it without an index."""
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed with this object
+        self.name = path
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        return self._f.readinto(buf)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
 
 
 def _stream_views(path: str, opts: dict[str, Any]) -> Iterator[Any]:

@@ -309,3 +309,32 @@ def test_progress_bar_on_stderr_with_element_total(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "a.npy"), str(tmp_path / "b.ragged")]) == 0
     err = capsys.readouterr().err  # stderr is not a terminal here: no bar, only the summary
     assert "%|" not in err and err.count("\n") == 1
+
+
+def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch):
+    """Above _STREAM_ABOVE elements a plain file is read front to back (no 16-byte-per-element
+    index): the same store, and --resume works from the stream too."""
+    import npystream
+    import npystream.conversion as conversion
+    from npystream.objects import iter_objects as real_iter
+
+    seen = []
+
+    def spy(source, **kw):
+        seen.append(type(source).__name__)
+        return real_iter(source, **kw)
+
+    monkeypatch.setattr("npystream.objects.iter_objects", spy)
+    monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10)
+    rng = np.random.default_rng(5)
+    arr = np.empty(2500, dtype=object)
+    arr[:] = [rng.standard_normal(int(n)).astype("<f4") for n in rng.integers(0, 50, 2500)]
+    p = tmp_path / "o.npy"
+    np.save(p, arr, allow_pickle=True)
+    npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
+    assert seen == ["_Sequential"]
+    r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
+    assert len(r) == 2500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
+    # from element 1000 (what --resume does): the first 1000 are read and dropped
+    got = list(conversion.open_elements(conversion.describe_source(str(p)), start=1000, views=True))
+    assert len(got) == 1500 and all(np.array_equal(a, b) for a, b in zip(arr[1000:], got))
