@@ -175,30 +175,35 @@ class SourceInfo:
             return s
         if self.member is not None:
             zf = zipfile.ZipFile(self.path)
-            return _ZipMemberStream(zf, self.member)
+            return _ForwardStream(zf.open(self.member), f"{zf.filename}:{self.member}", (zf,))
         if self.compressed:
             return gzip.open(self.path, "rb")
         return open(self.path, "rb")  # noqa: SIM115 - returned to the caller
 
 
-class _ZipMemberStream(io.RawIOBase):
-    """A zip member's decompressed bytes; closes the archive with it."""
+class _ForwardStream(io.RawIOBase):
+    """Bytes read front to back from ``raw`` (not seekable); closes ``raw`` and ``also`` with it.
 
-    def __init__(self, zf: zipfile.ZipFile, member: str) -> None:
-        self._zf = zf
-        self._m = zf.open(member)
-        self.name = f"{zf.filename}:{member}"
+    A zip member's decompressed bytes, or a plain file that the object stream
+    must read without an index (``open_elements``).
+    """
+
+    def __init__(self, raw: Any, name: str, also: tuple[Any, ...] = ()) -> None:
+        self._raw = raw
+        self._also = also
+        self.name = name
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: Any) -> int:
-        return self._m.readinto(buf)
+        return self._raw.readinto(buf)
 
     def close(self) -> None:
         if not self.closed:
-            self._m.close()
-            self._zf.close()
+            self._raw.close()
+            for f in self._also:
+                f.close()
         super().close()
 
 
@@ -360,7 +365,7 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
         # the offset index of a seekable file costs 16 bytes per element (64 MB at the
         # limit): above it, read the file front to back as a stream, whose memory does not
         # grow with the element count (slower: 1.4-2.3x on 1-3 million small elements)
-        seq = _Sequential(src.path)
+        seq = _ForwardStream(open(src.path, "rb"), src.path)  # noqa: SIM115 - closed by _closing
         try:
             it = _closing(iter_objects(seq, **opts), seq)
         except BaseException:
@@ -391,25 +396,6 @@ def _closing(it: Iterator[Any], f: Any) -> Iterator[Any]:
         yield from it
     finally:
         f.close()
-
-
-class _Sequential(io.RawIOBase):
-    """A file read front to back, not seekable: the object stream reads it without an index."""
-
-    def __init__(self, path: str) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed with this object
-        self.name = path
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        return self._f.readinto(buf)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._f.close()
-        super().close()
 
 
 def _stream_views(path: str, opts: dict[str, Any]) -> Iterator[Any]:

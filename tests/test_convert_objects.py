@@ -332,7 +332,7 @@ def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch):
     p = tmp_path / "o.npy"
     np.save(p, arr, allow_pickle=True)
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
-    assert seen == ["_Sequential"]
+    assert seen == ["_ForwardStream"]
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
     assert len(r) == 2500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
     # from element 1000 (what --resume does): the first 1000 are read and dropped

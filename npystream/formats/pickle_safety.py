@@ -976,15 +976,10 @@ _WALK = {ArrayProto, DtypeProto, *_CONTAINERS}  # + the wrapper types, below
 
 
 def _speedups_module() -> Any:
-    import os
+    from npystream._accel import speedups
 
-    if os.environ.get("NPYSTREAM_PURE_PYTHON", "").strip() not in ("", "0"):
-        return None
-    try:
-        from npystream import _speedups  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _speedups if hasattr(_speedups, "Reconstructor") else None
+    module = speedups()
+    return module if hasattr(module, "Reconstructor") else None
 
 
 _SPEEDUPS = _speedups_module()

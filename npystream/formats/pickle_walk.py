@@ -196,11 +196,10 @@ INDEX_VERSION = 2
 
 
 def _load_speedups() -> tuple[Any, Any, bool]:
-    if os.environ.get("NPYSTREAM_PURE_PYTHON", "").strip() not in ("", "0"):
-        return scan_ops, rewrite_ops, False
-    try:
-        from npystream import _speedups  # type: ignore[attr-defined]
-    except ImportError:
+    from npystream._accel import speedups
+
+    _speedups = speedups()
+    if _speedups is None:
         return scan_ops, rewrite_ops, False
     _speedups.setup(ScanError, ScanState, RewriteState, _text_int)
     return _speedups.scan_ops, _speedups.rewrite_ops, True

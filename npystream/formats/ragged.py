@@ -120,6 +120,7 @@ from typing import Any
 
 import numpy as np
 
+from npystream._accel import speedups
 from npystream.errors import (
     CastError,
     FormatError,
@@ -1144,17 +1145,7 @@ def _new_write_behind() -> Any:
     return _WriteBehind()
 
 
-def _load_c_write_behind() -> Any:
-    if os.environ.get("NPYSTREAM_PURE_PYTHON", "").strip() not in ("", "0"):
-        return None
-    try:
-        from npystream import _speedups  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(_speedups, "WriteBehind", None)
-
-
-_C_WRITE_BEHIND = _load_c_write_behind()
+_C_WRITE_BEHIND = getattr(speedups(), "WriteBehind", None)
 
 
 class RaggedWriter:
