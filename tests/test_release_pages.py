@@ -98,3 +98,37 @@ def test_release_behind_in_conversion_matches_the_source(tmp_path, monkeypatch):
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
     assert len(r) == 500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_many_elements_stream_without_an_index(tmp_path, monkeypatch, zero_copy):
+    """Above STREAM_ABOVE elements iter_objects reads a seekable file front to back (no offset index)
+    and gives np.load's elements; zero_copy (which needs the map) keeps the indexed path."""
+    import npystream
+    from npystream.formats import pickle_walk
+
+    monkeypatch.setattr(pw, "STREAM_ABOVE", 100)
+    built = []
+    real = pickle_walk._build_index
+
+    def spy(*args, **kw):
+        built.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pickle_walk, "_build_index", spy)
+    rng = np.random.default_rng(3)
+    arr = np.empty(2100, dtype=object)
+    arr[:] = [rng.standard_normal(int(n)).astype("<f4") if i % 3 else f"s{i}"
+              for i, n in enumerate(rng.integers(0, 40, 2100))]
+    arr[1500] = arr[7]  # a memo reference across batches
+    p = tmp_path / "o.npy"
+    np.save(p, arr, allow_pickle=True)
+    want = np.load(p, allow_pickle=True)
+    got = list(npystream.iter_objects(str(p), zero_copy=zero_copy))
+    assert bool(built) == zero_copy
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b)
+    with open(p, "rb") as fh:  # a caller's seekable file object, read part-way
+        it = npystream.iter_objects(fh)
+        assert str(next(it)) == str(want[0])
