@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from npystream.errors import NpyStreamError
 
@@ -40,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_interrupt(signum: int, frame: object) -> None:
+    try:
+        sys.stderr.write("npystream: interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
+def _quit_on_interrupt() -> Any:
+    """Make SIGINT end the process with 130 at once; the previous handler, or None if unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None  # someone else's handler: leave it
+    return signal.signal(signal.SIGINT, _early_interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (never calls sys.exit itself)."""
     if "numpy" not in sys.modules:
@@ -48,11 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (`import npystream.conversion`, 5 fresh processes each: 0.16-0.22 s -> 0.15-0.16 s wall). A value the
         # user set wins.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
+    # Ctrl-C while the commands' modules (numpy among them) are imported: numpy turns an
+    # interrupt inside its C initialisation into a long ImportError.  From the command line
+    # (argv None) such an early interrupt just ends the process with 130; nothing is open yet.
+    previous = _quit_on_interrupt() if argv is None else None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
-        return int(exc.code or 0)
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+            return int(exc.code or 0)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
