@@ -391,3 +391,22 @@ def test_pipe_memory_bounded_below_one_batch(tmp_path):
     assert abs(float(total) - expect) < 1e-6 * abs(expect)  # every element was read, in order
     grown = int(peak) - int(base)
     assert grown < 80 << 20, f"peak RssAnon grew by {grown >> 20} MiB for a {size >> 20} MB batch"
+
+
+def test_retention_count_budget():
+    """A small object read back two batches later: kept while the retention budget has room (the
+    same object, like np.load); with the budget full (RETAIN_MAX), released unread, and the read
+    back is the documented UnsupportedError, never a wrong value."""
+    x = "shared-" + "x" * 10  # one str object: memoized once, read back with a GET
+    items = [x] + [f"s{i}" for i in range(2500)] + [x]
+    data = _npy(obj_array(items))
+    expected = _expected(data)
+    got = list(npystream.iter_objects(_Pipe(data)))
+    assert_same_elements(got, expected)
+    assert got[0] is got[-1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ps, "RETAIN_MAX", 1)  # full from the start (the prefix pins numpy's globals)
+        got, exc = _drain(_Pipe(data))
+    assert isinstance(exc, UnsupportedError), exc
+    assert exc.index == 2501
+    assert_same_elements(got, expected[:2501])

@@ -329,6 +329,13 @@ def _retain(eng: _Engine, cand: list[int], pinned: set[int]) -> None:
     """
     rw = eng.rw
     slot_of = rw.slot_of
+    if len(pinned) >= RETAIN_MAX:
+        # nothing more is kept, whatever the values: release the slots without reading them
+        # (set operations and map run in C: millions of memoized strings pass through here)
+        present = slot_of.keys() & cand
+        present -= pinned
+        rw.free.extend(map(slot_of.pop, present))
+        return
     cand = [m for m in cand if m in slot_of and m not in pinned]
     if not cand:
         return
@@ -487,9 +494,14 @@ class _StreamReader:
         if not held:
             return
         reads = self.st.reads
-        later = [m for m in held if reads.get(m, -1) >= decoded_to]
+        # the memo entries read again after decoded_to (reads.keys() & held runs in C)
+        later = sorted(m for m in reads.keys() & held if reads[m] >= decoded_to) if reads else []
         if len(later) < len(held):
-            now = [m for m in held if reads.get(m, -1) < decoded_to] if later else held
+            if later:
+                keep = set(later)
+                now = [m for m in held if m not in keep]
+            else:
+                now = held
             assert self.engine is not None
             _retain(self.engine, now, self.pinned)
         self.held = later
