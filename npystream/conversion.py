@@ -779,11 +779,16 @@ def _object_to_ragged(
                 elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
                                          start=start, views=True)
                 append = writer.append
-                add = bar.add
-                for x in elements:
-                    append(x)
-                    count += 1
-                    add(1, _nbytes(x))
+                if bar.bar is None:  # no progress bar: nothing to count per element
+                    for x in elements:
+                        append(x)
+                    count = len(writer)
+                else:
+                    add = bar.add
+                    for x in elements:
+                        append(x)
+                        count += 1
+                        add(1, _nbytes(x))
         except CastError as exc:
             _close_quietly(writer)
             raise CastError(

@@ -858,3 +858,32 @@ def test_writer_holds_the_lock_from_creation(tmp_path):
     with RaggedWriter(p, mode="a") as w2:
         w2.append(np.ones(2, "<f4"))
     assert len(RaggedArray(p)) == 2
+
+
+@pytest.mark.parametrize("buffer_size", [8, 64, 1 << 20])
+def test_text_stores_fast_path_matches_and_reports_bad_elements(tmp_path, buffer_size):
+    """str/bytes stores (append()'s text hot path): the same store as element-by-element slow
+    appends, any buffer size; an unencodable str or a wrong type is a CastError naming the index,
+    and the elements before it are kept."""
+    from npystream.errors import CastError
+
+    words = ["", "a", "é" * 40, "naïve", "x" * 100, "日本語"] * 20
+    p = tmp_path / "s.ragged"
+    with RaggedWriter(p, kind="str", buffer_size=buffer_size, durable=False) as w:
+        for s in words:
+            w.append(s)
+        with pytest.raises(CastError) as info:
+            w.append("bad \ud800 surrogate")
+        assert info.value.index == len(words)
+        with pytest.raises(CastError):
+            w.append(b"bytes in a str store")
+        w.append("after")
+    r = RaggedArray(p)
+    assert list(r) == [*words, "after"]
+    raw = [s.encode() for s in words]
+    q = tmp_path / "b.ragged"
+    with RaggedWriter(q, kind="bytes", buffer_size=buffer_size, durable=False) as w:
+        for i, b in enumerate(raw):
+            w.append(b if i % 3 else bytearray(b))  # bytes take the hot path, bytearrays the slow one
+        w.append(memoryview(b"mv"))
+    assert list(RaggedArray(q)) == [*raw, b"mv"]

@@ -1219,7 +1219,7 @@ class RaggedWriter:
         self._buf: bytearray | None = None
         self._cap = 0
         self._isz = 1
-        self._fast: np.dtype | None = None  # set when the hot path of append() applies
+        self._fast: Any = None  # set when a hot path of append() applies (see _alloc_buffer)
         self._commit_bytes = max(buffer_size, commit_bytes)
         self._broken = False
         self._copy_range = hasattr(os, "copy_file_range")
@@ -1357,7 +1357,9 @@ class RaggedWriter:
         self._nbuf = np.frombuffer(self._buf, dtype=self._dtype) if self._kind == "array" else None
         self._cap = size
         self._isz = isz
-        self._fast = self._dtype if self._kind == "array" and self._ndim == 1 else None
+        # append()'s hot paths: the dtype of 1-D array stores, the element type of str/bytes stores
+        self._fast = (self._dtype if self._kind == "array" and self._ndim == 1
+                      else {"str": str, "bytes": bytes}.get(self._kind))
         if self._write_behind:
             self._wb = _new_write_behind()
             # one buffer per write the helper may have in flight, besides the one filling
@@ -1543,6 +1545,23 @@ class RaggedWriter:
                     self._pos = end
                     lens = self._pend_lens
                     lens.append(x.size)
+                    if len(lens) >= _MAX_PENDING:
+                        self._commit()
+                    return
+        elif type(x) is fast:
+            # hot path of str and bytes stores (_fast is the element type there)
+            try:
+                data = x.encode("utf-8") if fast is str else x
+            except UnicodeEncodeError:
+                data = None  # the slow path reports it
+            if data is not None:
+                pos = self._pos
+                end = pos + len(data)
+                if end <= self._cap:
+                    self._mv[pos:end] = data
+                    self._pos = end
+                    lens = self._pend_lens
+                    lens.append(end - pos)
                     if len(lens) >= _MAX_PENDING:
                         self._commit()
                     return
