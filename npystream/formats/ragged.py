@@ -1050,17 +1050,6 @@ def _infer_kind(x: Any) -> str:
 _STOP = object()
 
 
-def _write_job(fd: int, data: Any, offset: int) -> None:
-    """One write-behind job: a buffer, or a list of buffers written one after the other."""
-    if type(data) is list:
-        for piece in data:
-            view = memoryview(piece).cast("B")
-            _pwrite_all(fd, view, offset)
-            offset += view.nbytes
-    else:
-        _pwrite_all(fd, data, offset)
-
-
 def _write_behind_loop(jobs: Any, wake: Any, done: Any, errors: list[BaseException]) -> None:
     """The helper thread of :class:`_WriteBehind` (holds its queues, not the object, so it can be collected)."""
     while True:
@@ -1068,7 +1057,7 @@ def _write_behind_loop(jobs: Any, wake: Any, done: Any, errors: list[BaseExcepti
         while jobs:
             try:
                 if not errors:
-                    _write_job(*jobs[0])
+                    _pwrite_all(*jobs[0])
             except BaseException as exc:  # handed to the writer's thread
                 errors.append(exc)
             jobs.popleft()
@@ -1111,7 +1100,7 @@ class _WriteBehind:
     depth = 1  # writes in flight at once
 
     def submit(self, fd: int, data: Any, offset: int) -> None:
-        """Wait for the write in flight, then hand over this one (``data``: a buffer or a list of them)."""
+        """Wait for the write in flight, then hand over this one."""
         self.wait()
         self._jobs.append((fd, data, offset))
         self._wake.put(None)
