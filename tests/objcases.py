@@ -83,6 +83,15 @@ class Case:
 # element makers
 
 
+def save_float32_arrays(path: str | Path, n: int, longest: int, seed: int) -> np.ndarray:
+    """Save (np.save) an object array of ``n`` seeded float32 arrays of 0..longest-1 items; return it."""
+    rng = np.random.default_rng(seed)
+    arr = np.empty(n, dtype=object)
+    arr[:] = [rng.standard_normal(int(k)).astype("<f4") for k in rng.integers(0, longest, n)]
+    np.save(path, arr, allow_pickle=True)
+    return arr
+
+
 def _ndarrays_every_dtype() -> list[np.ndarray]:
     """One small ndarray per dtype family numpy can put inside an object array."""
     rng = np.random.default_rng(3)

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from objcases import save_float32_arrays
 
 pytest.importorskip("npystream.objects", reason="iter_objects (issue 3) not in the tree yet")
 
@@ -326,11 +327,8 @@ def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch):
 
     monkeypatch.setattr("npystream.objects.iter_objects", spy)
     monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10)
-    rng = np.random.default_rng(5)
-    arr = np.empty(2500, dtype=object)
-    arr[:] = [rng.standard_normal(int(n)).astype("<f4") for n in rng.integers(0, 50, 2500)]
     p = tmp_path / "o.npy"
-    np.save(p, arr, allow_pickle=True)
+    arr = save_float32_arrays(p, 2500, 50, seed=5)
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
     assert seen == ["_ForwardStream"]
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))

@@ -6,6 +6,7 @@ import mmap
 
 import numpy as np
 import pytest
+from objcases import save_float32_arrays
 
 import npystream.formats.pickle_walk as pw
 from npystream.formats.npy import read_header
@@ -90,11 +91,8 @@ def test_release_behind_in_conversion_matches_the_source(tmp_path, monkeypatch):
     import npystream
 
     monkeypatch.setattr(pw, "RELEASE_STEP", 4096)
-    rng = np.random.default_rng(2)
-    arr = np.empty(500, dtype=object)
-    arr[:] = [rng.standard_normal(int(n)).astype("<f4") for n in rng.integers(0, 5000, 500)]
     p = tmp_path / "o.npy"
-    np.save(p, arr, allow_pickle=True)
+    arr = save_float32_arrays(p, 500, 5000, seed=2)
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
     assert len(r) == 500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
