@@ -59,6 +59,15 @@ def iter_objects(
     )
     if not isinstance(zero_copy, bool):
         raise TypeError(f"zero_copy must be True or False, got {zero_copy!r}")
+    return iterate(source, policy, zero_copy=zero_copy)
+
+
+def iterate(source: Any, policy: SafetyPolicy, **options: Any) -> Iterator[Any]:
+    """:func:`iter_objects` with a ready policy and ``pickle_walk.iter_elements``'s options.
+
+    For npystream's own readers (the converter passes ``release_behind`` and
+    ``stream_above``); the source is opened, checked and closed as there.
+    """
     src = open_source(source)
     owned = src is not source
     try:
@@ -68,7 +77,7 @@ def iter_objects(
                 f"{src.name}: dtype {header.dtype} holds no Python objects; use npystream.open() "
                 "(memory map) or npystream.iter_batches() for fixed dtypes"
             )
-        return iter_elements(src, header, policy, zero_copy=zero_copy, _on_close=src.close if owned else None)
+        return iter_elements(src, header, policy, _on_close=src.close if owned else None, **options)
     except BaseException:
         if owned:
             src.close()

@@ -314,25 +314,29 @@ def test_progress_bar_on_stderr_with_element_total(tmp_path, capsys):
 
 def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch):
     """Above _STREAM_ABOVE elements a plain file is read front to back (no 16-byte-per-element
-    index): the same store, and --resume works from the stream too."""
-    import npystream
+    index is built): the same store, and --resume works from the stream too."""
     import npystream.conversion as conversion
-    from npystream.objects import iter_objects as real_iter
+    from npystream.formats import pickle_walk
 
-    seen = []
+    built = []
+    real = pickle_walk._build_index
 
-    def spy(source, **kw):
-        seen.append(type(source).__name__)
-        return real_iter(source, **kw)
+    def spy(*args, **kw):
+        built.append(1)
+        return real(*args, **kw)
 
-    monkeypatch.setattr("npystream.objects.iter_objects", spy)
+    monkeypatch.setattr(pickle_walk, "_build_index", spy)
     monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10)
     p = tmp_path / "o.npy"
     arr = save_float32_arrays(p, 2500, 50, seed=5)
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
-    assert seen == ["_ForwardStream"]
+    assert built == []
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
     assert len(r) == 2500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
     # from element 1000 (what --resume does): the first 1000 are read and dropped
     got = list(conversion.open_elements(conversion.describe_source(str(p)), start=1000, views=True))
     assert len(got) == 1500 and all(np.array_equal(a, b) for a, b in zip(arr[1000:], got))
+    assert built == []
+    monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10_000)  # below it: the indexed one-pass reader
+    npystream.convert(str(p), str(tmp_path / "t.ragged"), progress=False)
+    assert built

@@ -1357,15 +1357,17 @@ def iter_elements(
     start: int = 0,
     stop: int | None = None,
     release_behind: bool = False,
+    stream_above: int | None = None,
     _on_close: Any = None,
 ) -> Iterator[Any]:
     """Elements ``start..stop-1`` of a pickled ``.npy`` in C order, each like ``np.load(...).flat[i]``.
 
     Arguments are checked now; elements are built lazily.  See the module
     docstring for the memory policy of non-seekable sources; a seekable file
-    of more than ``STREAM_ABOVE`` (16 million) elements is read the same way
-    (no offset index, whose 16 bytes per element would grow with the file)
-    unless ``index``, ``zero_copy`` or ``start`` is given.
+    of more than ``stream_above`` (default ``STREAM_ABOVE``, 16 million)
+    elements is read the same way (no offset index, whose 16 bytes per
+    element would grow with the file) unless ``index``, ``zero_copy`` or
+    ``start`` is given.
     ``release_behind=True`` (for consumers that are done with each element
     before the next, like a converter copying it) drops the map's pages
     behind the reader every 32 MiB (``ByteSource.release_pages``): views
@@ -1391,7 +1393,9 @@ def iter_elements(
         from npystream.formats.pickle_stream import _iter_stream
 
         return _flatten(_iter_stream(src, header, policy, stop), _on_close)
-    if index is None and not zero_copy and not start and header.count > STREAM_ABOVE:
+    if index is None and not zero_copy and not start and header.count > (
+        STREAM_ABOVE if stream_above is None else stream_above
+    ):
         # the offset index would cost 16 bytes per element: read front to back like a pipe
         from npystream.formats.pickle_stream import _iter_stream
 
