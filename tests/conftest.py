@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to numpy's own object-array test files."""
+"""Shared test fixtures: numpy's own object-array test files; a counter of offset-index scans."""
 
 from __future__ import annotations
 
@@ -15,3 +15,20 @@ NUMPY_TESTDATA = ROOT / "fixtures" / "numpy-testdata"
 def numpy_testdata() -> Path:
     """Folder with numpy's py2/py3 object .npy/.npz test files."""
     return NUMPY_TESTDATA
+
+
+@pytest.fixture
+def index_builds(monkeypatch):
+    """A list that grows by one each time an offset index is scanned (pickle_walk._build_index)."""
+    from npystream.formats import pickle_walk
+
+    built: list[int] = []
+    real = pickle_walk._build_index
+
+    def spy(*args, **kw):
+        built.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pickle_walk, "_build_index", spy)
+    return built
+

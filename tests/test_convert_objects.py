@@ -312,20 +312,12 @@ def test_progress_bar_on_stderr_with_element_total(tmp_path, capsys):
     assert "%|" not in err and err.count("\n") == 1
 
 
-def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch):
+def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch, index_builds):
     """Above _STREAM_ABOVE elements a plain file is read front to back (no 16-byte-per-element
     index is built): the same store, and --resume works from the stream too."""
     import npystream.conversion as conversion
-    from npystream.formats import pickle_walk
 
-    built = []
-    real = pickle_walk._build_index
-
-    def spy(*args, **kw):
-        built.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pickle_walk, "_build_index", spy)
+    built = index_builds
     monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10)
     p = tmp_path / "o.npy"
     arr = save_float32_arrays(p, 2500, 50, seed=5)

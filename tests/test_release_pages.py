@@ -99,21 +99,13 @@ def test_release_behind_in_conversion_matches_the_source(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("zero_copy", [False, True])
-def test_many_elements_stream_without_an_index(tmp_path, monkeypatch, zero_copy):
+def test_many_elements_stream_without_an_index(tmp_path, monkeypatch, zero_copy, index_builds):
     """Above STREAM_ABOVE elements iter_objects reads a seekable file front to back (no offset index)
     and gives np.load's elements; zero_copy (which needs the map) keeps the indexed path."""
     import npystream
-    from npystream.formats import pickle_walk
 
     monkeypatch.setattr(pw, "STREAM_ABOVE", 100)
-    built = []
-    real = pickle_walk._build_index
-
-    def spy(*args, **kw):
-        built.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(pickle_walk, "_build_index", spy)
+    built = index_builds
     rng = np.random.default_rng(3)
     arr = np.empty(2100, dtype=object)
     arr[:] = [rng.standard_normal(int(n)).astype("<f4") if i % 3 else f"s{i}"
