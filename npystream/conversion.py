@@ -375,8 +375,17 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
         return iterate(src.path, SafetyPolicy.make(**opts), zero_copy=True, release_behind=True)
     elif views and _indexable(src):
         return _indexed_elements(src.path, start, opts)
-    else:
-        it = iter_objects(src.path if plain else src.open_stream(), **opts)
+    elif plain:
+        it = iter_objects(src.path, **opts)
+    else:  # a stream we open: closed with the iteration
+        from npystream.verification import _closing
+
+        stream = src.open_stream()
+        try:
+            it = _closing(iter_objects(stream, **opts), stream)
+        except BaseException:
+            stream.close()
+            raise
     if start:
         for _ in islice(it, start):
             pass
@@ -747,17 +756,22 @@ def _object_to_ragged(
             else:
                 elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
                                          start=start, views=True)
-                append = writer.append
-                if bar.bar is None:  # no progress bar: nothing to count per element
-                    for x in elements:
-                        append(x)
-                    count = len(writer)
-                else:
-                    add = bar.add
-                    for x in elements:
-                        append(x)
-                        count += 1
-                        add(1, _nbytes(x))
+                try:
+                    append = writer.append
+                    if bar.bar is None:  # no progress bar: nothing to count per element
+                        for x in elements:
+                            append(x)
+                        count = len(writer)
+                    else:
+                        add = bar.add
+                        for x in elements:
+                            append(x)
+                            count += 1
+                            add(1, _nbytes(x))
+                finally:  # an error stops early: release the source now, not when collected
+                    close = getattr(elements, "close", None)
+                    if close is not None:
+                        close()
         except CastError as exc:
             _close_quietly(writer)
             raise CastError(

@@ -95,14 +95,26 @@ def equal(a: Any, b: Any) -> bool:
         return False
 
 
+def _closing(it: Iterator[Any], f: Any) -> Iterator[Any]:
+    """``it``, then ``f`` closed (when ``it`` ends, fails or is closed)."""
+    try:
+        yield from it
+    finally:
+        f.close()
+
+
 def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
     from npystream.formats.fixed import iter_batches
 
-    if header.shape == ():
-        yield from iter_batches(source)  # a 0-d array yields itself once
-        return
-    for block in iter_batches(source):
-        yield from block
+    batches = iter_batches(source)
+    try:
+        if header.shape == ():
+            yield from batches  # a 0-d array yields itself once
+            return
+        for block in batches:
+            yield from block
+    finally:  # closed early (verify stops at a difference): close the file iter_batches opened
+        _close(batches)
 
 
 def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
@@ -114,7 +126,8 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
         return open_elements(info, trusted=trusted, allowed_globals=allowed_globals, views=True)
     if info.kind == "fixed":
         if info.member is not None:
-            return _fixed_rows(info.open_stream(), info.header)
+            stream = info.open_stream()
+            return _closing(_fixed_rows(stream, info.header), stream)
         return _fixed_rows(info.spec if info.stream is None else info.stream, info.header)
     raise UnsupportedError(
         "a whole .npz has no single element sequence; name a member as ARCHIVE.npz:MEMBER",
@@ -135,7 +148,25 @@ def verify(a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = ()) 
     'element 2 differs: A int64 2 vs B int64 5'
     """
     ia = iter_elements(a, trusted=trusted, allowed_globals=allowed_globals)
-    ib = iter_elements(b, trusted=trusted, allowed_globals=allowed_globals)
+    try:
+        ib = iter_elements(b, trusted=trusted, allowed_globals=allowed_globals)
+    except BaseException:
+        _close(ia)
+        raise
+    try:
+        return _compare(ia, ib)
+    finally:  # a difference stops early: release both sources now, not when collected
+        _close(ia)
+        _close(ib)
+
+
+def _close(it: Any) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def _compare(ia: Iterator[Any], ib: Iterator[Any]) -> VerifyResult:
     i = 0
     while True:
         x = next(ia, _END)
