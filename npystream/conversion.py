@@ -175,34 +175,30 @@ class SourceInfo:
             return s
         if self.member is not None:
             zf = zipfile.ZipFile(self.path)
-            return _ForwardStream(zf.open(self.member), f"{zf.filename}:{self.member}", (zf,))
+            return _ZipMemberStream(zf, self.member)
         if self.compressed:
             return gzip.open(self.path, "rb")
         return open(self.path, "rb")  # noqa: SIM115 - returned to the caller
 
 
-class _ForwardStream(io.RawIOBase):
-    """Bytes read front to back from ``raw`` (not seekable); closes ``raw`` and ``also`` with it.
+class _ZipMemberStream(io.RawIOBase):
+    """A zip member's decompressed bytes; closes the archive with it."""
 
-    A zip member's decompressed bytes (``raw``), closing the archive (``also``).
-    """
-
-    def __init__(self, raw: Any, name: str, also: tuple[Any, ...] = ()) -> None:
-        self._raw = raw
-        self._also = also
-        self.name = name
+    def __init__(self, zf: zipfile.ZipFile, member: str) -> None:
+        self._zf = zf
+        self._m = zf.open(member)
+        self.name = f"{zf.filename}:{member}"
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: Any) -> int:
-        return self._raw.readinto(buf)
+        return self._m.readinto(buf)
 
     def close(self) -> None:
         if not self.closed:
-            self._raw.close()
-            for f in self._also:
-                f.close()
+            self._m.close()
+            self._zf.close()
         super().close()
 
 
@@ -308,9 +304,9 @@ def describe_source(spec: str) -> SourceInfo:
                       identity=identity)
 
 
-# Up to this many elements, a plain file is read through its offset index
-# (24 bytes per element: 48 MB at the limit) with zero-copy views of the mapped
-# file; above it, and for streams, elements are unpickled one at a time.
+# Up to this many elements, a conversion resumed from element start > 0 reads a plain file
+# through its offset index (24 bytes per element: 48 MB at the limit) with zero-copy
+# views, skipping to start for free; above it, the first start elements are decoded and dropped.
 _INDEX_LIMIT = 2_000_000
 # Above this many elements a plain file is streamed without an index (see open_elements).
 _STREAM_ABOVE = 4_000_000
@@ -341,13 +337,15 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
                   start: int = 0, views: bool = False) -> Iterator[Any]:
     """Iterate the elements of an object or ragged source, from element ``start``.
 
-    ``views=True`` allows read-only zero-copy views of a memory-mapped file
-    (for consumers that copy what they keep, like the ragged writer): a plain
-    object ``.npy`` is then streamed with ``iter_objects(zero_copy=True)``
-    (payloads are not copied), or, from ``start > 0`` and up to 2 million
-    elements, read through its offset index in chunks of 64 elements, which
-    makes ``start`` free; otherwise elements are streamed one at a time and
-    the first ``start`` are decoded and dropped.
+    A plain object ``.npy`` of more than 4 million elements is read front to
+    back without its offset index (bounded memory whatever the count).
+    Otherwise ``views=True`` allows read-only zero-copy views of the mapped
+    file (for consumers that copy each element at once, like the ragged
+    writer): from element 0 in one pass, the map's pages dropped behind the
+    reader; from ``start > 0`` (up to 2 million elements) through the offset
+    index in chunks of 64 elements, which makes ``start`` free.  Otherwise
+    elements are streamed one at a time and the first ``start`` are decoded
+    and dropped.
     """
     if src.kind == "ragged":
         from npystream.formats.ragged import RaggedArray
@@ -378,11 +376,9 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
     elif plain:
         it = iter_objects(src.path, **opts)
     else:  # a stream we open: closed with the iteration
-        from npystream.verification import _closing
-
         stream = src.open_stream()
         try:
-            it = _closing(iter_objects(stream, **opts), stream)
+            it = closing_iter(iter_objects(stream, **opts), stream)
         except BaseException:
             stream.close()
             raise
@@ -390,6 +386,21 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
         for _ in islice(it, start):
             pass
     return it
+
+
+def close_iter(it: Any) -> None:
+    """Close an iterator that has ``close()`` (a generator stopped early releases its source)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def closing_iter(it: Iterator[Any], f: Any) -> Iterator[Any]:
+    """``it``, then ``f`` closed (when ``it`` ends, fails or is closed)."""
+    try:
+        yield from it
+    finally:
+        f.close()
 
 
 def _plain(src: SourceInfo) -> bool:
@@ -769,9 +780,7 @@ def _object_to_ragged(
                             count += 1
                             add(1, _nbytes(x))
                 finally:  # an error stops early: release the source now, not when collected
-                    close = getattr(elements, "close", None)
-                    if close is not None:
-                        close()
+                    close_iter(elements)
         except CastError as exc:
             _close_quietly(writer)
             raise CastError(

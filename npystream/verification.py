@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from npystream.conversion import close_iter, closing_iter
 from npystream.errors import UnsupportedError
 
 __all__ = ["verify", "VerifyResult", "iter_elements", "describe", "equal"]
@@ -95,14 +96,6 @@ def equal(a: Any, b: Any) -> bool:
         return False
 
 
-def _closing(it: Iterator[Any], f: Any) -> Iterator[Any]:
-    """``it``, then ``f`` closed (when ``it`` ends, fails or is closed)."""
-    try:
-        yield from it
-    finally:
-        f.close()
-
-
 def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
     from npystream.formats.fixed import iter_batches
 
@@ -114,7 +107,7 @@ def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
         for block in batches:
             yield from block
     finally:  # closed early (verify stops at a difference): close the file iter_batches opened
-        _close(batches)
+        close_iter(batches)
 
 
 def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
@@ -127,7 +120,7 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
     if info.kind == "fixed":
         if info.member is not None:
             stream = info.open_stream()
-            return _closing(_fixed_rows(stream, info.header), stream)
+            return closing_iter(_fixed_rows(stream, info.header), stream)
         return _fixed_rows(info.spec if info.stream is None else info.stream, info.header)
     raise UnsupportedError(
         "a whole .npz has no single element sequence; name a member as ARCHIVE.npz:MEMBER",
@@ -151,19 +144,13 @@ def verify(a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = ()) 
     try:
         ib = iter_elements(b, trusted=trusted, allowed_globals=allowed_globals)
     except BaseException:
-        _close(ia)
+        close_iter(ia)
         raise
     try:
         return _compare(ia, ib)
     finally:  # a difference stops early: release both sources now, not when collected
-        _close(ia)
-        _close(ib)
-
-
-def _close(it: Any) -> None:
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
+        close_iter(ia)
+        close_iter(ib)
 
 
 def _compare(ia: Iterator[Any], ib: Iterator[Any]) -> VerifyResult:

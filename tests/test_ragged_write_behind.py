@@ -124,39 +124,44 @@ def test_error_in_the_helper_is_raised_and_breaks_the_writer(tmp_path, helper):
 
 @pytest.mark.skipif(ragged._C_WRITE_BEHIND is None, reason="no C helper")
 def test_c_helper_contract(tmp_path):
-    """npystream._speedups.WriteBehind on its own: pieces land in order, busy(), sticky errors, stop()."""
-    wb = ragged._C_WRITE_BEHIND(1000)  # a small scratch: pieces cross its end
+    """npystream._speedups.WriteBehind on its own: queued writes land, busy(), refused arguments,
+    sticky errors, stop()."""
+    wb = ragged._C_WRITE_BEHIND(3)
+    assert wb.depth == 3
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
         rng = np.random.default_rng(0)
-        pieces = [rng.integers(0, 256, int(n), dtype=np.uint8) for n in rng.integers(0, 3000, 50)]
+        pieces = [rng.integers(0, 256, int(n), dtype=np.uint8) for n in rng.integers(0, 300_000, 20)]
         pieces += [b"bytes", bytearray(b"array"), memoryview(b"view")]
-        wb.submit(fd, pieces, 7)
+        offsets = np.cumsum([0] + [len(bytes(p)) for p in pieces])
+        for p, off in zip(pieces, offsets):
+            wb.submit(fd, p, int(off) + 7)  # more writes than the queue holds: submit waits for room
         assert isinstance(wb.busy(), bool)
         wb.wait()
         assert not wb.busy()
         want = b"".join(bytes(p) for p in pieces)
         assert os.pread(fd, len(want) + 10, 7) == want
-        wb.submit(fd, b"one buffer", 0)  # a single buffer instead of a list
-        wb.wait()
-        assert os.pread(fd, 10, 0) == b"one buffer"
         with pytest.raises(TypeError):
-            wb.submit(fd, [object()], 0)
-        wb.wait()  # the refused job was never handed over
+            wb.submit(fd, object(), 0)
+        with pytest.raises((BufferError, ValueError)):
+            wb.submit(fd, np.arange(10)[::2], 0)  # not contiguous
         with pytest.raises(ValueError):
-            wb.submit(fd, [b"x"], -1)
+            wb.submit(fd, b"x", -1)
+        wb.wait()  # the refused writes were never handed over
         bad = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT)
-        wb.submit(bad, [b"x" * 10], 0)
+        wb.submit(bad, b"x" * 10, 0)
         with pytest.raises(OSError) as info:
             wb.wait()
         assert info.value.errno == errno.EBADF
         with pytest.raises(OSError):  # sticky
-            wb.submit(fd, [b"y"], 0)
+            wb.submit(fd, b"y", 0)
         os.close(bad)
         wb.stop()  # drops the error, ends the thread
         wb.stop()
         with pytest.raises(ValueError, match="stopped"):
-            wb.submit(fd, [b"y"], 0)
+            wb.submit(fd, b"y", 0)
+        with pytest.raises(ValueError):
+            ragged._C_WRITE_BEHIND(0)
     finally:
         os.close(fd)
 

@@ -1390,23 +1390,20 @@ def iter_elements(
             )
         if zero_copy:
             raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
-        from npystream.formats.pickle_stream import _iter_stream
-
-        return _flatten(_iter_stream(src, header, policy, stop), _on_close)
-    if index is None and not zero_copy and not start and header.count > (
+    elif index is None and not zero_copy and not start and header.count > (
         STREAM_ABOVE if stream_above is None else stream_above
     ):
-        # the offset index would cost 16 bytes per element: read front to back like a pipe
-        from npystream.formats.pickle_stream import _iter_stream
+        src.seek(header.data_offset)  # the offset index would cost 16 bytes per element
+    else:
+        view = _map_or_none(src)
+        if zero_copy and view is None:
+            raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
+        chunks = _iter_indexed(src, header, policy, index, view, zero_copy, start, stop, release_behind)
+        return _flatten(chunks, _on_close)
+    # read front to back, like a pipe
+    from npystream.formats.pickle_stream import _iter_stream
 
-        src.seek(header.data_offset)
-        return _flatten(_iter_stream(src, header, policy, stop), _on_close)
-    view = _map_or_none(src)
-    if zero_copy and view is None:
-        raise NotSeekableError("zero-copy views need a memory-mappable file", path=src.name)
-    chunks = _iter_indexed(src, header, policy, index, view, zero_copy, start, stop, release_behind)
-    return _flatten(chunks, _on_close)
-
+    return _flatten(_iter_stream(src, header, policy, stop), _on_close)
 
 def _flatten(chunks: Iterator[list[Any]], on_close: Any) -> Iterator[Any]:
     """Elements of the decoded chunks, iterated at C speed (itertools.chain), closing the source at the end."""

@@ -161,12 +161,9 @@ _HEADER_RETRIES = 3
 _CASTINGS = ("no", "equiv", "safe", "same_kind", "unsafe")
 # Elements buffered before a commit at the latest: bounds the pending offsets list.
 _MAX_PENDING = 65536
-# The C write-behind helper: writes it may have queued (slack for the jitter of both threads'
-# speeds: the 2 GB conversion benchmark, 3 fresh processes each, 0.70-0.77 s with 3 vs 0.83-1.0 s
-# with 1), and the scratch it copies lists of buffers through (not used by the writer's
-# single-buffer jobs).
+# Writes the C write-behind helper may have queued (slack for the jitter of both threads' speeds:
+# the 2 GB conversion benchmark, 3 fresh processes each, 0.70-0.77 s with 3 vs 0.83-1.0 s with 1).
 _DEPTH = 3
-_SCRATCH = 64 << 10
 # copy_file_range errors that mean "not here" (other file systems, old kernels, special
 # files): RaggedWriter.append_from_file then writes the element from memory instead.
 _NO_COPY_RANGE = frozenset(
@@ -1130,7 +1127,7 @@ class _WriteBehind:
 def _new_write_behind() -> Any:
     """The C helper (``npystream._speedups.WriteBehind``: a thread that never needs the GIL) or :class:`_WriteBehind`."""
     if _C_WRITE_BEHIND is not None:
-        return _C_WRITE_BEHIND(_SCRATCH, _DEPTH)
+        return _C_WRITE_BEHIND(_DEPTH)
     return _WriteBehind()
 
 
