@@ -195,6 +195,15 @@ def _rebuild_dtype(d: np.dtype, depth: int = 0) -> np.dtype:
     """Rebuild ``d`` through numpy's validating constructors (which refuse overlapping objects)."""
     if depth > 64:
         raise UnsafePickleError("dtype nested more than 64 levels deep")
+    canon = _rebuild_plain(d, depth)
+    if d.type is np.record and canon.type is not np.record:  # np.recarray's dtype: keep its scalar type
+        canon = np.dtype((np.record, canon))
+    if d.metadata is not None:  # np.load keeps user metadata (np.dtype(..., metadata={...}))
+        canon = np.dtype(canon, metadata=dict(d.metadata))
+    return canon
+
+
+def _rebuild_plain(d: np.dtype, depth: int) -> np.dtype:
     if d.subdtype is not None:
         base, shape = d.subdtype
         return np.dtype((_rebuild_dtype(base, depth + 1), shape))
@@ -369,7 +378,10 @@ def _normal_state(st: tuple[Any, ...]) -> tuple[Any, ...]:
     out[1] = _latin1(out[1])
     if len(out) == 9 and type(out[8]) is tuple and len(out[8]) == 2 and type(out[8][1]) is tuple and out[8][1]:
         unit = out[8][1][0]
-        out[8] = (out[8][0], (unit.encode("latin1") if type(unit) is str else unit, *out[8][1][1:]))
+        # numpy 1.x writes {} where numpy 2 writes None for a datetime dtype without user metadata
+        out[8] = (out[8][0] or None, (unit.encode("latin1") if type(unit) is str else unit, *out[8][1][1:]))
+    elif len(out) == 9 and out[8] == {}:
+        out[8] = None
     return tuple(out)
 
 
@@ -406,8 +418,10 @@ def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
                 if unit != "generic":
                     text += f"[{num}{unit}]"
             d = np.dtype(text if endian == "|" else endian + text)
+        if base.type is np.record:  # dtype(numpy.record, 0, 1): a record dtype (np.recarray, np.record)
+            d = np.dtype((np.record, d))
         user_meta = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
-        if user_meta is not None:
+        if user_meta:
             d = np.dtype(d, metadata=user_meta)
         mine = _normal_state(d.__reduce__()[2])
         return d if mine == st else None
@@ -597,10 +611,13 @@ def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: A
 
 
 def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    text = _as_text(obj)
-    if text is None or len(text) > 64 or not _flag01(align) or not _flag01(copy):
+    # numpy pickles a record dtype (np.recarray, np.record) as dtype(numpy.record, 0, 1); the class
+    # only gets here when the policy resolved the global numpy.record (trusted, or allowed by name)
+    text = obj if obj is np.record else _as_text(obj)
+    if text is None or (text is not np.record and len(text) > 64) or not _flag01(align) or not _flag01(copy):
         raise UnsafePickleError(
-            f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string, 0|1, 0|1)"
+            f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string "
+            "or numpy.record, 0|1, 0|1)"
         )
     try:
         # copy=True always: never hand the pickle numpy's shared builtin descriptors to BUILD on
@@ -634,6 +651,28 @@ def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
     if size != d.itemsize:
         raise FormatError(f"numpy scalar of dtype {d} needs {d.itemsize} bytes, pickle gives {size}")
     return _real_scalar(d, obj)
+
+
+def _scalar_trusted(ctx: LoadContext, dtype: Any, *args: Any) -> Any:
+    """trusted=True: numpy's ``scalar`` itself, given the real dtype (the pickle's dtype is a checked placeholder)."""
+    return _real_scalar(_real_dtype(dtype), *args)
+
+
+def _frombuffer_trusted(ctx: LoadContext, buf: Any, dtype: Any, *args: Any) -> Any:
+    """trusted=True: numpy's ``_frombuffer`` itself, given the real dtype."""
+    return _real_frombuffer(buf, _real_dtype(dtype), *args)
+
+
+def _slice_checked(ctx: LoadContext, *args: Any) -> slice:
+    """``slice(...)`` with real arrays and dtypes: placeholders are built (their states checked) first.
+
+    numpy writes the arguments completely before calling ``slice``, so an array
+    placeholder has its state here; one without raises FormatError.
+    """
+    if any(type(a) in _WALK for a in args):
+        seen: dict[int, Any] = {}
+        args = tuple((finalize(a, ctx, seen) if type(a) in _WALK else a) for a in args)
+    return slice(*args)
 
 
 def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, order: Any) -> Any:
@@ -687,13 +726,15 @@ _CHECKED[("numpy", "dtype")] = (_dtype_checked, np.dtype)
 _CHECKED[("_codecs", "encode")] = (_encode_checked, codecs.encode)
 _CHECKED[("builtins", "bytearray")] = (_bytearray_checked, bytearray)
 _CHECKED[("builtins", "bytes")] = (_bytes_checked, bytes)
+_CHECKED[("builtins", "slice")] = (_slice_checked, slice)
+# trusted=True resolves every global to itself except these (and _reconstruct, dtype):
+_TRUSTED: dict[Any, Any] = {_scalar_checked: _scalar_trusted, _frombuffer_checked: _frombuffer_trusted}
 
 _HARMLESS: dict[tuple[str, str], Any] = {
     ("builtins", "complex"): complex,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "range"): range,
-    ("builtins", "slice"): slice,
     ("numpy", "ndarray"): NDARRAY_TOKEN,
 }
 
@@ -740,6 +781,13 @@ class SafeUnpickler(pickle.Unpickler):
         self.use_protos = True
         self._cache: dict[tuple[str, str], Any] = {}
 
+    @classmethod
+    def with_context(cls, feed: Any, policy: SafetyPolicy, ctx: LoadContext) -> SafeUnpickler:
+        """An unpickler sharing ``ctx`` (a second run of the same pickle with ``ctx.real`` set)."""
+        new = cls(feed, policy)
+        new.ctx = ctx
+        return new
+
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
         key = (module, name)
         hit = self._cache.get(key)
@@ -762,10 +810,14 @@ class SafeUnpickler(pickle.Unpickler):
                 f"No module named {module!r} (a Python 2 pickle: pass fix_imports=True, as np.load does by default)"
             )
         key = (mmod, mname)
-        if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] in ("_reconstruct", "dtype")):
+        if self.use_protos and key in _CHECKED and (
+            not policy.trusted or key[1] in ("_reconstruct", "dtype") or _CHECKED[key][0] in _TRUSTED
+        ):
             # a stand-in may end up inside a container element: the finaliser walks containers from now on
             self.ctx.protos = self.ctx.protos or 1
             fn, real = _CHECKED[key]
+            if policy.trusted:
+                fn = _TRUSTED.get(fn, fn)
             if fn is _reconstruct_checked:
                 if _FastReconstruct is not None and self.ctx.made is None:
                     ctx = self.ctx
@@ -778,12 +830,11 @@ class SafeUnpickler(pickle.Unpickler):
             return self._find_real(module, name)
         if key in _HARMLESS:
             return _HARMLESS[key]
-        if f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals:
+        if _trusted_only(mmod, mname) is None and (
+            f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals
+        ):
             return self._find_real(module, name)
-        raise UnsafePickleError(
-            f"refused global {mmod}.{mname}: not on the allow-list of what np.save writes; "
-            f"pass allowed_globals=['{mmod}.{mname}'] if you trust it, or trusted=True for a file you wrote"
-        )
+        raise UnsafePickleError(refusal(mmod, mname))
 
     def _find_real(self, module: str, name: str) -> Any:
         alias = _numpy_alias(module)
@@ -1038,6 +1089,84 @@ def check_load(ctx: LoadContext) -> None:
             ctx.dtypes.clear()
 
 
+_REACH = frozenset({ArrayProto, DtypeProto, *_CONTAINERS})
+
+
+def placeholders_escaped(result: Any, made: list[Any]) -> bool:
+    """Whether a placeholder in ``made`` sits where the finaliser cannot reach it (inside another class's object).
+
+    The finaliser walks lists, dicts, tuples, sets and object arrays; a
+    placeholder handed to anything else (a constructor, a ``__setstate__``)
+    would stay one, so the load must run again with real objects.
+    """
+    reach: set[int] = set()
+    stack = [result]
+    while stack:
+        obj = stack.pop()
+        t = type(obj)
+        if t not in _REACH or id(obj) in reach:
+            continue
+        reach.add(id(obj))
+        if t is dict:
+            stack.extend(obj.values())
+            stack.extend(obj.keys())
+        elif t is not DtypeProto:
+            stack.extend(obj)
+    return not all(id(p) in reach for p in made)
+
+
+def check_made(ctx: LoadContext, made: list[Any], failed: bool = False) -> None:
+    """Check every dtype and array state a load recorded (FormatError/UnsafePickleError for a forged one); empties ``made``.
+
+    Before a second run with numpy's real ``_reconstruct`` and dtypes.  After a
+    failed load an array placeholder may not have received its state yet.
+    """
+    check_load(ctx)
+    seen: dict[int, Any] = {}
+    try:
+        for p in made:
+            if type(p) is ArrayProto and (p or not failed):
+                _build_array(p, ctx, seen, 0)
+    finally:
+        made.clear()
+
+
+def load_one(data: Any, policy: SafetyPolicy) -> Any:
+    """Unpickle one self-contained pickle (a ragged store's element) under ``policy``, finalised.
+
+    Same rules as the element reader: placeholders are built by the
+    finaliser; trusted=True (or a class named in allowed_globals) that hands a
+    placeholder to other code runs the pickle again with real arrays once
+    every recorded state was checked; safe mode refuses code that fails on a
+    placeholder, naming trusted=True.
+    """
+    import io
+
+    unpickler = SafeUnpickler(io.BytesIO(data), policy)
+    ctx = unpickler.ctx
+    made = ctx.made
+    try:
+        obj = unpickler.load()
+    except Exception as exc:
+        if not made or isinstance(exc, (FormatError, UnsafePickleError)) or not policy.trusted:
+            if made and not isinstance(exc, (FormatError, UnsafePickleError)):
+                raise UnsafePickleError(
+                    "an object of a class named in allowed_globals builds itself from arrays or dtypes while "
+                    "it is unpickled; safe mode checks every array before any code sees it, so it cannot read "
+                    "this element: pass trusted=True for a file you trust"
+                ) from None
+            raise
+        obj = None
+        check_made(ctx, made, failed=True)
+    else:
+        check_load(ctx)
+        if not made or not placeholders_escaped(obj, made):
+            return finalize(obj, ctx, {})
+        check_made(ctx, made)
+    ctx.real = True
+    return SafeUnpickler.with_context(io.BytesIO(data), policy, ctx).load()
+
+
 def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
     """Whether safe mode resolves ``module.name`` (after the ``fix_imports`` mapping)."""
     if policy.trusted:
@@ -1052,9 +1181,50 @@ def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
     return (
         key in _CHECKED
         or key in _HARMLESS
-        or f"{mmod}:{mname}" in policy.allowed_globals
-        or f"{module}:{name}" in policy.allowed_globals
+        or (
+            (f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals)
+            and _trusted_only(mmod, mname) is None
+        )
         or (not policy.fix_imports and module in ("__builtin__", "copy_reg"))  # ImportError later, like np.load
+    )
+
+
+def _trusted_only(module: str, name: str) -> str | None:
+    """What numpy global ``module.name`` is when only trusted=True reads it (an ndarray subclass), else None.
+
+    np.matrix, np.recarray, np.ma.MaskedArray (and other ndarray subclasses)
+    run their own code on the array state while they are unpickled; safe mode
+    checks every array state before any code sees it, so it cannot read them,
+    even when named in ``allowed_globals``.  Only numpy's own modules are
+    imported to find out.
+    """
+    if module != "numpy" and not module.startswith("numpy."):
+        return None
+    try:
+        obj = importlib.import_module(_numpy_alias(module))
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except Exception:  # not a numpy name this numpy has: refused as any unknown global
+        return None
+    if isinstance(obj, type) and issubclass(obj, np.ndarray) and obj is not np.ndarray:
+        return f"the ndarray subclass {obj.__module__}.{obj.__qualname__}"
+    if module.startswith("numpy.ma") and callable(obj) and obj is not np.ndarray:
+        return f"numpy.ma's {name}, which rebuilds masked arrays,"
+    return None
+
+
+def refusal(module: str, name: str) -> str:
+    """The message refusing global ``module.name`` in safe mode: how to read it (allowed_globals or trusted=True)."""
+    what = _trusted_only(module, name)
+    if what is not None:
+        return (
+            f"refused global {module}.{name}: {what} runs its own code on arrays while it is unpickled, "
+            "which safe mode cannot check first (allowed_globals does not change that); np.matrix, np.recarray "
+            "and np.ma.MaskedArray elements are read only with trusted=True, for a file you trust"
+        )
+    return (
+        f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "
+        f"allowed_globals=['{module}.{name}'] if you trust it, or trusted=True for a file you wrote"
     )
 
 
@@ -1073,9 +1243,6 @@ def make_global_check(policy: SafetyPolicy) -> Any:
             return f"GLOBAL with undecodable names {raw[:80]!r}"
         if is_allowed(module, name, policy):
             return None
-        return (
-            f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "
-            f"allowed_globals=['{module}.{name}'] if you trust it, or trusted=True for a file you wrote"
-        )
+        return refusal(module, name)
 
     return check
