@@ -268,7 +268,11 @@ def _dtype_like(x: Any) -> bool:
 
 
 def _real_dtype(x: Any) -> Any:
-    return x.dtype if type(x) is DtypeProto else x
+    """The dtype of a placeholder consumed by npystream's own code (marked ``lent``: it did not escape)."""
+    if type(x) is DtypeProto:
+        x.lent = True
+        return x.dtype
+    return x
 
 
 def _state_error(state: Any, why: str) -> UnsafePickleError:
@@ -363,6 +367,10 @@ def check_dtype_state(state: Any) -> tuple[Any, ...]:
             )
         ):
             raise _state_error(state, "metadata must be None, a dict or numpy's datetime tuple")
+        user = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
+        if user and any(type(x) in _WALK for item in user.items() for x in item):
+            # arrays and dtypes in user metadata (np.load keeps them): built and checked now, in place
+            _walk(user, LoadContext(False), {}, 0)
     if not all(type(x) is int and -_INT32 <= x < _INT32 for x in ints):
         raise _state_error(state, "element size, alignment and flags must be 32-bit ints")
     return (version, *rest) if n > 5 else tuple(rest)
@@ -442,12 +450,13 @@ class DtypeProto:
     Consumers unwrap it (``.dtype``); one BUILD only, as numpy writes.
     """
 
-    __slots__ = ("dtype", "built", "trusted")
+    __slots__ = ("dtype", "built", "trusted", "lent")
 
     def __init__(self, d: np.dtype, trusted: bool = False) -> None:
         self.dtype = d
         self.built = False
         self.trusted = trusted
+        self.lent = False  # handed (as its real dtype) to numpy's scalar/_frombuffer or another dtype's state
 
     def __setstate__(self, state: Any) -> None:
         if self.built:
@@ -653,14 +662,23 @@ def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
     return _real_scalar(d, obj)
 
 
+def _lend(ctx: LoadContext, dtype: Any) -> Any:
+    """The real dtype of a placeholder handed to numpy's own ``scalar``/``_frombuffer`` (trusted=True).
+
+    The placeholder is then not one that escaped (see ``placeholders_escaped``):
+    numpy keeps only the real dtype.
+    """
+    return _real_dtype(dtype)
+
+
 def _scalar_trusted(ctx: LoadContext, dtype: Any, *args: Any) -> Any:
     """trusted=True: numpy's ``scalar`` itself, given the real dtype (the pickle's dtype is a checked placeholder)."""
-    return _real_scalar(_real_dtype(dtype), *args)
+    return _real_scalar(_lend(ctx, dtype), *args)
 
 
 def _frombuffer_trusted(ctx: LoadContext, buf: Any, dtype: Any, *args: Any) -> Any:
     """trusted=True: numpy's ``_frombuffer`` itself, given the real dtype."""
-    return _real_frombuffer(buf, _real_dtype(dtype), *args)
+    return _real_frombuffer(buf, _lend(ctx, dtype), *args)
 
 
 def _slice_checked(ctx: LoadContext, *args: Any) -> slice:
@@ -1112,7 +1130,7 @@ def placeholders_escaped(result: Any, made: list[Any]) -> bool:
             stack.extend(obj.keys())
         elif t is not DtypeProto:
             stack.extend(obj)
-    return not all(id(p) in reach for p in made)
+    return not all(id(p) in reach or (type(p) is DtypeProto and p.lent) for p in made)
 
 
 def check_made(ctx: LoadContext, made: list[Any], failed: bool = False) -> None:
