@@ -28,17 +28,34 @@ never hands numpy's dangerous entry points to the pickle directly:
 * ``scalar``, ``_frombuffer`` (protocol 5), ``_codecs.encode`` (protocol 2
   bytes), ``bytearray``, ``bytes``: checked wrappers (sizes, types, no
   integer-size allocations).
+* ``slice``: checked too -- array and dtype placeholders among its
+  arguments are built (their states checked) first, so a slice never holds a
+  placeholder.
+* ``numpy.record`` -> a token that ``dtype(numpy.record, 0, 1)`` (a record
+  dtype, as numpy pickles np.recarray's and np.record's) accepts and that
+  raises when called.
 * harmless builtins are returned as themselves: ``complex``, ``set``,
-  ``frozenset``, ``range`` (Python 2 ``xrange`` after ``fix_imports``) and
-  ``slice``.
+  ``frozenset`` and ``range`` (Python 2 ``xrange`` after ``fix_imports``).
+* dtype metadata (``np.dtype(..., metadata={...})``) is kept, as np.load
+  keeps it; arrays and dtypes inside it are built and checked.
 
 Anything else raises :class:`~npystream.errors.UnsafePickleError` naming the
 global before anything is called; ``allowed_globals`` extends the list
 (resolved with the normal ``find_class``), ``trusted=True`` resolves every
 global like ``np.load(allow_pickle=True)`` except numpy's ``_reconstruct`` and
-``dtype``, which stay checked (placeholders handed to other objects: see
-``_trusted_rerun`` in pickle_walk).  Persistent ids and extension
-codes are refused by the scanner in both modes.
+``dtype``, which stay checked, and hands ``scalar``/``_frombuffer`` the
+real dtype.  A placeholder handed to other code (pandas objects, np.matrix,
+np.recarray, np.ma.MaskedArray build themselves from arrays while they are
+unpickled) makes the load run again with numpy's real ``_reconstruct`` and
+dtypes once every state recorded so far was checked, as
+``np.load(allow_pickle=True)`` runs it (``_trusted_rerun`` and
+``_rerun_failed`` in pickle_walk, :func:`load_one` for a single pickle).
+Safe mode cannot do that without handing unchecked arrays to code: ndarray
+subclasses and numpy.ma's reconstructor are refused even when named in
+``allowed_globals`` (:func:`refusal` says to pass ``trusted=True``), and an
+allowed class whose code fails on a placeholder is refused with the same
+advice.  Persistent ids and extension codes are refused by the scanner in
+both modes.
 
 A wrapper returned for a global that is itself a value (an object array
 holding the class ``bytearray``, say) is mapped back to the real object, as a
@@ -537,6 +554,25 @@ class _NdarrayToken(_Refusing):
 NDARRAY_TOKEN = _NdarrayToken()
 
 
+class _RecordToken(_Refusing):
+    """``numpy.record`` in safe mode: what ``dtype(numpy.record, 0, 1)`` needs, refusing to be called.
+
+    numpy pickles a record dtype (np.recarray's, np.record scalars') that way;
+    ``numpy.record(n)`` itself would allocate ``n`` bytes, so it is not handed
+    to the pickle.
+    """
+
+    __slots__ = ()
+    real = np.record
+    label = "numpy.record"
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        raise UnsafePickleError("numpy.record called directly (allocates from pickled sizes); numpy never writes that")
+
+
+RECORD_TOKEN = _RecordToken()
+
+
 class _Checked(_Refusing):
     """A checked stand-in for a numpy/builtin callable, bound to one unpickler's load context."""
 
@@ -620,8 +656,10 @@ def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: A
 
 
 def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    # numpy pickles a record dtype (np.recarray, np.record) as dtype(numpy.record, 0, 1); the class
-    # only gets here when the policy resolved the global numpy.record (trusted, or allowed by name)
+    # numpy pickles a record dtype (np.recarray, np.record) as dtype(numpy.record, 0, 1): the real
+    # class (trusted=True, or named in allowed_globals) or safe mode's token for it
+    if obj is RECORD_TOKEN:
+        obj = np.record
     text = obj if obj is np.record else _as_text(obj)
     if text is None or (text is not np.record and len(text) > 64) or not _flag01(align) or not _flag01(copy):
         raise UnsafePickleError(
@@ -754,6 +792,7 @@ _HARMLESS: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "range"): range,
     ("numpy", "ndarray"): NDARRAY_TOKEN,
+    ("numpy", "record"): RECORD_TOKEN,
 }
 
 
@@ -1068,7 +1107,9 @@ else:
     build_arrays_c = None
     _has_special = None
 
-TOKEN_TYPES = tuple(t for t in (_Checked, _NdarrayToken, _ReconstructChecked, _FastReconstruct) if t is not None)
+TOKEN_TYPES = tuple(
+    t for t in (_Checked, _NdarrayToken, _RecordToken, _ReconstructChecked, _FastReconstruct) if t is not None
+)
 _TOKENS = frozenset(TOKEN_TYPES)
 _WALK.update(TOKEN_TYPES)
 _SPECIAL_TYPES = (ArrayProto, DtypeProto, *TOKEN_TYPES)
