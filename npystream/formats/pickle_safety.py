@@ -285,11 +285,7 @@ def _dtype_like(x: Any) -> bool:
 
 
 def _real_dtype(x: Any) -> Any:
-    """The dtype of a placeholder consumed by npystream's own code (marked ``lent``: it did not escape)."""
-    if type(x) is DtypeProto:
-        x.lent = True
-        return x.dtype
-    return x
+    return x.dtype if type(x) is DtypeProto else x
 
 
 def _state_error(state: Any, why: str) -> UnsafePickleError:
@@ -419,6 +415,7 @@ def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
     fields, metadata) through numpy's validating constructors, and its own
     state must then equal the pickle's.
     """
+    given_meta = st[8] if len(st) == 9 else None  # before _normal_state: numpy 2 keeps numpy 1.x's {}
     st = _normal_state(st)
     _version, endian, subarray, names, fields, elsize, _alignment, flags = st[:8]
     meta = st[8] if len(st) == 9 else None
@@ -445,8 +442,8 @@ def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
             d = np.dtype(text if endian == "|" else endian + text)
         if base.type is np.record:  # dtype(numpy.record, 0, 1): a record dtype (np.recarray, np.record)
             d = np.dtype((np.record, d))
-        user_meta = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
-        if user_meta:
+        user_meta = given_meta if type(given_meta) is dict else (given_meta[0] if type(given_meta) is tuple else None)
+        if user_meta is not None:  # {} too: numpy 2 keeps numpy 1.x's empty datetime metadata
             d = np.dtype(d, metadata=user_meta)
         mine = _normal_state(d.__reduce__()[2])
         return d if mine == st else None
@@ -467,13 +464,12 @@ class DtypeProto:
     Consumers unwrap it (``.dtype``); one BUILD only, as numpy writes.
     """
 
-    __slots__ = ("dtype", "built", "trusted", "lent")
+    __slots__ = ("dtype", "built", "trusted")
 
     def __init__(self, d: np.dtype, trusted: bool = False) -> None:
         self.dtype = d
         self.built = False
         self.trusted = trusted
-        self.lent = False  # handed (as its real dtype) to numpy's scalar/_frombuffer or another dtype's state
 
     def __setstate__(self, state: Any) -> None:
         if self.built:
@@ -700,23 +696,14 @@ def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
     return _real_scalar(d, obj)
 
 
-def _lend(ctx: LoadContext, dtype: Any) -> Any:
-    """The real dtype of a placeholder handed to numpy's own ``scalar``/``_frombuffer`` (trusted=True).
-
-    The placeholder is then not one that escaped (see ``placeholders_escaped``):
-    numpy keeps only the real dtype.
-    """
-    return _real_dtype(dtype)
-
-
 def _scalar_trusted(ctx: LoadContext, dtype: Any, *args: Any) -> Any:
     """trusted=True: numpy's ``scalar`` itself, given the real dtype (the pickle's dtype is a checked placeholder)."""
-    return _real_scalar(_lend(ctx, dtype), *args)
+    return _real_scalar(_real_dtype(dtype), *args)
 
 
 def _frombuffer_trusted(ctx: LoadContext, buf: Any, dtype: Any, *args: Any) -> Any:
     """trusted=True: numpy's ``_frombuffer`` itself, given the real dtype."""
-    return _real_frombuffer(buf, _lend(ctx, dtype), *args)
+    return _real_frombuffer(buf, _real_dtype(dtype), *args)
 
 
 def _slice_checked(ctx: LoadContext, *args: Any) -> slice:
@@ -784,7 +771,11 @@ _CHECKED[("builtins", "bytearray")] = (_bytearray_checked, bytearray)
 _CHECKED[("builtins", "bytes")] = (_bytes_checked, bytes)
 _CHECKED[("builtins", "slice")] = (_slice_checked, slice)
 # trusted=True resolves every global to itself except these (and _reconstruct, dtype):
-_TRUSTED: dict[Any, Any] = {_scalar_checked: _scalar_trusted, _frombuffer_checked: _frombuffer_trusted}
+_TRUSTED: dict[Any, Any] = {
+    _scalar_checked: _scalar_trusted,
+    _frombuffer_checked: _frombuffer_trusted,
+    _slice_checked: _slice_checked,
+}
 
 _HARMLESS: dict[tuple[str, str], Any] = {
     ("builtins", "complex"): complex,
@@ -1148,30 +1139,45 @@ def check_load(ctx: LoadContext) -> None:
             ctx.dtypes.clear()
 
 
-_REACH = frozenset({ArrayProto, DtypeProto, *_CONTAINERS})
+# objects that hold no placeholder: values, and what our own checked callables made (a slice's
+# arguments are finalised, numpy's scalar and _frombuffer got real dtypes)
+_LEAVES = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None), range, slice, np.ndarray})
+_SEQUENCES = frozenset({ArrayProto, list, tuple, set, frozenset})
 
 
 def placeholders_escaped(result: Any, made: list[Any]) -> bool:
-    """Whether a placeholder in ``made`` sits where the finaliser cannot reach it (inside another class's object).
+    """Whether a load that made placeholders also made objects the finaliser cannot look inside.
 
-    The finaliser walks lists, dicts, tuples, sets and object arrays; a
-    placeholder handed to anything else (a constructor, a ``__setstate__``)
-    would stay one, so the load must run again with real objects.
+    The finaliser walks lists, dicts, tuples, sets and object arrays; an
+    object of any other class (a constructor's result, an object whose
+    ``__setstate__`` ran) may hold a placeholder -- reachable through it or
+    not, it may share one with a container -- so then the load must run again
+    with real objects after every state was checked.
     """
-    reach: set[int] = set()
+    if not made:
+        return False
+    seen: set[int] = set()
     stack = [result]
     while stack:
         obj = stack.pop()
         t = type(obj)
-        if t not in _REACH or id(obj) in reach:
+        if t in _LEAVES or t is DtypeProto or t in _TOKENS:
             continue
-        reach.add(id(obj))
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
         if t is dict:
             stack.extend(obj.values())
             stack.extend(obj.keys())
-        elif t is not DtypeProto:
+        elif t in _SEQUENCES:
             stack.extend(obj)
-    return not all(id(p) in reach or (type(p) is DtypeProto and p.lent) for p in made)
+        elif isinstance(obj, np.dtype):
+            continue
+        elif isinstance(obj, np.generic) and not (isinstance(obj, np.void) and obj.dtype.hasobject):
+            continue
+        else:
+            return True
+    return False
 
 
 def check_made(ctx: LoadContext, made: list[Any], failed: bool = False) -> None:

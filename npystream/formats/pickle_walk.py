@@ -730,6 +730,8 @@ class _Engine:
             if made is None:
                 return self.unpickler.load()
             made.clear()
+            if elements:
+                self._realise_memo()
             try:
                 result = self.unpickler.load()
             except Exception as exc:
@@ -799,22 +801,34 @@ class _Engine:
             return result
         ctx = self.ctx
         check_made(ctx, made, failed)
-        seen: dict[int, Any] = {}
-        # arrays of earlier elements may still be placeholders in the memo: hand out the arrays
-        # (a placeholder without state is the outer array's, from the prefix)
-        old = {
-            k: (_build_array(v, ctx, seen, 0) if type(v) is ArrayProto else v.dtype)
-            for k, v in self.unpickler.memo.copy().items()
-            if (type(v) is ArrayProto and v) or type(v) is DtypeProto
-        }
-        if old:
-            self.unpickler.memo = _memo_with(self.unpickler, old)
+        self._realise_memo()
         ctx.real = True
         try:
             self.feed.set(program)
             return self.unpickler.load()
         finally:
             ctx.real = False
+
+    def _realise_memo(self) -> None:
+        """Put real arrays and dtypes in the memo in place of earlier loads' placeholders (every state is checked).
+
+        trusted=True and allowed_globals only: a later element may hand a
+        memoized array or dtype to code that is not ours (a slice, a class's
+        ``__setstate__``), which must receive the real object.  A placeholder
+        without state is the outer array's, from the prefix: left alone.
+        """
+        memo = self.unpickler.memo.copy()
+        if not any(type(v) is DtypeProto or (type(v) is ArrayProto and v) for v in memo.values()):
+            return
+        ctx = self.ctx
+        check_load(ctx)
+        seen: dict[int, Any] = {}
+        real = {
+            k: (_build_array(v, ctx, seen, 0) if type(v) is ArrayProto else check_dtype(v))
+            for k, v in memo.items()
+            if (type(v) is ArrayProto and v) or type(v) is DtypeProto
+        }
+        self.unpickler.memo = _memo_with(self.unpickler, real)
 
     def rewrite_all(self, buf: Any, start: int, end: int, base: int, out: bytearray, index: int | None) -> None:
         """Rewrite ``[start, end)`` (file offsets) of ``buf`` into ``out``, resolving missing memo entries."""
