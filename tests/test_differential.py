@@ -5,9 +5,10 @@ dtype, arrays of every dtype (byte orders, metadata, structured, datetime,
 0-d, empty, non-contiguous, Fortran), Python scalars, str/bytes/bytearray,
 slices and ranges, dtypes, nested lists/tuples/dicts/sets/frozensets and
 object arrays, shared references; outer arrays 0-d, 1-D or N-D in C or
-Fortran order.  Each is saved with ``np.save`` or by hand with pickle
-protocols 2-5 and read back in safe mode (everything generated here is on
-the safe allow-list) and with ``trusted=True``, through a path, ``open()``
+Fortran order; dates, Decimals and OrderedDicts too.  Each is saved with
+``np.save`` or by hand with pickle protocols 2-5 and read back in safe mode
+(everything generated is on the safe allow-list or named in
+``allowed_globals``) and with ``trusted=True``, through a path, ``open()``
 (elements and slices; zero-copy on and off), a real pipe, gzip and bytes.
 Every element must equal ``np.load(path, allow_pickle=True).flat[i]``
 exactly (:func:`objcases.assert_same_element`: type, value, dtype with byte
@@ -23,6 +24,7 @@ separate fix); raise it once that lands.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import io
 import os
@@ -42,6 +44,8 @@ from objcases import assert_same_element, npy_preamble, obj_array
 import npystream
 
 MAX_DEPTH = 3  # container levels around a leaf (see the module docstring)
+# classes np.save users store that safe mode reads once named (everything else generated is on the allow-list)
+ALLOWED = ["collections.OrderedDict", "datetime.date", "datetime.timedelta", "decimal.Decimal"]
 
 # ---------------------------------------------------------------------------
 # dtypes and arrays
@@ -109,6 +113,9 @@ LEAVES = st.one_of(
     st.builds(slice, _SMALL, _SMALL, _SMALL),
     NUMPY_SCALARS,
     ARRAYS,
+    st.dates(),
+    st.timedeltas(),
+    st.decimals(allow_nan=False, places=3),
     st.binary(min_size=1, max_size=4).map(np.void),  # raw void scalars and arrays (no field names)
     st.binary(max_size=8).map(lambda b: np.frombuffer(b[: len(b) // 2 * 2], "V2").copy()),
     DTYPES,
@@ -120,6 +127,7 @@ def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
         st.lists(children, max_size=3),
         st.lists(children, max_size=3).map(tuple),
         st.dictionaries(HASHABLE, children, max_size=3),
+        st.dictionaries(HASHABLE, children, max_size=3).map(collections.OrderedDict),  # a class's SETITEMS
         st.sets(HASHABLE, max_size=3),
         st.frozensets(HASHABLE, max_size=3),
         st.lists(children, min_size=1, max_size=4).map(obj_array),  # a nested object ndarray
@@ -161,7 +169,7 @@ def _file_bytes(arr: np.ndarray, protocol: int | None) -> bytes:
     return npy_preamble(arr) + pickle.dumps(arr, protocol=protocol)
 
 
-def _through_pipe(data: bytes, trusted: bool) -> list[Any]:
+def _through_pipe(data: bytes, policy: dict[str, Any]) -> list[Any]:
     r, w = os.pipe()
 
     def feed() -> None:
@@ -175,24 +183,25 @@ def _through_pipe(data: bytes, trusted: bool) -> list[Any]:
     writer.start()
     try:
         with os.fdopen(r, "rb") as f:
-            return list(npystream.iter_objects(f, trusted=trusted))
+            return list(npystream.iter_objects(f, **policy))
     finally:
         writer.join()
 
 
 def _readers(path: Path, data: bytes, trusted: bool, count: int, one_d: bool) -> dict[str, Any]:
     """name -> a function returning the elements in C order."""
+    policy: dict[str, Any] = {"trusted": True} if trusted else {"allowed_globals": ALLOWED}
     out: dict[str, Any] = {
-        "path": lambda: list(npystream.iter_objects(path, trusted=trusted)),
-        "bytes": lambda: list(npystream.iter_objects(data, trusted=trusted)),
-        "pipe": lambda: _through_pipe(data, trusted),
-        "gzip": lambda: list(npystream.iter_objects(gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(data))), trusted=trusted)),
+        "path": lambda: list(npystream.iter_objects(path, **policy)),
+        "bytes": lambda: list(npystream.iter_objects(data, **policy)),
+        "pipe": lambda: _through_pipe(data, policy),
+        "gzip": lambda: list(npystream.iter_objects(gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(data))), **policy)),
     }
     if one_d:
         for zero_copy in (False, True):
 
             def elements(zero_copy: bool = zero_copy) -> list[Any]:
-                with npystream.open(path, trusted=trusted, zero_copy=zero_copy) as arr:
+                with npystream.open(path, zero_copy=zero_copy, **policy) as arr:
                     got = [arr[i] for i in range(count)]
                     if count > 1:  # a slice yields the same elements
                         for a, b in zip(list(arr[1:]), got[1:]):
