@@ -103,7 +103,7 @@ HASHABLE = st.one_of(
     st.text(max_size=6),
     st.binary(max_size=6),
     st.builds(range, st.integers(-5, 5), st.integers(-5, 5), st.sampled_from([1, 2, -1])),
-    hnp.arrays(_PLAIN.filter(lambda d: d.kind not in "fcV"), ()).map(lambda a: a[()]),  # NaN-free numpy scalars
+    hnp.arrays(_PLAIN.filter(lambda d: d.kind not in "fcVmM"), ()).map(lambda a: a[()]),  # NaN- and NaT-free
     _PLAIN,
 )
 LEAVES = st.one_of(

@@ -394,9 +394,14 @@ def _latin1(x: Any) -> Any:
 
 
 def _normal_state(st: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A state with Python 2's str/bytes differences evened out (byte order as str, datetime unit as bytes)."""
+    """A state with the differences of Python 2 and numpy 1.x evened out (byte order as str, datetime unit as bytes, flags).
+
+    What numpy >= 1.23 and 2.x write for the same dtype normalises to the same state.
+    """
     out = list(st)
     out[1] = _latin1(out[1])
+    if len(out) >= 8 and type(out[7]) is int:
+        out[7] &= 0xFF  # numpy 1.x writes the flags byte signed (-112), numpy 2 unsigned (144)
     if len(out) == 9 and type(out[8]) is tuple and len(out[8]) == 2 and type(out[8][1]) is tuple and out[8][1]:
         unit = out[8][1][0]
         # numpy 1.x writes {} where numpy 2 writes None for a datetime dtype without user metadata
@@ -1141,7 +1146,9 @@ def check_load(ctx: LoadContext) -> None:
 
 # objects that hold no placeholder: values, and what our own checked callables made (a slice's
 # arguments are finalised, numpy's scalar and _frombuffer got real dtypes)
-_LEAVES = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None), range, slice, np.ndarray})
+_LEAVES = frozenset(
+    {str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), range, slice, np.ndarray}
+)  # (memoryview: a zero-copy payload)
 _SEQUENCES = frozenset({ArrayProto, list, tuple, set, frozenset})
 
 
