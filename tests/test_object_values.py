@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,13 @@ def test_trusted_reads_python2_recarray_pickle(tmp_path):
     got = list(npystream.iter_objects(path, trusted=True, encoding="latin1"))
     for g, w in zip(got, want):
         _same(g, w)
+    archive = tmp_path / "vars_results.npz"  # statsmodels keeps such members in an .npz
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("irf.npy", path.read_bytes())
+    with npystream.open(archive, trusted=True, encoding="latin1") as npz:
+        member = npz["irf"]
+        for i, w in enumerate(want):
+            _same(member[i], w)
 
 
 @pytest.mark.parametrize("name", ["series", "frame", "categorical"])
