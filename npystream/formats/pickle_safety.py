@@ -507,6 +507,9 @@ class DtypeProto:
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
 
+    def __repr__(self) -> str:  # as messages show it (they never name the placeholder class)
+        return repr(self.dtype)
+
 
 class ArrayProto(list):
     """Placeholder for an ndarray under construction: ``[state]`` after BUILD, ``[DONE, array]`` once built.
@@ -521,6 +524,9 @@ class ArrayProto(list):
 
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
+
+    def __repr__(self) -> str:  # as messages show it (they never name the placeholder class)
+        return "<ndarray being unpickled>"
 
 
 DONE = object()  # marks a built placeholder: [DONE, array]
