@@ -889,7 +889,7 @@ class SafeUnpickler(pickle.Unpickler):
             return self._find_real(module, name)
         if key in _HARMLESS:
             return _HARMLESS[key]
-        if _trusted_only(mmod, mname) is None and (
+        if not _trusted_only(mmod, mname) and (
             f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals
         ):
             return self._find_real(module, name)
@@ -1229,9 +1229,10 @@ def load_one(data: Any, policy: SafetyPolicy) -> Any:
         if not made or isinstance(exc, (FormatError, UnsafePickleError)) or not policy.trusted:
             if made and not isinstance(exc, (FormatError, UnsafePickleError)):
                 raise UnsafePickleError(
-                    "an object of a class named in allowed_globals builds itself from arrays or dtypes while "
-                    "it is unpickled; safe mode checks every array before any code sees it, so it cannot read "
-                    "this element: pass trusted=True for a file you trust"
+                    f"this element cannot be built in safe mode ({type(exc).__name__}): an object of a class "
+                    "named in allowed_globals that builds itself from arrays or dtypes while it is unpickled "
+                    "(pandas objects do) would need them before safe mode has checked them; pass trusted=True "
+                    "for a file you trust"
                 ) from None
             raise
         obj = None
@@ -1261,44 +1262,53 @@ def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
         or key in _HARMLESS
         or (
             (f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals)
-            and _trusted_only(mmod, mname) is None
+            and not _trusted_only(mmod, mname)
         )
         or (not policy.fix_imports and module in ("__builtin__", "copy_reg"))  # ImportError later, like np.load
     )
 
 
-def _trusted_only(module: str, name: str) -> str | None:
-    """What numpy global ``module.name`` is when only trusted=True reads it (an ndarray subclass), else None.
+# numpy's ndarray subclasses and the reconstructors numpy pickles them with (numpy 1.x and 2.x paths)
+_SUBCLASS_GLOBALS = frozenset(
+    f"{m}:{n}"
+    for m, n in (
+        ("numpy", "matrix"), ("numpy.matrixlib.defmatrix", "matrix"), ("numpy", "recarray"),
+        ("numpy.rec", "recarray"), ("numpy.core.records", "recarray"), ("numpy._core.records", "recarray"),
+        ("numpy", "memmap"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
+        ("numpy.ma.core", "MaskedArray"), ("numpy.ma.core", "_mareconstruct"), ("numpy.ma.core", "mvoid"),
+        ("numpy.ma.core", "MaskedConstant"), ("numpy.ma.mrecords", "MaskedRecords"),
+        ("numpy.ma.mrecords", "_mrreconstruct"),
+    )
+)
+
+
+def _trusted_only(module: str, name: str) -> bool:
+    """Whether numpy global ``module.name`` is an ndarray subclass (or numpy.ma's reconstructor): trusted=True only.
 
     np.matrix, np.recarray, np.ma.MaskedArray (and other ndarray subclasses)
     run their own code on the array state while they are unpickled; safe mode
     checks every array state before any code sees it, so it cannot read them,
-    even when named in ``allowed_globals``.  Only numpy's own modules are
-    imported to find out.
+    even when named in ``allowed_globals``.  Known names, or a class of a numpy
+    module already imported (nothing is imported to find out).
     """
+    if f"{module}:{name}" in _SUBCLASS_GLOBALS:
+        return True
     if module != "numpy" and not module.startswith("numpy."):
-        return None
-    try:
-        obj = importlib.import_module(_numpy_alias(module))
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except Exception:  # not a numpy name this numpy has: refused as any unknown global
-        return None
-    if isinstance(obj, type) and issubclass(obj, np.ndarray) and obj is not np.ndarray:
-        return f"the ndarray subclass {obj.__module__}.{obj.__qualname__}"
-    if module.startswith("numpy.ma") and callable(obj) and obj is not np.ndarray:
-        return f"numpy.ma's {name}, which rebuilds masked arrays,"
-    return None
+        return False
+    obj = sys.modules.get(_numpy_alias(module))
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, type) and issubclass(obj, np.ndarray) and obj is not np.ndarray
 
 
 def refusal(module: str, name: str) -> str:
     """The message refusing global ``module.name`` in safe mode: how to read it (allowed_globals or trusted=True)."""
-    what = _trusted_only(module, name)
-    if what is not None:
+    if _trusted_only(module, name):
         return (
-            f"refused global {module}.{name}: {what} runs its own code on arrays while it is unpickled, "
-            "which safe mode cannot check first (allowed_globals does not change that); np.matrix, np.recarray "
-            "and np.ma.MaskedArray elements are read only with trusted=True, for a file you trust"
+            f"refused global {module}.{name}: ndarray subclasses run their own code on the arrays while they "
+            "are unpickled, which safe mode cannot check first (allowed_globals does not change that); "
+            "np.matrix, np.recarray and np.ma.MaskedArray elements are read only with trusted=True, for a "
+            "file you trust"
         )
     return (
         f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "

@@ -779,10 +779,10 @@ class _Engine:
         if not self.ctx.trusted:
             made.clear()
             raise UnsafePickleError(
-                "an object of a class named in allowed_globals builds itself from arrays or dtypes while it "
-                "is unpickled (as pandas objects, np.matrix, np.recarray and np.ma.MaskedArray do); safe mode "
-                "checks every array before any code sees it, so it cannot read this element: pass "
-                f"trusted=True for a file you trust (the class's code raised {_scrubbed(exc)})"
+                f"this element cannot be built in safe mode ({_scrubbed(exc)}): an object of a class named in "
+                "allowed_globals that builds itself from arrays or dtypes while it is unpickled (pandas "
+                "objects do) would need them before safe mode has checked them; pass trusted=True for a file "
+                "you trust"
             ) from None
         return self._trusted_rerun(program, None, made, failed=True)
 
