@@ -369,3 +369,41 @@ def test_files_written_by_numpy_1_26(name):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             _same(g, w)
+
+
+class _Call:
+    """Pickles as ``fn(*args)``: what a hand-made pickle may call an allowed callable with."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> Any:
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize(
+    "call",
+    [_Call(bytes, np.arange(3)), _Call(bytearray, np.dtype("f4")), _Call(complex, np.arange(2)),
+     _Call(range, np.dtype("i2")), _Call(frozenset, [np.dtype("f4"), np.arange(0)])],
+    ids=["bytes(array)", "bytearray(dtype)", "complex(array)", "range(dtype)", "frozenset([dtype, array])"],
+)
+def test_allowed_callables_get_real_objects_or_refuse_clearly(tmp_path, call):
+    """Safe mode: an allowed callable given an array or dtype works on the real object or the element is refused -- never a placeholder."""
+    arr = obj_array([1, call])
+    path = tmp_path / "c.npy"
+    path.write_bytes(npy_preamble(arr) + pickle.dumps(arr, protocol=4))
+    try:
+        want: Any = list(np.load(path, allow_pickle=True))
+    except Exception as exc:  # numpy itself may refuse it
+        want = exc
+    for reader in ("path", "open"):
+        try:
+            got = (list(npystream.iter_objects(path)) if reader == "path"
+                   else [npystream.open(path)[i] for i in range(2)])
+        except npystream.NpyStreamError as exc:
+            text = str(exc)
+            assert "element 1" in text and not any(word in text for word in INTERNAL), text
+            continue
+        assert not isinstance(want, Exception), got
+        for g, w in zip(got, want):
+            assert_same_element(g, w)

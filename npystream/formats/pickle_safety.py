@@ -249,7 +249,7 @@ def check_dtype(d: Any) -> np.dtype:
     if type(d) is DtypeProto:
         d = d.dtype
     if not isinstance(d, np.dtype):
-        raise UnsafePickleError(f"expected a numpy dtype, got {type(d).__name__}")
+        raise UnsafePickleError(f"expected a numpy dtype, got {_type_name(d)}")
     try:
         canon = _rebuild_dtype(d)
     except UnsafePickleError:
@@ -603,6 +603,18 @@ class _Checked(_Refusing):
         return self._fn(self._ctx, *args)
 
 
+def _type_name(x: Any) -> str:
+    """The type of ``x`` as messages name it (placeholders as what they stand for, never by class)."""
+    t = type(x)
+    if t is ArrayProto:
+        return "ndarray"
+    if t is DtypeProto:
+        return "dtype"
+    if isinstance(x, _Refusing):
+        return x.label
+    return t.__name__
+
+
 def _flag01(x: Any) -> bool:
     return type(x) in (bool, int) and x in (0, 1)
 
@@ -701,7 +713,7 @@ def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
     elif isinstance(obj, bytes):
         size = len(obj)
     else:
-        raise UnsafePickleError(f"numpy scalar from {type(obj).__name__}; numpy writes bytes")
+        raise UnsafePickleError(f"numpy scalar from {_type_name(obj)}; numpy writes bytes")
     if size != d.itemsize:
         raise FormatError(f"numpy scalar of dtype {d} needs {d.itemsize} bytes, pickle gives {size}")
     return _real_scalar(d, obj)
@@ -737,7 +749,7 @@ def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, orde
     try:
         size = memoryview(buf).nbytes
     except TypeError:
-        raise UnsafePickleError(f"_frombuffer of {type(buf).__name__}") from None
+        raise UnsafePickleError(f"_frombuffer of {_type_name(buf)}") from None
     if size != n * d.itemsize or order not in ("C", "F", "A", "K"):
         raise FormatError(f"_frombuffer: {size} bytes for shape {shape!r} of {d} ({n * d.itemsize} bytes expected)")
     return _real_frombuffer(buf, d, shape, order)
@@ -745,7 +757,7 @@ def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, orde
 
 def _encode_checked(ctx: LoadContext, obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "iso-8859-1") or errors != "strict":
-        raise UnsafePickleError(f"_codecs.encode({type(obj).__name__}, {encoding!r}); numpy writes (str, 'latin1')")
+        raise UnsafePickleError(f"_codecs.encode({_type_name(obj)}, {encoding!r}); numpy writes (str, 'latin1')")
     return obj.encode("latin1")
 
 
@@ -756,7 +768,7 @@ def _bytearray_checked(ctx: LoadContext, *args: Any) -> bytearray:
         return bytearray(args[0])
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
         return bytearray(args[0], "latin1")
-    raise UnsafePickleError(f"bytearray called with {tuple(type(a).__name__ for a in args)}; pickle writes bytes")
+    raise UnsafePickleError(f"bytearray called with {tuple(_type_name(a) for a in args)}; pickle writes bytes")
 
 
 def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
@@ -766,7 +778,7 @@ def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
         return bytes(args[0])
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
         return args[0].encode("latin1")
-    raise UnsafePickleError(f"bytes called with {tuple(type(a).__name__ for a in args)}")
+    raise UnsafePickleError(f"bytes called with {tuple(_type_name(a) for a in args)}")
 
 
 _CHECKED: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -977,7 +989,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
                     proto[:] = (DONE, arr)
                     return arr
     if type(state) is not tuple or len(state) not in (4, 5):
-        raise FormatError(f"ndarray state is {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
+        raise FormatError(f"ndarray state is {_type_name(state)} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
     if len(state) == 5:
         version, shape, dtype, fortran, raw = state
         if type(version) is not int or version != 1:
@@ -990,7 +1002,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         raise FormatError(f"ndarray Fortran flag is {fortran!r}, expected True or False")
     if d.hasobject:
         if type(raw) is not list:
-            raise FormatError(f"object ndarray state holds {type(raw).__name__}, expected a list")
+            raise FormatError(f"object ndarray state holds {_type_name(raw)}, expected a list")
         if len(raw) != n:
             raise FormatError(f"object ndarray of shape {shape} needs {n} items, state list has {len(raw)}")
         for i, item in enumerate(raw):
@@ -1004,7 +1016,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         elif isinstance(raw, (bytes, str)):
             size = len(raw)
         else:
-            raise FormatError(f"ndarray raw data is {type(raw).__name__}, expected bytes")
+            raise FormatError(f"ndarray raw data is {_type_name(raw)}, expected bytes")
         if size != n * d.itemsize:
             raise FormatError(
                 f"ndarray of shape {shape} and dtype {d} needs {n * d.itemsize} bytes, state has {size}"
