@@ -1162,10 +1162,10 @@ def check_load(ctx: LoadContext) -> None:
             ctx.dtypes.clear()
 
 
-# objects that hold no placeholder: values, and what our own checked callables made (a slice's
-# arguments are finalised, numpy's scalar and _frombuffer got real dtypes)
+# objects that hold no placeholder: values, and what numpy's scalar and _frombuffer made (they got
+# real dtypes)
 _LEAVES = frozenset(
-    {str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), range, slice, np.ndarray}
+    {str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), range, np.ndarray}
 )  # (memoryview: a zero-copy payload)
 _SEQUENCES = frozenset({ArrayProto, list, tuple, set, frozenset})
 
@@ -1196,6 +1196,8 @@ def placeholders_escaped(result: Any, made: list[Any]) -> bool:
             stack.extend(obj.keys())
         elif t in _SEQUENCES:
             stack.extend(obj)
+        elif t is slice:  # its arrays and dtypes are real (the checked slice); other objects may not be
+            stack.extend((obj.start, obj.stop, obj.step))
         elif isinstance(obj, np.dtype):
             continue
         elif isinstance(obj, np.generic) and not (isinstance(obj, np.void) and obj.dtype.hasobject):
