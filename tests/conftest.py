@@ -32,3 +32,14 @@ def index_builds(monkeypatch):
     monkeypatch.setattr(pickle_walk, "_build_index", spy)
     return built
 
+
+
+# Hypothesis profiles: "ci" (the default) keeps the suite fast on both backends; "dev" runs many
+# more examples (`pytest --hypothesis-profile=dev tests/test_differential.py`).  Tests that set
+# their own max_examples keep it.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("dev", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile("ci")

@@ -499,6 +499,24 @@ def _memory_order(arr: np.ndarray) -> tuple[bool, bool]:
     return bool(arr.flags.c_contiguous), bool(arr.flags.f_contiguous)
 
 
+def _compare_dtype(got: np.dtype, exp: np.dtype, path: str, seen: dict[int, int]) -> None:
+    """dtypes: equal, same byte order, same scalar type (np.record), same user metadata (np.load keeps it)."""
+    if got != exp or got.str != exp.str or got.descr != exp.descr or got.type is not exp.type:
+        raise _fail(path, f"dtype {got!r} (type {got.type.__name__}) != expected {exp!r} (type {exp.type.__name__})")
+    got_meta, exp_meta = _metadata(got), _metadata(exp)
+    if (got_meta is None) != (exp_meta is None):
+        raise _fail(path, f"dtype metadata {got_meta!r} != expected {exp_meta!r}")
+    if exp_meta is not None:
+        _compare(dict(got_meta), dict(exp_meta), f"{path}.metadata", {})  # copies: no aliasing
+
+
+def _metadata(d: np.dtype) -> Any:
+    try:
+        return d.metadata
+    except TypeError:  # numpy 1.x unpickling numpy 2's datetime state leaves it NULL, and .metadata raises
+        return None
+
+
 def _compare(got: Any, exp: Any, path: str, seen: dict[int, int]) -> None:
     if type(got) is not type(exp):
         raise _fail(path, f"type {type(got).__name__} != expected {type(exp).__name__} ({got!r:.80} vs {exp!r:.80})")
@@ -509,9 +527,13 @@ def _compare(got: Any, exp: Any, path: str, seen: dict[int, int]) -> None:
         if prev is not None and prev != id(got):
             raise _fail(path, "expected the same object as earlier in this element (a memo back-reference), got a different one")
         seen[id(exp)] = id(got)
+    if isinstance(exp, np.dtype):
+        _compare_dtype(got, exp, path, seen)
+        return
     if isinstance(exp, np.ndarray):
         if got.dtype != exp.dtype or got.dtype.str != exp.dtype.str or got.dtype.descr != exp.dtype.descr:
             raise _fail(path, f"dtype {got.dtype!r} != expected {exp.dtype!r}")
+        _compare_dtype(got.dtype, exp.dtype, f"{path}.dtype", seen)
         if got.shape != exp.shape:
             raise _fail(path, f"shape {got.shape} != expected {exp.shape}")
         if _memory_order(got) != _memory_order(exp):

@@ -28,17 +28,34 @@ never hands numpy's dangerous entry points to the pickle directly:
 * ``scalar``, ``_frombuffer`` (protocol 5), ``_codecs.encode`` (protocol 2
   bytes), ``bytearray``, ``bytes``: checked wrappers (sizes, types, no
   integer-size allocations).
+* ``slice``: checked too -- array and dtype placeholders among its
+  arguments are built (their states checked) first, so a slice never holds a
+  placeholder.
+* ``numpy.record`` -> a token that ``dtype(numpy.record, 0, 1)`` (a record
+  dtype, as numpy pickles np.recarray's and np.record's) accepts and that
+  raises when called.
 * harmless builtins are returned as themselves: ``complex``, ``set``,
-  ``frozenset``, ``range`` (Python 2 ``xrange`` after ``fix_imports``) and
-  ``slice``.
+  ``frozenset`` and ``range`` (Python 2 ``xrange`` after ``fix_imports``).
+* dtype metadata (``np.dtype(..., metadata={...})``) is kept, as np.load
+  keeps it; arrays and dtypes inside it are built and checked.
 
 Anything else raises :class:`~npystream.errors.UnsafePickleError` naming the
 global before anything is called; ``allowed_globals`` extends the list
 (resolved with the normal ``find_class``), ``trusted=True`` resolves every
 global like ``np.load(allow_pickle=True)`` except numpy's ``_reconstruct`` and
-``dtype``, which stay checked (placeholders handed to other objects: see
-``_trusted_rerun`` in pickle_walk).  Persistent ids and extension
-codes are refused by the scanner in both modes.
+``dtype``, which stay checked, and hands ``scalar``/``_frombuffer`` the
+real dtype.  A placeholder handed to other code (pandas objects, np.matrix,
+np.recarray, np.ma.MaskedArray build themselves from arrays while they are
+unpickled) makes the load run again with numpy's real ``_reconstruct`` and
+dtypes once every state recorded so far was checked, as
+``np.load(allow_pickle=True)`` runs it (``_trusted_rerun`` and
+``_rerun_failed`` in pickle_walk, :func:`load_one` for a single pickle).
+Safe mode cannot do that without handing unchecked arrays to code: ndarray
+subclasses and numpy.ma's reconstructor are refused even when named in
+``allowed_globals`` (:func:`refusal` says to pass ``trusted=True``), and an
+allowed class whose code fails on a placeholder is refused with the same
+advice.  Persistent ids and extension codes are refused by the scanner in
+both modes.
 
 A wrapper returned for a global that is itself a value (an object array
 holding the class ``bytearray``, say) is mapped back to the real object, as a
@@ -195,6 +212,15 @@ def _rebuild_dtype(d: np.dtype, depth: int = 0) -> np.dtype:
     """Rebuild ``d`` through numpy's validating constructors (which refuse overlapping objects)."""
     if depth > 64:
         raise UnsafePickleError("dtype nested more than 64 levels deep")
+    canon = _rebuild_plain(d, depth)
+    if d.type is np.record and canon.type is not np.record:  # np.recarray's dtype: keep its scalar type
+        canon = np.dtype((np.record, canon))
+    if d.metadata is not None:  # np.load keeps user metadata (np.dtype(..., metadata={...}))
+        canon = np.dtype(canon, metadata=dict(d.metadata))
+    return canon
+
+
+def _rebuild_plain(d: np.dtype, depth: int) -> np.dtype:
     if d.subdtype is not None:
         base, shape = d.subdtype
         return np.dtype((_rebuild_dtype(base, depth + 1), shape))
@@ -223,7 +249,7 @@ def check_dtype(d: Any) -> np.dtype:
     if type(d) is DtypeProto:
         d = d.dtype
     if not isinstance(d, np.dtype):
-        raise UnsafePickleError(f"expected a numpy dtype, got {type(d).__name__}")
+        raise UnsafePickleError(f"expected a numpy dtype, got {_type_name(d)}")
     try:
         canon = _rebuild_dtype(d)
     except UnsafePickleError:
@@ -354,6 +380,10 @@ def check_dtype_state(state: Any) -> tuple[Any, ...]:
             )
         ):
             raise _state_error(state, "metadata must be None, a dict or numpy's datetime tuple")
+        user = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
+        if user and any(type(x) in _WALK for item in user.items() for x in item):
+            # arrays and dtypes in user metadata (np.load keeps them): built and checked now, in place
+            _walk(user, LoadContext(False), {}, 0)
     if not all(type(x) is int and -_INT32 <= x < _INT32 for x in ints):
         raise _state_error(state, "element size, alignment and flags must be 32-bit ints")
     return (version, *rest) if n > 5 else tuple(rest)
@@ -364,12 +394,20 @@ def _latin1(x: Any) -> Any:
 
 
 def _normal_state(st: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A state with Python 2's str/bytes differences evened out (byte order as str, datetime unit as bytes)."""
+    """A state with the differences of Python 2 and numpy 1.x evened out (byte order as str, datetime unit as bytes, flags).
+
+    What numpy >= 1.23 and 2.x write for the same dtype normalises to the same state.
+    """
     out = list(st)
     out[1] = _latin1(out[1])
+    if len(out) >= 8 and type(out[7]) is int:
+        out[7] &= 0xFF  # numpy 1.x writes the flags byte signed (-112), numpy 2 unsigned (144)
     if len(out) == 9 and type(out[8]) is tuple and len(out[8]) == 2 and type(out[8][1]) is tuple and out[8][1]:
         unit = out[8][1][0]
-        out[8] = (out[8][0], (unit.encode("latin1") if type(unit) is str else unit, *out[8][1][1:]))
+        # numpy 1.x writes {} where numpy 2 writes None for a datetime dtype without user metadata
+        out[8] = (out[8][0] or None, (unit.encode("latin1") if type(unit) is str else unit, *out[8][1][1:]))
+    elif len(out) == 9 and out[8] == {}:
+        out[8] = None
     return tuple(out)
 
 
@@ -382,6 +420,7 @@ def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
     fields, metadata) through numpy's validating constructors, and its own
     state must then equal the pickle's.
     """
+    given_meta = st[8] if len(st) == 9 else None  # before _normal_state: numpy 2 keeps numpy 1.x's {}
     st = _normal_state(st)
     _version, endian, subarray, names, fields, elsize, _alignment, flags = st[:8]
     meta = st[8] if len(st) == 9 else None
@@ -406,8 +445,10 @@ def _dtype_from_state(base: np.dtype, st: tuple[Any, ...]) -> np.dtype | None:
                 if unit != "generic":
                     text += f"[{num}{unit}]"
             d = np.dtype(text if endian == "|" else endian + text)
-        user_meta = meta if type(meta) is dict else (meta[0] if type(meta) is tuple else None)
-        if user_meta is not None:
+        if base.type is np.record:  # dtype(numpy.record, 0, 1): a record dtype (np.recarray, np.record)
+            d = np.dtype((np.record, d))
+        user_meta = given_meta if type(given_meta) is dict else (given_meta[0] if type(given_meta) is tuple else None)
+        if user_meta is not None:  # {} too: numpy 2 keeps numpy 1.x's empty datetime metadata
             d = np.dtype(d, metadata=user_meta)
         mine = _normal_state(d.__reduce__()[2])
         return d if mine == st else None
@@ -466,6 +507,9 @@ class DtypeProto:
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
 
+    def __repr__(self) -> str:  # as messages show it (they never name the placeholder class)
+        return repr(self.dtype)
+
 
 class ArrayProto(list):
     """Placeholder for an ndarray under construction: ``[state]`` after BUILD, ``[DONE, array]`` once built.
@@ -480,6 +524,9 @@ class ArrayProto(list):
 
     def __reduce__(self) -> Any:  # pragma: no cover - never pickled
         raise TypeError("placeholder")
+
+    def __repr__(self) -> str:  # as messages show it (they never name the placeholder class)
+        return "<ndarray being unpickled>"
 
 
 DONE = object()  # marks a built placeholder: [DONE, array]
@@ -514,6 +561,25 @@ class _NdarrayToken(_Refusing):
 NDARRAY_TOKEN = _NdarrayToken()
 
 
+class _RecordToken(_Refusing):
+    """``numpy.record`` in safe mode: what ``dtype(numpy.record, 0, 1)`` needs, refusing to be called.
+
+    numpy pickles a record dtype (np.recarray's, np.record scalars') that way;
+    ``numpy.record(n)`` itself would allocate ``n`` bytes, so it is not handed
+    to the pickle.
+    """
+
+    __slots__ = ()
+    real = np.record
+    label = "numpy.record"
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        raise UnsafePickleError("numpy.record called directly (allocates from pickled sizes); numpy never writes that")
+
+
+RECORD_TOKEN = _RecordToken()
+
+
 class _Checked(_Refusing):
     """A checked stand-in for a numpy/builtin callable, bound to one unpickler's load context."""
 
@@ -535,6 +601,18 @@ class _Checked(_Refusing):
 
     def __call__(self, *args: Any) -> Any:
         return self._fn(self._ctx, *args)
+
+
+def _type_name(x: Any) -> str:
+    """The type of ``x`` as messages name it (placeholders as what they stand for, never by class)."""
+    t = type(x)
+    if t is ArrayProto:
+        return "ndarray"
+    if t is DtypeProto:
+        return "dtype"
+    if isinstance(x, _Refusing):
+        return x.label
+    return t.__name__
 
 
 def _flag01(x: Any) -> bool:
@@ -597,10 +675,15 @@ def _reconstruct_checked(ctx: LoadContext, subtype: Any, shape: Any, typecode: A
 
 
 def _dtype_checked(ctx: LoadContext, obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    text = _as_text(obj)
-    if text is None or len(text) > 64 or not _flag01(align) or not _flag01(copy):
+    # numpy pickles a record dtype (np.recarray, np.record) as dtype(numpy.record, 0, 1): the real
+    # class (trusted=True, or named in allowed_globals) or safe mode's token for it
+    if obj is RECORD_TOKEN:
+        obj = np.record
+    text = obj if obj is np.record else _as_text(obj)
+    if text is None or (text is not np.record and len(text) > 64) or not _flag01(align) or not _flag01(copy):
         raise UnsafePickleError(
-            f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string, 0|1, 0|1)"
+            f"numpy.dtype called with ({obj!r:.80}, {align!r}, {copy!r}); numpy writes (type-code string "
+            "or numpy.record, 0|1, 0|1)"
         )
     try:
         # copy=True always: never hand the pickle numpy's shared builtin descriptors to BUILD on
@@ -630,10 +713,32 @@ def _scalar_checked(ctx: LoadContext, dtype: Any, obj: Any = None) -> Any:
     elif isinstance(obj, bytes):
         size = len(obj)
     else:
-        raise UnsafePickleError(f"numpy scalar from {type(obj).__name__}; numpy writes bytes")
+        raise UnsafePickleError(f"numpy scalar from {_type_name(obj)}; numpy writes bytes")
     if size != d.itemsize:
         raise FormatError(f"numpy scalar of dtype {d} needs {d.itemsize} bytes, pickle gives {size}")
     return _real_scalar(d, obj)
+
+
+def _scalar_trusted(ctx: LoadContext, dtype: Any, *args: Any) -> Any:
+    """trusted=True: numpy's ``scalar`` itself, given the real dtype (the pickle's dtype is a checked placeholder)."""
+    return _real_scalar(_real_dtype(dtype), *args)
+
+
+def _frombuffer_trusted(ctx: LoadContext, buf: Any, dtype: Any, *args: Any) -> Any:
+    """trusted=True: numpy's ``_frombuffer`` itself, given the real dtype."""
+    return _real_frombuffer(buf, _real_dtype(dtype), *args)
+
+
+def _slice_checked(ctx: LoadContext, *args: Any) -> slice:
+    """``slice(...)`` with real arrays and dtypes: placeholders are built (their states checked) first.
+
+    numpy writes the arguments completely before calling ``slice``, so an array
+    placeholder has its state here; one without raises FormatError.
+    """
+    if any(type(a) in _WALK for a in args):
+        seen: dict[int, Any] = {}
+        args = tuple((finalize(a, ctx, seen) if type(a) in _WALK else a) for a in args)
+    return slice(*args)
 
 
 def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, order: Any) -> Any:
@@ -644,7 +749,7 @@ def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, orde
     try:
         size = memoryview(buf).nbytes
     except TypeError:
-        raise UnsafePickleError(f"_frombuffer of {type(buf).__name__}") from None
+        raise UnsafePickleError(f"_frombuffer of {_type_name(buf)}") from None
     if size != n * d.itemsize or order not in ("C", "F", "A", "K"):
         raise FormatError(f"_frombuffer: {size} bytes for shape {shape!r} of {d} ({n * d.itemsize} bytes expected)")
     return _real_frombuffer(buf, d, shape, order)
@@ -652,7 +757,7 @@ def _frombuffer_checked(ctx: LoadContext, buf: Any, dtype: Any, shape: Any, orde
 
 def _encode_checked(ctx: LoadContext, obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "iso-8859-1") or errors != "strict":
-        raise UnsafePickleError(f"_codecs.encode({type(obj).__name__}, {encoding!r}); numpy writes (str, 'latin1')")
+        raise UnsafePickleError(f"_codecs.encode({_type_name(obj)}, {encoding!r}); numpy writes (str, 'latin1')")
     return obj.encode("latin1")
 
 
@@ -663,7 +768,7 @@ def _bytearray_checked(ctx: LoadContext, *args: Any) -> bytearray:
         return bytearray(args[0])
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
         return bytearray(args[0], "latin1")
-    raise UnsafePickleError(f"bytearray called with {tuple(type(a).__name__ for a in args)}; pickle writes bytes")
+    raise UnsafePickleError(f"bytearray called with {tuple(_type_name(a) for a in args)}; pickle writes bytes")
 
 
 def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
@@ -673,7 +778,7 @@ def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
         return bytes(args[0])
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
         return args[0].encode("latin1")
-    raise UnsafePickleError(f"bytes called with {tuple(type(a).__name__ for a in args)}")
+    raise UnsafePickleError(f"bytes called with {tuple(_type_name(a) for a in args)}")
 
 
 _CHECKED: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -687,14 +792,21 @@ _CHECKED[("numpy", "dtype")] = (_dtype_checked, np.dtype)
 _CHECKED[("_codecs", "encode")] = (_encode_checked, codecs.encode)
 _CHECKED[("builtins", "bytearray")] = (_bytearray_checked, bytearray)
 _CHECKED[("builtins", "bytes")] = (_bytes_checked, bytes)
+_CHECKED[("builtins", "slice")] = (_slice_checked, slice)
+# trusted=True resolves every global to itself except these (and _reconstruct, dtype):
+_TRUSTED: dict[Any, Any] = {
+    _scalar_checked: _scalar_trusted,
+    _frombuffer_checked: _frombuffer_trusted,
+    _slice_checked: _slice_checked,
+}
 
 _HARMLESS: dict[tuple[str, str], Any] = {
     ("builtins", "complex"): complex,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "range"): range,
-    ("builtins", "slice"): slice,
     ("numpy", "ndarray"): NDARRAY_TOKEN,
+    ("numpy", "record"): RECORD_TOKEN,
 }
 
 
@@ -740,6 +852,13 @@ class SafeUnpickler(pickle.Unpickler):
         self.use_protos = True
         self._cache: dict[tuple[str, str], Any] = {}
 
+    @classmethod
+    def with_context(cls, feed: Any, policy: SafetyPolicy, ctx: LoadContext) -> SafeUnpickler:
+        """An unpickler sharing ``ctx`` (a second run of the same pickle with ``ctx.real`` set)."""
+        new = cls(feed, policy)
+        new.ctx = ctx
+        return new
+
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
         key = (module, name)
         hit = self._cache.get(key)
@@ -762,10 +881,14 @@ class SafeUnpickler(pickle.Unpickler):
                 f"No module named {module!r} (a Python 2 pickle: pass fix_imports=True, as np.load does by default)"
             )
         key = (mmod, mname)
-        if self.use_protos and key in _CHECKED and (not policy.trusted or key[1] in ("_reconstruct", "dtype")):
+        if self.use_protos and key in _CHECKED and (
+            not policy.trusted or key[1] in ("_reconstruct", "dtype") or _CHECKED[key][0] in _TRUSTED
+        ):
             # a stand-in may end up inside a container element: the finaliser walks containers from now on
             self.ctx.protos = self.ctx.protos or 1
             fn, real = _CHECKED[key]
+            if policy.trusted:
+                fn = _TRUSTED.get(fn, fn)
             if fn is _reconstruct_checked:
                 if _FastReconstruct is not None and self.ctx.made is None:
                     ctx = self.ctx
@@ -778,12 +901,11 @@ class SafeUnpickler(pickle.Unpickler):
             return self._find_real(module, name)
         if key in _HARMLESS:
             return _HARMLESS[key]
-        if f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals:
+        if not _trusted_only(mmod, mname) and (
+            f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals
+        ):
             return self._find_real(module, name)
-        raise UnsafePickleError(
-            f"refused global {mmod}.{mname}: not on the allow-list of what np.save writes; "
-            f"pass allowed_globals=['{mmod}.{mname}'] if you trust it, or trusted=True for a file you wrote"
-        )
+        raise UnsafePickleError(refusal(mmod, mname))
 
     def _find_real(self, module: str, name: str) -> Any:
         alias = _numpy_alias(module)
@@ -867,7 +989,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
                     proto[:] = (DONE, arr)
                     return arr
     if type(state) is not tuple or len(state) not in (4, 5):
-        raise FormatError(f"ndarray state is {type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
+        raise FormatError(f"ndarray state is {_type_name(state)} of length {len(state) if isinstance(state, tuple) else '?'}, expected a 5-tuple")
     if len(state) == 5:
         version, shape, dtype, fortran, raw = state
         if type(version) is not int or version != 1:
@@ -880,7 +1002,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         raise FormatError(f"ndarray Fortran flag is {fortran!r}, expected True or False")
     if d.hasobject:
         if type(raw) is not list:
-            raise FormatError(f"object ndarray state holds {type(raw).__name__}, expected a list")
+            raise FormatError(f"object ndarray state holds {_type_name(raw)}, expected a list")
         if len(raw) != n:
             raise FormatError(f"object ndarray of shape {shape} needs {n} items, state list has {len(raw)}")
         for i, item in enumerate(raw):
@@ -894,7 +1016,7 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         elif isinstance(raw, (bytes, str)):
             size = len(raw)
         else:
-            raise FormatError(f"ndarray raw data is {type(raw).__name__}, expected bytes")
+            raise FormatError(f"ndarray raw data is {_type_name(raw)}, expected bytes")
         if size != n * d.itemsize:
             raise FormatError(
                 f"ndarray of shape {shape} and dtype {d} needs {n * d.itemsize} bytes, state has {size}"
@@ -999,7 +1121,9 @@ else:
     build_arrays_c = None
     _has_special = None
 
-TOKEN_TYPES = tuple(t for t in (_Checked, _NdarrayToken, _ReconstructChecked, _FastReconstruct) if t is not None)
+TOKEN_TYPES = tuple(
+    t for t in (_Checked, _NdarrayToken, _RecordToken, _ReconstructChecked, _FastReconstruct) if t is not None
+)
 _TOKENS = frozenset(TOKEN_TYPES)
 _WALK.update(TOKEN_TYPES)
 _SPECIAL_TYPES = (ArrayProto, DtypeProto, *TOKEN_TYPES)
@@ -1038,6 +1162,104 @@ def check_load(ctx: LoadContext) -> None:
             ctx.dtypes.clear()
 
 
+# objects that hold no placeholder: values, and what numpy's scalar and _frombuffer made (they got
+# real dtypes)
+_LEAVES = frozenset(
+    {str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), range, np.ndarray}
+)  # (memoryview: a zero-copy payload)
+_SEQUENCES = frozenset({ArrayProto, list, tuple, set, frozenset})
+
+
+def placeholders_escaped(result: Any, made: list[Any]) -> bool:
+    """Whether a load that made placeholders also made objects the finaliser cannot look inside.
+
+    The finaliser walks lists, dicts, tuples, sets and object arrays; an
+    object of any other class (a constructor's result, an object whose
+    ``__setstate__`` ran) may hold a placeholder -- reachable through it or
+    not, it may share one with a container -- so then the load must run again
+    with real objects after every state was checked.
+    """
+    if not made:
+        return False
+    seen: set[int] = set()
+    stack = [result]
+    while stack:
+        obj = stack.pop()
+        t = type(obj)
+        if t in _LEAVES or t is DtypeProto or t in _TOKENS:
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if t is dict:
+            stack.extend(obj.values())
+            stack.extend(obj.keys())
+        elif t in _SEQUENCES:
+            stack.extend(obj)
+        elif t is slice:  # its arrays and dtypes are real (the checked slice); other objects may not be
+            stack.extend((obj.start, obj.stop, obj.step))
+        elif isinstance(obj, np.dtype):
+            continue
+        elif isinstance(obj, np.generic) and not (isinstance(obj, np.void) and obj.dtype.hasobject):
+            continue
+        else:
+            return True
+    return False
+
+
+def check_made(ctx: LoadContext, made: list[Any], failed: bool = False) -> None:
+    """Check every dtype and array state a load recorded (FormatError/UnsafePickleError for a forged one); empties ``made``.
+
+    Before a second run with numpy's real ``_reconstruct`` and dtypes.  After a
+    failed load an array placeholder may not have received its state yet.
+    """
+    check_load(ctx)
+    seen: dict[int, Any] = {}
+    try:
+        for p in made:
+            if type(p) is ArrayProto and (p or not failed):
+                _build_array(p, ctx, seen, 0)
+    finally:
+        made.clear()
+
+
+def load_one(data: Any, policy: SafetyPolicy) -> Any:
+    """Unpickle one self-contained pickle (a ragged store's element) under ``policy``, finalised.
+
+    Same rules as the element reader: placeholders are built by the
+    finaliser; trusted=True (or a class named in allowed_globals) that hands a
+    placeholder to other code runs the pickle again with real arrays once
+    every recorded state was checked; safe mode refuses code that fails on a
+    placeholder, naming trusted=True.
+    """
+    import io
+
+    unpickler = SafeUnpickler(io.BytesIO(data), policy)
+    ctx = unpickler.ctx
+    made = ctx.made
+    try:
+        obj = unpickler.load()
+    except Exception as exc:
+        if not made or isinstance(exc, (FormatError, UnsafePickleError)) or not policy.trusted:
+            if made and not isinstance(exc, (FormatError, UnsafePickleError)):
+                raise UnsafePickleError(
+                    f"this element cannot be built in safe mode ({type(exc).__name__}): an object of a class "
+                    "named in allowed_globals that builds itself from arrays or dtypes while it is unpickled "
+                    "(pandas objects do) would need them before safe mode has checked them; pass trusted=True "
+                    "for a file you trust"
+                ) from None
+            raise
+        obj = None
+        check_made(ctx, made, failed=True)
+    else:
+        check_load(ctx)
+        if not made or not placeholders_escaped(obj, made):
+            return finalize(obj, ctx, {})
+        check_made(ctx, made)
+    ctx.real = True
+    return SafeUnpickler.with_context(io.BytesIO(data), policy, ctx).load()
+
+
 def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
     """Whether safe mode resolves ``module.name`` (after the ``fix_imports`` mapping)."""
     if policy.trusted:
@@ -1052,9 +1274,59 @@ def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
     return (
         key in _CHECKED
         or key in _HARMLESS
-        or f"{mmod}:{mname}" in policy.allowed_globals
-        or f"{module}:{name}" in policy.allowed_globals
+        or (
+            (f"{mmod}:{mname}" in policy.allowed_globals or f"{module}:{name}" in policy.allowed_globals)
+            and not _trusted_only(mmod, mname)
+        )
         or (not policy.fix_imports and module in ("__builtin__", "copy_reg"))  # ImportError later, like np.load
+    )
+
+
+# numpy's ndarray subclasses and the reconstructors numpy pickles them with (numpy 1.x and 2.x paths)
+_SUBCLASS_GLOBALS = frozenset(
+    f"{m}:{n}"
+    for m, n in (
+        ("numpy", "matrix"), ("numpy.matrixlib.defmatrix", "matrix"), ("numpy", "recarray"),
+        ("numpy.rec", "recarray"), ("numpy.core.records", "recarray"), ("numpy._core.records", "recarray"),
+        ("numpy", "memmap"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
+        ("numpy.ma.core", "MaskedArray"), ("numpy.ma.core", "_mareconstruct"), ("numpy.ma.core", "mvoid"),
+        ("numpy.ma.core", "MaskedConstant"), ("numpy.ma.mrecords", "MaskedRecords"),
+        ("numpy.ma.mrecords", "_mrreconstruct"),
+    )
+)
+
+
+def _trusted_only(module: str, name: str) -> bool:
+    """Whether numpy global ``module.name`` is an ndarray subclass (or numpy.ma's reconstructor): trusted=True only.
+
+    np.matrix, np.recarray, np.ma.MaskedArray (and other ndarray subclasses)
+    run their own code on the array state while they are unpickled; safe mode
+    checks every array state before any code sees it, so it cannot read them,
+    even when named in ``allowed_globals``.  Known names, or a class of a numpy
+    module already imported (nothing is imported to find out).
+    """
+    if f"{module}:{name}" in _SUBCLASS_GLOBALS:
+        return True
+    if module != "numpy" and not module.startswith("numpy."):
+        return False
+    obj = sys.modules.get(_numpy_alias(module))
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, type) and issubclass(obj, np.ndarray) and obj is not np.ndarray
+
+
+def refusal(module: str, name: str) -> str:
+    """The message refusing global ``module.name`` in safe mode: how to read it (allowed_globals or trusted=True)."""
+    if _trusted_only(module, name):
+        return (
+            f"refused global {module}.{name}: ndarray subclasses run their own code on the arrays while they "
+            "are unpickled, which safe mode cannot check first (allowed_globals does not change that); "
+            "np.matrix, np.recarray and np.ma.MaskedArray elements are read only with trusted=True, for a "
+            "file you trust"
+        )
+    return (
+        f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "
+        f"allowed_globals=['{module}.{name}'] if you trust it, or trusted=True for a file you wrote"
     )
 
 
@@ -1073,9 +1345,6 @@ def make_global_check(policy: SafetyPolicy) -> Any:
             return f"GLOBAL with undecodable names {raw[:80]!r}"
         if is_allowed(module, name, policy):
             return None
-        return (
-            f"refused global {module}.{name}: not on the allow-list of what np.save writes; pass "
-            f"allowed_globals=['{module}.{name}'] if you trust it, or trusted=True for a file you wrote"
-        )
+        return refusal(module, name)
 
     return check

@@ -120,6 +120,7 @@ import numpy as np
 from npystream.errors import (
     FormatError,
     NotSeekableError,
+    NpyStreamError,
     TruncatedError,
     UnsafePickleError,
     UnsupportedError,
@@ -144,7 +145,6 @@ from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests
     scan_ops,
 )
 from npystream.formats.pickle_safety import (
-    _CONTAINERS,
     _SPECIAL_TYPES,
     _SWAPPED,
     _WALK,
@@ -161,7 +161,9 @@ from npystream.formats.pickle_safety import (
     build_arrays_c,
     check_dtype,
     check_load,
+    check_made,
     finalize,
+    placeholders_escaped,
 )
 from npystream.sources import ByteSource
 
@@ -635,9 +637,19 @@ def _load_error(exc: BaseException, path: str, offset: int | None, index: int | 
         return exc
     if isinstance(exc, (MemoryError, RecursionError)):
         return FormatError(f"element too large or too deep to build ({type(exc).__name__})", path=path, offset=offset, index=index)
-    return FormatError(
-        f"the unpickler rejected this element: {type(exc).__name__}: {exc}", path=path, offset=offset, index=index
-    )
+    return FormatError(f"the unpickler rejected this element: {_scrubbed(exc)}", path=path, offset=offset, index=index)
+
+
+# npystream's placeholders as a foreign exception may name them (they never reach a user)
+_INTERNAL_NAMES = (("ArrayProto", "unchecked array"), ("DtypeProto", "unchecked dtype"), ("_NdarrayToken", "ndarray"))
+
+
+def _scrubbed(exc: BaseException) -> str:
+    """``Type: message`` of a foreign exception, without the names of npystream's placeholders."""
+    text = f"{type(exc).__name__}: {exc}"
+    for internal, public in _INTERNAL_NAMES:
+        text = text.replace(internal, public)
+    return text
 
 
 _RETAIN_TYPES = (type, type(len), np.dtype, DtypeProto)
@@ -666,7 +678,6 @@ def _memo_with(unpickler: Any, updates: dict[int, Any]) -> Any:
     w.memo = unpickler.memo
     w.load()
     return w.memo
-_WALK_REACH = frozenset({ArrayProto, DtypeProto, *_CONTAINERS})
 
 
 class _Engine:
@@ -719,7 +730,16 @@ class _Engine:
             if made is None:
                 return self.unpickler.load()
             made.clear()
-            result = self.unpickler.load()
+            if elements:
+                self._realise_memo()
+            try:
+                result = self.unpickler.load()
+            except Exception as exc:
+                if not (elements and made) or isinstance(exc, NpyStreamError):
+                    raise
+                # code of a class the policy resolved (trusted, or allowed by name) failed on a placeholder
+                self._fresh_unpickler()
+                return self._rerun_failed(program, made, exc)
             if made and elements:
                 result = self._trusted_rerun(program, result, made)
             return result
@@ -727,21 +747,46 @@ class _Engine:
             # dtypes the failed load made are not the next load's to check (nor to blame)
             if self.ctx.dtypes:
                 self.ctx.dtypes.clear()
-            # A failed load leaves unread program bytes in the C unpickler's read-ahead
-            # buffer, which the next load() would execute: start a fresh unpickler that
-            # shares the memo (assigning the memo *proxy* copies it; a dict would not).
-            old = self.unpickler
-            new = SafeUnpickler(self.feed, old.policy)
-            new.ctx = old.ctx
-            new.use_protos = old.use_protos
-            new._cache = old._cache
-            new.memo = old.memo
-            self.unpickler = new
+            self._fresh_unpickler()
             raise
         finally:
             self.feed.set(b"")
 
-    def _trusted_rerun(self, program: bytearray, result: Any, made: list[ArrayProto]) -> Any:
+    def _fresh_unpickler(self) -> None:
+        """After a failed load: a new unpickler sharing the memo.
+
+        A failed load leaves unread program bytes in the C unpickler's
+        read-ahead buffer, which the next load() would execute; assigning the
+        memo *proxy* copies it (a dict would not).
+        """
+        old = self.unpickler
+        new = SafeUnpickler(self.feed, old.policy)
+        new.ctx = old.ctx
+        new.use_protos = old.use_protos
+        new._cache = old._cache
+        new.memo = old.memo
+        self.unpickler = new
+
+    def _rerun_failed(self, program: bytearray, made: list[Any], exc: Exception) -> Any:
+        """A load failed inside code that received an array or dtype placeholder (pandas, np.matrix ...).
+
+        trusted=True: the states recorded so far are checked and the program
+        runs again with numpy's real ``_reconstruct`` and dtypes, as
+        ``np.load(allow_pickle=True)`` runs it.  Safe mode cannot hand real
+        arrays to such code before every state is checked, so it says that
+        only trusted=True reads these objects.
+        """
+        if not self.ctx.trusted:
+            made.clear()
+            raise UnsafePickleError(
+                f"this element cannot be built in safe mode ({_scrubbed(exc)}): an object of a class named in "
+                "allowed_globals that builds itself from arrays or dtypes while it is unpickled (pandas "
+                "objects do) would need them before safe mode has checked them; pass trusted=True for a file "
+                "you trust"
+            ) from None
+        return self._trusted_rerun(program, None, made, failed=True)
+
+    def _trusted_rerun(self, program: bytearray, result: Any, made: list[ArrayProto], failed: bool = False) -> Any:
         """Trusted mode, and safe mode with allowed_globals: placeholders that escaped into objects the finaliser does not walk.
 
         Array placeholders reachable through lists, dicts, tuples and object
@@ -751,44 +796,39 @@ class _Engine:
         hostile one) and the program runs once more with numpy's real
         ``_reconstruct``, as ``np.load`` would run it.
         """
-        reach: set[int] = set()
-        stack = [result]
-        while stack:
-            obj = stack.pop()
-            t = type(obj)
-            if t not in _WALK_REACH or id(obj) in reach:
-                continue
-            reach.add(id(obj))
-            if t is dict:
-                stack.extend(obj.values())
-                stack.extend(obj.keys())
-            elif t is not DtypeProto:
-                stack.extend(obj)
-        if all(id(p) in reach for p in made):
+        if not failed and not placeholders_escaped(result, made):
             made.clear()
             return result
         ctx = self.ctx
-        check_load(ctx)
-        seen: dict[int, Any] = {}
-        for p in made:
-            if type(p) is ArrayProto:
-                _build_array(p, ctx, seen, 0)
-        made.clear()
-        # arrays of earlier elements may still be placeholders in the memo: hand out the arrays
-        # (a placeholder without state is the outer array's, from the prefix)
-        old = {
-            k: (_build_array(v, ctx, seen, 0) if type(v) is ArrayProto else v.dtype)
-            for k, v in self.unpickler.memo.copy().items()
-            if (type(v) is ArrayProto and v) or type(v) is DtypeProto
-        }
-        if old:
-            self.unpickler.memo = _memo_with(self.unpickler, old)
+        check_made(ctx, made, failed)
+        self._realise_memo()
         ctx.real = True
         try:
             self.feed.set(program)
             return self.unpickler.load()
         finally:
             ctx.real = False
+
+    def _realise_memo(self) -> None:
+        """Put real arrays and dtypes in the memo in place of earlier loads' placeholders (every state is checked).
+
+        trusted=True and allowed_globals only: a later element may hand a
+        memoized array or dtype to code that is not ours (a slice, a class's
+        ``__setstate__``), which must receive the real object.  A placeholder
+        without state is the outer array's, from the prefix: left alone.
+        """
+        memo = self.unpickler.memo.copy()
+        if not any(type(v) is DtypeProto or (type(v) is ArrayProto and v) for v in memo.values()):
+            return
+        ctx = self.ctx
+        check_load(ctx)
+        seen: dict[int, Any] = {}
+        real = {
+            k: (_build_array(v, ctx, seen, 0) if type(v) is ArrayProto else check_dtype(v))
+            for k, v in memo.items()
+            if (type(v) is ArrayProto and v) or type(v) is DtypeProto
+        }
+        self.unpickler.memo = _memo_with(self.unpickler, real)
 
     def rewrite_all(self, buf: Any, start: int, end: int, base: int, out: bytearray, index: int | None) -> None:
         """Rewrite ``[start, end)`` (file offsets) of ``buf`` into ``out``, resolving missing memo entries."""

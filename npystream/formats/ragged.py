@@ -104,7 +104,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import io
 import json
 import math
 import mmap
@@ -388,12 +387,9 @@ def _make_policy(safe: bool, allowed_globals: Any) -> Any:
 
 
 def _loads_policy(data: Any, policy: Any) -> Any:
-    from npystream.formats.pickle_safety import SafeUnpickler, check_load, finalize
+    from npystream.formats.pickle_safety import load_one
 
-    unpickler = SafeUnpickler(io.BytesIO(data), policy)
-    obj = unpickler.load()
-    check_load(unpickler.ctx)
-    return finalize(obj, unpickler.ctx, {})
+    return load_one(data, policy)
 
 
 # --------------------------------------------------------------------------- #
