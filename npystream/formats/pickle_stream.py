@@ -171,6 +171,17 @@ class _Window:
         self.hi = shift + keep
         return pos - lo + shift
 
+    def after_stop(self, pos: int) -> tuple[int, int, bytes]:
+        """After the STOP ending at window index ``pos``: read until two bytes follow it or the data ends.
+
+        Returns the (maybe moved) position, how many bytes follow STOP (all of
+        them at the end of the data, else at least two) and the first two, so
+        every source applies one rule to what follows STOP (see ``_finish``).
+        """
+        while self.hi - pos < 2 and not self.eof:
+            pos = self.fill(pos)
+        return pos, self.hi - pos, bytes(self.buf[pos : min(self.hi, pos + 2)])
+
     def payload(self, offset: int, n: int) -> memoryview:
         """Bytes ``[offset, offset + n)`` (file offsets) as a writeable buffer no one else uses."""
         a = offset - self.base
@@ -347,9 +358,8 @@ class _StreamScan:
                 yield _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
             elif st.status == ST_DONE:
                 end = win.base + self.pos
-                while win.hi == self.pos and not win.eof:
-                    self.pos = win.fill(self.pos)
-                _finish(st, self.header, self.path, end, end + win.hi - self.pos, bytes(win.buf[self.pos : self.pos + 2]))
+                self.pos, extra, tail = win.after_stop(self.pos)
+                _finish(st, self.header, self.path, end, end + extra, tail)
                 return
             else:
                 if win.eof:
@@ -496,10 +506,8 @@ class _StreamReader:
                 yield from self._close_batch(starts, memo_at, st.batch_end, st.memo)
             elif st.status == ST_DONE:
                 end = win.base + self.pos
-                while win.hi == self.pos and not win.eof:
-                    self.pos = win.fill(self.pos)
-                extra = win.hi - self.pos
-                _finish(st, self.header, path, end, end + extra, bytes(win.buf[self.pos : self.pos + 2]))
+                self.pos, extra, tail = win.after_stop(self.pos)
+                _finish(st, self.header, path, end, end + extra, tail)
                 if self.engine is None:
                     self._start_engine()  # validates the header part of an empty array
                 return

@@ -130,6 +130,7 @@ from npystream.formats.pickle_direct import direct_run as _py_direct_run
 from npystream.formats.pickle_direct import role_of as _role_of
 from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests and the C twin
     _GET_CODES,
+    _INF,
     PH_BODY,
     PH_PREFIX,
     RW_OK,
@@ -452,6 +453,14 @@ def _finish(st: ScanState, header: NpyHeader, path: str, pos: int, size: int | N
             f"the pickle holds {st.done} elements but the header's shape {header.shape} says {header.count}",
             path=path,
             offset=st.batch_end if st.batch_end >= 0 else pos,
+        )
+    if size is not None and size - pos < 2 and _INF > st.frame_end > size:
+        # the FRAME holding STOP claims bytes the data does not have: np.load (and the scan of a
+        # file whose size is known, at the FRAME itself) refuses it, so every source does
+        raise TruncatedError(
+            f"the pickle's last FRAME ends at byte {st.frame_end}, {st.frame_end - size} bytes past the end of the data",
+            path=path,
+            offset=size,
         )
     if size is not None and pos != size and not (size == pos + 1 and tail == b"\n"):
         # (one newline is tolerated: numpy 0.x-era writers appended it, see numpy's py2-np0 test file)
