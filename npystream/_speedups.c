@@ -46,7 +46,7 @@
 
 #define MAX_MARK_DEPTH 1000
 #define MAX_STACK (1 << 20)
-#define MAX_NESTING 1000
+#define MAX_NESTING 1000 /* the default of pickle_ops.MAX_NESTING; a scan reads ScanState.max_nesting */
 #define PENDING_PER_LEVEL 4 /* element-level slots pending per nesting level: see pickle_ops */
 #define MEMO_DEPTH_NOTE 32
 #define MAX_LINE (1 << 16)

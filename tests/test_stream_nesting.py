@@ -212,6 +212,23 @@ def test_issue_nested_tuples_around_big_arrays_through_a_pipe():
     assert_same_elements(got, _expected(data))
 
 
+def test_files_above_the_index_threshold_are_exact_too(tmp_path):
+    """A seekable file read front to back (above STREAM_ABOVE elements, forced here): the same exact elements."""
+    from npystream.formats.npy import open_with_header
+    from npystream.formats.pickle_walk import SafetyPolicy, iter_elements
+
+    mid = np.arange(400_000, dtype="f8")
+    x: object = mid
+    for i in range(6):
+        x = (mid + i, x)
+    path = tmp_path / "chain.npy"
+    path.write_bytes(_npy(obj_array([np.arange(3.0), x, "tail"])))
+    src, header = open_with_header(path)
+    with src:
+        got = list(iter_elements(src, header, SafetyPolicy.make(), stream_above=0))
+    assert_same_elements(got, _expected(path.read_bytes()))
+
+
 _SIZES = [0, 1, 7, 300, 40_000, 330_000]  # float64 items: up to 2.6 MB per array
 
 

@@ -684,6 +684,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     fast = FAST_PATHS
     max_nesting = st.max_nesting
     max_slots = _max_slots(st)
+    count = st.count  # (read by fail(); st itself stays a fast local of the loop)
 
     def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
         index = None
@@ -695,7 +696,7 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
             else:  # a slot is an element or a pending part of the last one: never past the header's count
                 k = len(starts) >> 3
                 cur = k if (depth == td and push) else max(k - 1, 0)
-                index = min(done + cur, max(st.count - 1, done))
+                index = min(done + cur, max(count - 1, done))
         return ScanError(kind, msg, base + at, index)
 
     try:

@@ -371,7 +371,7 @@ class _StreamScan:
 
 
 class _StreamReader:
-    """One streaming pass: scan through the window, decode elements (speculatively in big batches)."""
+    """One streaming pass: scan through the window, decode each batch when it closes."""
 
     def __init__(self, src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> None:
         from npystream.formats.pickle_safety import make_global_check

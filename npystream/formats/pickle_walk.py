@@ -87,11 +87,10 @@ Streaming from a non-seekable source (pipes, gzip, deflated zip members)
 --------------------------------------------------------------------------
 No liveness pre-pass is possible; :mod:`npystream.formats.pickle_stream`
 holds the design.  In short: the scanner reads through one reusable window
-of raw bytes; once a batch has more than a few MiB undecoded, elements well
-below the top of the stack are decoded speculatively (numpy's writer never
-folds one element into another) and checked when the batch closes
-(:class:`~npystream.errors.UnsupportedError` if a later opcode did fold
-them); memo values are kept across runs only within a budget (globals,
+of raw bytes that holds the open batch; when the batch's APPENDS makes its
+element bounds certain, its elements are decoded and its bytes dropped (no
+bounded lookahead could tell an element from the pending first parts of a
+nested one, so nothing is decoded before); memo values are kept across batches only within a budget (globals,
 dtypes, small values), and an element that reads back a released object
 raises :class:`~npystream.errors.UnsupportedError` naming the element and the
 fix (read the file from a seekable source, where the liveness pass makes
