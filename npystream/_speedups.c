@@ -46,7 +46,8 @@
 
 #define MAX_MARK_DEPTH 1000
 #define MAX_STACK (1 << 20)
-#define MAX_NESTING 1000
+#define MAX_NESTING 1000 /* the default of pickle_ops.MAX_NESTING; a scan reads ScanState.max_nesting */
+#define PENDING_PER_LEVEL 4 /* element-level slots pending per nesting level: see pickle_ops */
 #define MEMO_DEPTH_NOTE 32
 #define MAX_LINE (1 << 16)
 #define INF ((int64_t)1 << 62) /* py: _INF */
@@ -658,6 +659,15 @@ check_args(Py_buffer *view, long long pos, long long end, long long base)
 /* ------------------------------------------------------------------------ */
 /* scan_ops                                                                  */
 
+/* py: fail()'s element index inside an APPENDS batch */
+static inline int64_t
+err_index_in_batch(int64_t done, int64_t slots, int push, int64_t count)
+{
+    int64_t cur = push ? slots : (slots > 1 ? slots - 1 : 0);
+    int64_t cap = count - 1 > done ? count - 1 : done;
+    return done + cur < cap ? done + cur : cap;
+}
+
 #define READS_CACHE 64 /* recent GETs: reads[idx] = offset is written to the dict on eviction / exit */
 
 static PyObject *
@@ -691,13 +701,13 @@ scan_ops(PyObject *self, PyObject *args)
 
     /* py: the locals loaded from st (the lists are mirrored by ivecs) */
     int64_t phase = 0, depth = 0, n = 0, memo = 0, memo_base = 0, done = 0, count = 0, frame_end = 0,
-            data_end = -1, proto = 0;
+            data_end = -1, proto = 0, max_nesting = 0, max_slots = 0;
     int in_batch = 0, memo_seen = 0, status = ST_MORE, loaded = 0;
     int64_t fe = INF, td = -1, tbase = 0;
 
     if (get_i64(st, "phase", &phase) || get_i64(st, "depth", &depth) || get_i64(st, "n", &n) ||
         get_i64(st, "memo", &memo) || get_i64(st, "memo_base", &memo_base) || get_i64(st, "done", &done) ||
-        get_i64(st, "data_end", &data_end) || get_i64(st, "proto", &proto) ||
+        get_i64(st, "data_end", &data_end) || get_i64(st, "proto", &proto) || get_i64(st, "max_nesting", &max_nesting) ||
         get_truth(st, "in_batch", &in_batch) || get_truth(st, "memo_seen", &memo_seen))
         goto finish;
     if ((count_obj = get_attr(st, "count")) == NULL)
@@ -710,6 +720,10 @@ scan_ops(PyObject *self, PyObject *args)
         if (overflow) /* compares like the huge Python int it is */
             count = overflow > 0 ? INT64_MAX / 2 : INT64_MIN / 2;
     }
+    /* py: _max_slots(st) */
+    if (max_nesting < 0 || max_nesting > (INT64_MAX / 4) / PENDING_PER_LEVEL)
+        max_nesting = max_nesting < 0 ? 0 : (INT64_MAX / 4) / PENDING_PER_LEVEL;
+    max_slots = count + 8 + PENDING_PER_LEVEL * max_nesting;
     {
         PyObject *fo = get_attr(st, "frame_end");
         if (fo == NULL)
@@ -746,9 +760,11 @@ scan_ops(PyObject *self, PyObject *args)
     }
 
     /* py: fail(kind, msg, at, push, batch) -> the index of the element the error belongs to */
+    /* outside an APPENDS batch (td == 1) every slot belongs to the one element `e APPEND` adds; in a
+     * batch a slot is an element or a pending part of the last one: never past the header's count */
 #define ERR_INDEX(push, batch)                                                                            \
     ((batch) ? done                                                                                       \
-             : phase == PH_BODY ? done + ((depth == td && (push)) ? starts.n : (starts.n > 1 ? starts.n - 1 : 0)) \
+             : phase == PH_BODY ? (td == 1 ? done : err_index_in_batch(done, starts.n, depth == td && (push), count)) \
                                 : -1)
 #define FAIL(kind, push, batch, ...)                                                                       \
     do {                                                                                                   \
@@ -785,7 +801,7 @@ scan_ops(PyObject *self, PyObject *args)
             int64_t p2 = pos;
             while (p2 + 2 <= lim && buf[p2] == 0x8c) {
                 const int64_t q2 = p2 + 2 + buf[p2 + 1];
-                if (q2 >= lim || buf[q2] != OP_MEMOIZE || n >= MAX_STACK - 1 || done + starts.n > count + 8)
+                if (q2 >= lim || buf[q2] != OP_MEMOIZE || n >= MAX_STACK - 1 || done + starts.n > max_slots)
                     break;
                 TRY(ivec_push(&starts, base + p2));
                 TRY(ivec_push(&memo_at, memo));
@@ -1008,8 +1024,11 @@ scan_ops(PyObject *self, PyObject *args)
             if (n >= MAX_STACK)
                 FAIL("format", 1, 0, "more than %d items on one stack level", MAX_STACK);
             if (depth == td) { /* a new element-level slot */
-                if (done + starts.n > count + 8)
-                    FAIL("format", 0, 1, "the pickle holds more elements than the header's %S", count_obj);
+                if (done + starts.n > max_slots)
+                    FAIL("format", 0, 1,
+                         "the pickle holds more elements than the header's %S, or an element nests deeper than "
+                         "MAX_NESTING=%lld levels (%lld objects pending on the element list)",
+                         count_obj, (long long)max_nesting, (long long)(max_slots - count));
                 TRY(ivec_push(&starts, base + pos));
                 TRY(ivec_push(&memo_at, memo));
             }
@@ -1069,8 +1088,11 @@ scan_ops(PyObject *self, PyObject *args)
                 TRY(ivec_push(&dep, d));
             else
                 TRY(ivec_raise_last(&dep, d));
-            if (d > MAX_NESTING)
-                FAIL("format", 0, 0, "objects nested more than %d deep", MAX_NESTING);
+            if (d > max_nesting)
+                FAIL("format", 0, 0,
+                     "objects nested more than %lld deep (npystream.formats.pickle_ops.MAX_NESTING; raise it, "
+                     "and sys.setrecursionlimit, for deeper data)",
+                     (long long)max_nesting);
             break;
         }
         case K_MARK: {
@@ -1119,8 +1141,11 @@ scan_ops(PyObject *self, PyObject *args)
             }
             else
                 d = 1;
-            if (d > MAX_NESTING)
-                FAIL("format", 0, 0, "objects nested more than %d deep", MAX_NESTING);
+            if (d > max_nesting)
+                FAIL("format", 0, 0,
+                     "objects nested more than %lld deep (npystream.formats.pickle_ops.MAX_NESTING; raise it, "
+                     "and sys.setrecursionlimit, for deeper data)",
+                     (long long)max_nesting);
             int64_t mark_memo, mark_off;
             TRY(ivec_pop(&marks, &mark_memo));
             TRY(ivec_pop(&marks, &mark_off));
@@ -1822,8 +1847,8 @@ tables(PyObject *self, PyObject *noargs)
         if (!a || !b || !c)
             goto done;
     }
-    consts = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "MAX_MARK_DEPTH",
-                           MAX_MARK_DEPTH, "MAX_STACK", MAX_STACK, "MAX_NESTING", MAX_NESTING, "MEMO_DEPTH_NOTE",
+    consts = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "MAX_MARK_DEPTH",
+                           MAX_MARK_DEPTH, "MAX_STACK", MAX_STACK, "MAX_NESTING", MAX_NESTING, "PENDING_PER_LEVEL", PENDING_PER_LEVEL, "MEMO_DEPTH_NOTE",
                            MEMO_DEPTH_NOTE, "MAX_LINE", MAX_LINE, "_INF", (long long)INF, "PH_PREFIX", PH_PREFIX,
                            "PH_BODY", PH_BODY, "PH_SUFFIX", PH_SUFFIX, "PH_DONE", PH_DONE, "ST_MORE", ST_MORE,
                            "ST_BATCH", ST_BATCH, "ST_DONE", ST_DONE, "RW_OK", RW_OK, "RW_MISSING", RW_MISSING);

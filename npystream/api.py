@@ -19,7 +19,7 @@ from typing import Any
 
 from npystream.errors import FormatError
 from npystream.formats.npy import MAGIC, read_header
-from npystream.sources import GZIP_MAGIC, open_source
+from npystream.sources import GZIP_MAGIC, open_source, read_upto
 
 __all__ = ["open"]
 
@@ -104,7 +104,7 @@ def _is_zip_file_object(file: Any) -> bool:
         if not file.seekable():
             return False
         pos = file.tell()
-        head = file.read(4)
+        head = read_upto(file, 4)
         file.seek(pos)
     except (OSError, AttributeError, ValueError):
         return False

@@ -50,6 +50,7 @@ from npystream._atomic import atomic_output, commit, refuse_existing, remove_pat
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
 from npystream.formats.npy import read_header
 from npystream.sources import GZIP_MAGIC
+from npystream.sources import read_upto as _read_upto
 
 __all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
 
@@ -124,18 +125,6 @@ class _Recorder(io.RawIOBase):
         view[: len(data)] = data
         self.seen += data
         return len(data)
-
-
-def _read_upto(f: Any, n: int) -> bytes:
-    parts = []
-    got = 0
-    while got < n:
-        chunk = f.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 def _peek_header(f: Any, name: str) -> tuple[Any, Any]:

@@ -47,9 +47,9 @@ def iter_objects(
 
     Seekable files are scanned once first (opcodes only, payloads skipped) so
     that every memo back-reference is exact and memory stays bounded.  Pipes
-    and compressed streams cannot be scanned ahead: they decode through a
-    window of a few MiB (elements decoded speculatively, checked when their
-    batch closes) and keep only small shared objects between runs (see
+    and compressed streams cannot be scanned ahead: they hold one batch of
+    raw bytes (numpy writes 1000 elements per batch), decode it when its
+    element bounds are certain, and keep only small shared objects between batches (see
     ``npystream.formats.pickle_stream``); a file that reads back a large
     object far behind raises ``UnsupportedError`` there -- read it from a
     seekable file instead.

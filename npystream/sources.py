@@ -39,6 +39,7 @@ __all__ = [
     "WindowSource",
     "open_source",
     "source_name",
+    "read_upto",
     "GZIP_MAGIC",
 ]
 
@@ -46,6 +47,29 @@ GZIP_MAGIC = b"\x1f\x8b"
 # What gzip/zlib/zipfile raise on cut or corrupt compressed data (EOFError: cut gzip).
 _DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile)
 _SKIP_CHUNK = 1 << 20
+
+
+def read_upto(f: Any, n: int) -> bytes:
+    """Read ``n`` bytes from file object ``f``, fewer only at its end.
+
+    A file object may return fewer bytes than asked (pipes, sockets, raw
+    files, wrappers that read in random sizes, as numpy's own tests feed
+    ``np.load``), so every read from a caller's object loops.
+    """
+    if n <= 0:
+        return b""
+    chunk = f.read(n)
+    if not chunk or len(chunk) >= n:
+        return bytes(chunk or b"")
+    parts = [bytes(chunk)]
+    got = len(chunk)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(bytes(more))
+        got += len(more)
+    return b"".join(parts)
 
 
 def source_name(obj: object) -> str:
@@ -259,7 +283,7 @@ class FileSource(_MapMixin, ByteSource):
         self.mappable = fileno is not None
 
     def read(self, n: int) -> bytes:
-        return self._f.read(n)
+        return read_upto(self._f, n)
 
     def readinto(self, buf: Any) -> int:
         readinto = getattr(self._f, "readinto", None)
@@ -350,22 +374,7 @@ class StreamSource(ByteSource):
             raise self._bad_data(exc) from None
 
     def _read(self, n: int) -> bytes:
-        if n <= 0:
-            return b""
-        # io.RawIOBase.read may return short counts on pipes: loop until n or EOF.
-        chunk = self._f.read(n)
-        if chunk is None:  # non-blocking raw stream with no data: treat as "wait"
-            chunk = b""
-        if len(chunk) < n and chunk:
-            parts = [chunk]
-            got = len(chunk)
-            while got < n:
-                more = self._f.read(n - got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-            chunk = b"".join(parts)
+        chunk = read_upto(self._f, n)  # pipes return short counts: loop until n or EOF
         self._pos += len(chunk)
         return chunk
 
@@ -467,7 +476,7 @@ def _has_gzip_magic(f: IO[bytes]) -> bool:
     try:
         if _is_seekable(f):
             pos = f.tell()
-            head = f.read(2)
+            head = read_upto(f, 2)
             f.seek(pos)
             return head == GZIP_MAGIC
         peek = getattr(f, "peek", None)

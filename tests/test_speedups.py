@@ -238,7 +238,7 @@ def test_tables_match_python() -> None:
     assert list(names) == ops.OP_NAME
     assert list(args) == ops.OP_ARG
     assert list(kinds) == ops.OP_KIND
-    for key in ("MAX_MARK_DEPTH", "MAX_STACK", "MAX_NESTING", "MEMO_DEPTH_NOTE", "MAX_LINE", "_INF"):
+    for key in ("MAX_MARK_DEPTH", "MAX_STACK", "MAX_NESTING", "PENDING_PER_LEVEL", "MEMO_DEPTH_NOTE", "MAX_LINE", "_INF"):
         assert consts[key] == getattr(ops, key), key
     for key in ("PH_PREFIX", "PH_BODY", "PH_SUFFIX", "PH_DONE", "ST_MORE", "ST_BATCH", "ST_DONE", "RW_OK", "RW_MISSING"):
         assert consts[key] == getattr(ops, key), key

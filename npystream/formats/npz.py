@@ -49,7 +49,7 @@ from npystream.errors import (
 )
 from npystream.formats.fixed import BatchIterator, batches_from_source, open_npy, read_array
 from npystream.formats.npy import MAX_HEADER_SIZE, NpyHeader, read_header
-from npystream.sources import ByteSource, MemorySource, StreamSource, WindowSource
+from npystream.sources import ByteSource, MemorySource, StreamSource, WindowSource, read_upto
 
 __all__ = ["NpzArchive", "NpzMember"]
 
@@ -311,7 +311,7 @@ class NpzArchive(Mapping[str, np.ndarray]):
     def _read_at(self, offset: int, n: int) -> bytes:
         if self._fileobj is not None:
             self._fileobj.seek(offset)
-            return bytes(self._fileobj.read(n))
+            return read_upto(self._fileobj, n)
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(n)

@@ -32,7 +32,20 @@ import numpy as np
 
 MAX_MARK_DEPTH = 1000  # nesting of MARK-based containers; numpy output needs < 20
 MAX_STACK = 1 << 20  # items on one MARK level; a batch is 1000, so only a bomb gets here
-MAX_NESTING = 1000  # object nesting depth (containers in containers); Python recursion copes up to here
+# Object nesting depth (containers in containers, a REDUCE's argument tuple counting as a level):
+# deeper elements are refused with a FormatError naming this limit.  numpy itself has none (the
+# unpickler is not recursive), but everything that walks such an object (repr, ==, copy, our own
+# checks) recurses once per level, and Python's default recursion limit is 1000.  Read when a scan
+# starts (ScanState.max_nesting), by the C scanner too: raise it for deeper data, together with
+# sys.setrecursionlimit.
+MAX_NESTING = 1000
+# Element-level slots pending beyond the header's count.  An element built without MARKs (a dict of one
+# item holding a dict of one item ..., a list of one item ..., nested TUPLE1-3s and REDUCE/BUILD
+# around them) leaves its unfinished outer objects on the element level: the pickler keeps at most
+# 4 of them per nesting level (NEWOBJ_EX: class, args, then a one-item kwargs dict and its key), so
+# this bound lets every element up to max_nesting deep through and still stops a pickle pushing
+# items without bound early (16 bytes of bookkeeping per slot).
+PENDING_PER_LEVEL = 4
 MEMO_DEPTH_NOTE = 32  # memo entries deeper than this remember their depth (for GET-built nesting)
 MAX_LINE = 1 << 16  # text opcodes (protocol 0-2 GLOBAL/INT/PUT...) are short lines
 
@@ -221,6 +234,7 @@ class ScanState:
         "global_check",
         "dep",
         "memo_depth",
+        "max_nesting",
     )
 
     def __init__(self, count: int, global_check: Any = None) -> None:
@@ -247,6 +261,7 @@ class ScanState:
         self.global_check = global_check  # callable(raw GLOBAL/INST argument bytes) -> error text or None
         self.dep: list[int] = []  # nesting depth of every stack item (all levels, bottom first)
         self.memo_depth: dict[int, int] = {}  # memo index -> depth, for entries deeper than MEMO_DEPTH_NOTE
+        self.max_nesting = MAX_NESTING  # object nesting refused beyond this depth
 
 
 
@@ -347,7 +362,7 @@ def _fast_arrays(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: i
         return None
     starts = st.starts
     # the generic loop's limits: at most 4 stack items of an element are on the batch level at
-    # once (checks "n >= MAX_STACK" and "done + slots > count + 8" before each push)
+    # once (checks "n >= MAX_STACK" and "done + slots > max_slots" before each push)
     room = min(st.count + 5 - done - (len(starts) >> 3), MAX_STACK - 4 - n)
     reads = st.reads
     mb = st.memo_base
@@ -491,7 +506,7 @@ _STR_LENS = re.compile(
 
 def _fast_strings(buf: Any, pos: int, lim: int, base: int, st: ScanState, memo: int, n: int, done: int) -> Any:
     """A run of short literal + MEMOIZE elements at ``pos``: applies their effect, returns (pos, k) or None."""
-    room = min(st.count + 8 - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
+    room = min(_max_slots(st) - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
     span = lim - pos
     if room <= 0 or span < 3:
         return None
@@ -545,7 +560,7 @@ def _fast_literals_p3(buf: Any, pos: int, lim: int, base: int, st: ScanState, me
 
     BINPUT/LONG_BINPUT must write ``memo, memo + 1, ...`` as the generic loop requires.
     """
-    room = min(st.count + 8 - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
+    room = min(_max_slots(st) - done - (len(st.starts) >> 3), MAX_STACK - 1 - n)
     if room <= 0:
         return None
     rel: Any = None
@@ -667,15 +682,21 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
     pack_q = _pack_q
     status = ST_MORE
     fast = FAST_PATHS
+    max_nesting = st.max_nesting
+    max_slots = _max_slots(st)
+    count = st.count  # (read by fail(); st itself stays a fast local of the loop)
 
     def fail(kind: str, msg: str, at: int, push: bool = False, batch: bool = False) -> ScanError:
         index = None
         if batch:  # the open batch as a whole is in doubt
             index = done
         elif phase == PH_BODY:
-            k = len(starts) >> 3
-            cur = k if (depth == td and push) else max(k - 1, 0)
-            index = done + cur
+            if td == 1:  # outside an APPENDS batch every slot belongs to the one element `e APPEND` adds
+                index = done
+            else:  # a slot is an element or a pending part of the last one: never past the header's count
+                k = len(starts) >> 3
+                cur = k if (depth == td and push) else max(k - 1, 0)
+                index = min(done + cur, max(count - 1, done))
         return ScanError(kind, msg, base + at, index)
 
     try:
@@ -816,8 +837,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                 if n >= MAX_STACK:
                     raise fail("format", f"more than {MAX_STACK} items on one stack level", pos, True)
                 if depth == td:
-                    if done + (len(starts) >> 3) > st.count + 8:
-                        raise fail("format", f"the pickle holds more elements than the header's {st.count}", pos, batch=True)
+                    if done + (len(starts) >> 3) > max_slots:
+                        raise fail("format", _too_many(st), pos, batch=True)
                     starts += pack_q(base + pos)
                     memo_at += pack_q(memo)
                 n += 1
@@ -863,8 +884,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     dep.append(d)
                 elif d > dep[-1]:
                     dep[-1] = d
-                if d > MAX_NESTING:
-                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
+                if d > max_nesting:
+                    raise fail("format", _too_deep(st), pos)
             elif kind == K_MARK:
                 if phase == PH_SUFFIX:
                     raise fail("format", "MARK after the element list; numpy writes TUPLE BUILD STOP", pos)
@@ -891,8 +912,8 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
                     del dep[-inner:]
                 else:
                     d = 1
-                if d > MAX_NESTING:
-                    raise fail("format", f"objects nested more than {MAX_NESTING} deep", pos)
+                if d > max_nesting:
+                    raise fail("format", _too_deep(st), pos)
                 mark_memo = marks.pop()
                 mark_off = marks.pop()
                 n = marks.pop()
@@ -1024,6 +1045,27 @@ def scan_ops(buf: Any, pos: int, end: int, base: int, st: ScanState) -> int:
         st.frame_end = fe + base if fe < _INF else _INF
         st.status = status
     return pos
+
+
+def _max_slots(st: ScanState) -> int:
+    """Element-level slots allowed at once: the header's count, plus the pending parts of a nested element."""
+    return st.count + 8 + PENDING_PER_LEVEL * st.max_nesting
+
+
+def _too_many(st: ScanState) -> str:
+    """The message when element-level slots outrun :func:`_max_slots`."""
+    return (
+        f"the pickle holds more elements than the header's {st.count}, or an element nests deeper than "
+        f"MAX_NESTING={st.max_nesting} levels ({_max_slots(st) - st.count} objects pending on the element list)"
+    )
+
+
+def _too_deep(st: ScanState) -> str:
+    """The message when an object nests deeper than ``st.max_nesting``."""
+    return (
+        f"objects nested more than {st.max_nesting} deep (npystream.formats.pickle_ops.MAX_NESTING; raise it, "
+        "and sys.setrecursionlimit, for deeper data)"
+    )
 
 
 def _line_end(buf: Any, start: int, lim: int, lines: int) -> int:

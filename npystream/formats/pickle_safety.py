@@ -78,6 +78,7 @@ from typing import Any
 import numpy as np
 
 from npystream.errors import FormatError, UnsafePickleError
+from npystream.formats import pickle_ops
 
 __all__ = [
     "SafetyPolicy",
@@ -91,7 +92,7 @@ __all__ = [
     "MAX_NESTING",
 ]
 
-MAX_NESTING = 1000  # containers holding arrays nested deeper than this are refused
+MAX_NESTING = pickle_ops.MAX_NESTING  # the scan's limit, read from pickle_ops when a walk checks it
 _INT64_MAX = 2**63 - 1
 _SWAPPED = ">" if sys.byteorder == "little" else "<"
 
@@ -1047,8 +1048,11 @@ def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:
         return got
     if t in _TOKENS:  # a checked global kept as a value (np.save of [bytearray, np.ndarray]): the real one
         return obj.real
-    if depth > MAX_NESTING:
-        raise FormatError(f"containers nested more than {MAX_NESTING} deep around arrays")
+    if depth > pickle_ops.MAX_NESTING:
+        raise FormatError(
+            f"containers nested more than {pickle_ops.MAX_NESTING} deep around arrays "
+            "(npystream.formats.pickle_ops.MAX_NESTING; raise it, and sys.setrecursionlimit, for deeper data)"
+        )
     key = id(obj)
     if key in seen:
         return seen[key]

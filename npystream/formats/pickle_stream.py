@@ -6,43 +6,37 @@ through a *window* of raw pickle bytes, elements are decoded by the same
 :class:`~npystream.formats.pickle_walk._Engine` as on seekable files, and memo
 values are kept across batches only within the ``RETAIN_*`` budget.
 
-Bounded memory, independent of the batch size
----------------------------------------------
-numpy writes 1000 elements per ``MARK ... APPENDS`` batch, so a batch of 1 MB
-arrays is 1 GB of raw bytes.  Element boundaries are only *certain* at the
-batch's closing APPENDS (a later BUILD, SETITEM, TUPLE2/3 or APPEND may still
-fold the next stack slots into the current element), so holding whole batches
-would be exact but not bounded.  Instead:
+Exact elements, one batch in memory
+-----------------------------------
+numpy writes 1000 elements per ``MARK ... APPENDS`` batch.  Element
+boundaries are only *certain* at the batch's closing APPENDS: a later TUPLE2/3,
+BUILD, SETITEM, APPEND or REDUCE may still fold the stack slots seen so far
+into one element, and np.save writes such elements (``(a, (b, (c, <big
+array>)))`` keeps a, b and c pending until after the array's bytes; the
+bytes before the folds are the same as those of the elements a, b, c, ...).
+No lookahead of bounded length tells them apart, so this reader never
+guesses:
 
-* **Speculation.**  Whenever the scanner pauses for more data inside a batch
-  and more than ``SPEC_TRIGGER`` bytes of the batch are still undecoded, the
-  open batch's tentative slot starts (``st.starts``/``st.memo_at``) name slots
-  ``0 .. h-1``; a slot ``i`` is decoded and yielded as an element when it is
-  at least ``SPEC_MARGIN`` slots below the top (a single opcode folds at most
-  three slots) *and* at least ``SPEC_LAG`` bytes were scanned after its end
-  without it being folded.  numpy's writer never folds across elements (every
-  element's opcodes push exactly one object), so for ``np.save`` files the
-  speculation is right unless one element keeps four or more objects pending
-  across ``SPEC_LAG`` bytes (e.g. ``{k: {k: <4 MB array>}}`` chains of
-  one-item containers), which the check below catches.
-* **Check.**  At every pause and at the closing APPENDS the speculated element
-  bounds must still be slot bounds (the scanner deletes the starts of folded
-  slots).  If not, :class:`~npystream.errors.UnsupportedError` names the
-  element, the offset and the fix (read from a seekable source); the elements
-  already yielded stay yielded.  This is the same kind of documented streaming
-  limit as the ``RETAIN_*`` policy: it never yields an element whose bytes are
-  not exactly its final bytes without raising right after.
-* **Memo.**  A batch's memo writes are decided run by run: a value whose last
-  GET seen so far lies after the decoded part stays (a later element of the
-  window reads it); the others go through ``_Engine.retain`` (kept if small,
-  within the budget).  So back-references within ``SPEC_LAG`` bytes and within
-  a batch that never speculated are exact, like before; a large object read
-  back from further away raises ``UnsupportedError`` as across batches.
+* **Batches.**  The window keeps the raw bytes of the open batch; when its
+  APPENDS arrives the batch's elements are decoded (in runs of about
+  ``CHUNK_BYTES``), yielded, and its bytes dropped.  Memory note: a stream
+  holds one batch of raw bytes, up to 1000 elements (100 MB for 100 KB
+  arrays, about twice that while the window grows); a file of big elements
+  read from a seekable source costs one element instead (its offset index
+  makes the bounds known before decoding).
+* **Memo.**  A batch's memo writes go, once decoded, through
+  ``_Engine.retain``: globals, dtypes and small values are kept (within the
+  ``RETAIN_*`` budget), the rest released.  So back-references within a
+  batch are exact; a large object read back from a later batch raises
+  :class:`~npystream.errors.UnsupportedError` naming the element and the fix
+  (read from a seekable source).
 * **Window.**  One buffer (``numpy.empty``: pages cost memory only once
   written) that is compacted in place when its dead prefix is large, grown
   geometrically when live data fills it, and shrunk after a large element.
   An opcode longer than the window (a big array's raw bytes) grows it once to
-  the exact size its length field announces, the payload 64-byte aligned.
+  the exact size its length field announces *after those bytes have
+  arrived*: the window grows by what was read, never by a length field
+  alone, so a forged length costs nothing before the truncation error.
 * **Payloads.**  In runs of large elements (``LARGE_ELEMENT_BYTES`` on
   average) an array's raw-data BINBYTES of ``ZC_MIN`` bytes or more is
   replaced by a persistent id (the rewriter's zero-copy substitution; its
@@ -52,9 +46,9 @@ would be exact but not bounded.  Instead:
   to a fresh buffer), smaller ones are copied once.  So one 300 MB element
   costs about 300 MB, not the 4 copies of window, program, ``bytes`` and array.
 
-Reads stay at ``STREAM_READ`` granularity.  Peak memory is about
-``SPEC_TRIGGER + SPEC_LAG`` plus the ``SPEC_MARGIN`` top slots, one decoded
-run (``CHUNK_BYTES``) and the retained memo (``RETAIN_BYTES``).
+Reads stay at ``STREAM_READ`` granularity.  Peak memory is about one batch
+of raw bytes, one decoded run (``CHUNK_BYTES``) and the retained memo
+(``RETAIN_BYTES``).
 """
 
 from __future__ import annotations
@@ -74,7 +68,6 @@ from npystream.formats.pickle_ops import (
     OP_ARG_T,
     OP_FRAME,
     OP_KIND_T,
-    PH_BODY,
     ST_BATCH,
     ST_DONE,
     ScanError,
@@ -105,17 +98,12 @@ from npystream.formats.pickle_walk import (
 from npystream.sources import ByteSource
 
 # limits of the streaming reader (each with its reason)
-SPEC_TRIGGER = 8 << 20  # speculate only when this much of an open batch is undecoded (small batches stay exact)
-SPEC_LAG = 2 << 20  # ... and only on slots followed by this many scanned bytes (nested small objects never qualify)
-SPEC_MARGIN = 4  # ... and never on the top 4 slots ({key: array} is 4 pending slots before its BUILD)
-SPEC_DOUBT = 32  # ... and an empty container (awaiting SETITEM/APPEND) only with this many slots above it
 ZC_MIN = 64 << 10  # array payloads at least this big go through a persistent id (one copy, not three)
 HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes the array's memory
 WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
-_ROOM_AFTER_BIG = SPEC_LAG + 2 * STREAM_READ  # room left after a big opcode so speculation can release it
+_ROOM_AFTER_BIG = 2 * STREAM_READ  # room left after a big opcode for the opcodes that follow it
 _ALIGN = 64  # a big payload starts at this alignment in its window buffer
 _NO_LIVE: dict[int, int] = {}
-_EMPTY_CONTAINERS = frozenset((0x7D, 0x5D, 0x8F))  # EMPTY_DICT, EMPTY_LIST, EMPTY_SET
 
 
 class _Window:
@@ -145,9 +133,11 @@ class _Window:
         cap = len(self.mem)
         need, payload = _pending_opcode(self.buf, pos, self.hi)
         room = STREAM_READ
-        if need:  # a long opcode: make room for all of it now, and then some
-            room = max(pos + need - self.hi, 0) + _ROOM_AFTER_BIG
-        if self.hi + STREAM_READ > cap or (need and (pos + need > cap or payload % _ALIGN)) or self.donated:
+        if need:
+            # a long opcode: room for all of it and then some, but grown by what has arrived (at most
+            # 4x the bytes held): a length field alone never reserves memory (a forged 2**40 costs nothing)
+            room = min(max(pos + need - self.hi, 0) + _ROOM_AFTER_BIG, 3 * max(self.hi - self.lo, WINDOW_MIN))
+        if self.hi + STREAM_READ > cap or (need and payload % _ALIGN) or self.donated:
             pos = self._rearrange(pos, room, payload)
         n = self.src.readinto(self.buf[self.hi : min(self.hi + STREAM_READ, len(self.mem))])
         if not n:
@@ -180,6 +170,17 @@ class _Window:
         self.lo = shift
         self.hi = shift + keep
         return pos - lo + shift
+
+    def after_stop(self, pos: int) -> tuple[int, int, bytes]:
+        """After the STOP ending at window index ``pos``: read until two bytes follow it or the data ends.
+
+        Returns the (maybe moved) position, how many bytes follow STOP (all of
+        them at the end of the data, else at least two) and the first two, so
+        every source applies one rule to what follows STOP (see ``_finish``).
+        """
+        while self.hi - pos < 2 and not self.eof:
+            pos = self.fill(pos)
+        return pos, self.hi - pos, bytes(self.buf[pos : min(self.hi, pos + 2)])
 
     def payload(self, offset: int, n: int) -> memoryview:
         """Bytes ``[offset, offset + n)`` (file offsets) as a writeable buffer no one else uses."""
@@ -217,32 +218,6 @@ def _pending_opcode(buf: Any, pos: int, hi: int) -> tuple[int, int]:
     if total <= STREAM_READ or pos + total <= hi:
         return 0, -1
     return total, pos + 1 + la
-
-
-def _empty_container(buf: Any, pos: int, end: int) -> bool:
-    """Is ``buf[pos:end]`` (one slot's opcodes) just EMPTY_DICT/LIST/SET and memo writes (maybe still being filled)?"""
-    while pos < end and buf[pos] == OP_FRAME:
-        pos += 9
-    if pos >= end or buf[pos] not in _EMPTY_CONTAINERS:
-        return False
-    pos += 1
-    while pos < end:
-        op = buf[pos]
-        if op == 0x94:  # MEMOIZE
-            pos += 1
-        elif op == 0x71:  # BINPUT
-            pos += 2
-        elif op == 0x72:  # LONG_BINPUT
-            pos += 5
-        elif op == OP_FRAME:
-            pos += 9
-        elif op == 0x70:  # PUT
-            pos = _line_end(buf, pos + 1, end, 1)
-            if pos < 0:
-                return False
-        else:
-            return False
-    return True
 
 
 def _payload_memos(buf: Any, pos: int, end: int, memo: int) -> tuple[list[int], int]:
@@ -383,9 +358,8 @@ class _StreamScan:
                 yield _Batch(_take(st.starts), _take(st.memo_at), st.batch_end)
             elif st.status == ST_DONE:
                 end = win.base + self.pos
-                while win.hi == self.pos and not win.eof:
-                    self.pos = win.fill(self.pos)
-                _finish(st, self.header, self.path, end, end + win.hi - self.pos, bytes(win.buf[self.pos : self.pos + 2]))
+                self.pos, extra, tail = win.after_stop(self.pos)
+                _finish(st, self.header, self.path, end, end + extra, tail)
                 return
             else:
                 if win.eof:
@@ -397,7 +371,7 @@ class _StreamScan:
 
 
 class _StreamReader:
-    """One streaming pass: scan through the window, decode elements (speculatively in big batches)."""
+    """One streaming pass: scan through the window, decode each batch when it closes."""
 
     def __init__(self, src: ByteSource, header: NpyHeader, policy: SafetyPolicy, stop: int) -> None:
         from npystream.formats.pickle_safety import make_global_check
@@ -415,9 +389,6 @@ class _StreamReader:
         self.held: list[int] = []  # memo indices decoded but not yet given to the retention policy
         self.first = 0  # index of the open batch's first element
         self.yielded = 0  # elements handed out
-        self.spec = 0  # elements of the open batch decoded speculatively
-        self.spec_starts: list[int] = []  # their starts
-        self.spec_end = -1  # where the last of them ends
         self.failed = False
 
     # -- the engine --------------------------------------------------------------
@@ -506,84 +477,16 @@ class _StreamReader:
             _retain(self.engine, now, self.pinned)
         self.held = later
 
-    # -- speculation -----------------------------------------------------------------
-    def _fold_error(self, index: int, offset: int) -> UnsupportedError:
-        return UnsupportedError(
-            f"element {index} is not the object streaming yielded early: the pickle folds objects across element "
-            f"boundaries (np.save never does), or an element keeps more than {SPEC_MARGIN} objects pending over "
-            f"{SPEC_LAG >> 20} MiB; the {self.spec} elements of this batch before it were yielded early to bound "
-            "memory. Read the file from a seekable source (its element bounds are exact there)",
-            path=self.path,
-            offset=offset,
-            index=index,
-        )
-
-    def _check_spec(self) -> None:
-        """At a pause: the speculated bounds are still slot bounds (folds delete the starts of folded slots)."""
-        u = self.spec
-        starts = self.st.starts
-        if u and (len(starts) < 8 * (u + 1) or int.from_bytes(starts[8 * u : 8 * u + 8], "little") != self.spec_end):
-            now = np.frombuffer(bytes(starts[: 8 * (u + 1)]), dtype="<i8")
-            raise self._moved(now)
-
-    def _moved(self, bounds: np.ndarray) -> UnsupportedError:
-        """The error for the first speculated element whose bounds are not in ``bounds`` (slot starts, then maybe the end)."""
-        spec = np.append(np.array(self.spec_starts, dtype=np.int64), self.spec_end)
-        n = min(len(bounds), len(spec))
-        diff = np.flatnonzero(bounds[:n] != spec[:n])
-        first = int(diff[0]) if len(diff) else n  # the first bound that moved (or went)
-        bad = min(max(first, 1) - 1, self.spec - 1)  # the element ending there
-        return self._fold_error(self.first + bad, self.spec_starts[bad])
-
-    def _speculate(self) -> Iterator[list[Any]]:
-        st = self.st
-        if st.phase != PH_BODY or not st.in_batch or st.body_start < 0:
-            return
-        self._start_engine()
-        scan_off = self.win.base + self.pos
-        if self.yielded >= self.stop:  # nothing more to decode: keep only what the scanner needs
-            self.win.discard_before(scan_off)
-            return
-        self._check_spec()
-        u = self.spec
-        h = len(st.starts) >> 3
-        if h - SPEC_MARGIN <= u:
-            return
-        s = np.frombuffer(bytes(st.starts[8 * u : 8 * h]), dtype="<i8").astype(np.int64)
-        if scan_off - int(s[0]) < SPEC_TRIGGER:
-            return
-        n = min(h - SPEC_MARGIN - u, int(np.searchsorted(s[1:], scan_off - SPEC_LAG, side="right")))
-        win = self.win
-        for i in range(max(n, 0)):  # an empty container may still be waiting for its items
-            if h - (u + i) <= SPEC_DOUBT and _empty_container(win.buf, int(s[i]) - win.base, int(s[i + 1]) - win.base):
-                n = i
-                break
-        if n <= 0:
-            return
-        m = np.frombuffer(bytes(st.memo_at[8 * u : 8 * (u + n + 1)]), dtype="<i8").astype(np.int64)
-        self.spec_starts.extend(s[:n].tolist())
-        self.spec = u + n
-        self.spec_end = int(s[n])
-        yield from self._decode(s[:n], s[1 : n + 1], m[:n], self.first + u, int(m[n]))
-        self.win.discard_before(self.spec_end)
-
     def _close_batch(self, starts: np.ndarray, memo_at: np.ndarray, end: int, memo_end: int) -> Iterator[list[Any]]:
-        u = self.spec
-        if u and self.yielded < self.stop:
-            final = np.append(starts, end)
-            if len(final) <= u or final[u] != self.spec_end or not np.array_equal(starts[:u], self.spec_starts):
-                raise self._moved(final)
+        """Decode the batch that just closed (its element bounds are certain now), then drop its bytes."""
         k = len(starts)
-        if u < k and self.yielded < self.stop:
-            ends = np.empty(k - u, dtype=np.int64)
-            ends[:-1] = starts[u + 1 :]
+        if k and self.yielded < self.stop:
+            ends = np.empty(k, dtype=np.int64)
+            ends[:-1] = starts[1:]
             ends[-1] = end
-            yield from self._decode(starts[u:], ends, memo_at[u:], self.first + u, memo_end)
+            yield from self._decode(starts, ends, memo_at, self.first, memo_end)
         self._retain(end)
         self.first += k
-        self.spec = 0
-        self.spec_starts = []
-        self.spec_end = -1
         self.win.discard_before(end)
 
     # -- the pass ----------------------------------------------------------------------
@@ -603,15 +506,14 @@ class _StreamReader:
                 yield from self._close_batch(starts, memo_at, st.batch_end, st.memo)
             elif st.status == ST_DONE:
                 end = win.base + self.pos
-                while win.hi == self.pos and not win.eof:
-                    self.pos = win.fill(self.pos)
-                extra = win.hi - self.pos
-                _finish(st, self.header, path, end, end + extra, bytes(win.buf[self.pos : self.pos + 2]))
+                self.pos, extra, tail = win.after_stop(self.pos)
+                _finish(st, self.header, path, end, end + extra, tail)
                 if self.engine is None:
                     self._start_engine()  # validates the header part of an empty array
                 return
             else:
-                yield from self._speculate()
+                if self.yielded >= self.stop and self.engine is not None:
+                    win.discard_before(win.base + self.pos)  # nothing more to decode: keep what the scanner needs
                 if win.eof:
                     raise _truncated(path, win.base + self.pos, st)
                 self.pos = win.fill(self.pos)
@@ -632,15 +534,12 @@ class _StreamReader:
         if st.body_start < 0 or self.yielded >= self.stop:
             return
         p_starts, p_memo, p_end = _pending(st, exc, self.header.count)
-        u = self.spec
-        if len(p_starts) <= u:
-            return
-        if u and (int(p_starts[u - 1]) != self.spec_starts[-1] or int(p_starts[u]) != self.spec_end):
+        if not len(p_starts):
             return
         eng = self._start_engine()
         win = self.win
         p_ends = np.append(p_starts[1:], p_end)
-        for j in range(u, len(p_starts)):  # tentative: one by one, stop at the first doubtful one
+        for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
             if self.first + j >= self.stop:
                 return
             try:

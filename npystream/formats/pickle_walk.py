@@ -87,11 +87,10 @@ Streaming from a non-seekable source (pipes, gzip, deflated zip members)
 --------------------------------------------------------------------------
 No liveness pre-pass is possible; :mod:`npystream.formats.pickle_stream`
 holds the design.  In short: the scanner reads through one reusable window
-of raw bytes; once a batch has more than a few MiB undecoded, elements well
-below the top of the stack are decoded speculatively (numpy's writer never
-folds one element into another) and checked when the batch closes
-(:class:`~npystream.errors.UnsupportedError` if a later opcode did fold
-them); memo values are kept across runs only within a budget (globals,
+of raw bytes that holds the open batch; when the batch's APPENDS makes its
+element bounds certain, its elements are decoded and its bytes dropped (no
+bounded lookahead could tell an element from the pending first parts of a
+nested one, so nothing is decoded before); memo values are kept across batches only within a budget (globals,
 dtypes, small values), and an element that reads back a released object
 raises :class:`~npystream.errors.UnsupportedError` naming the element and the
 fix (read the file from a seekable source, where the liveness pass makes
@@ -131,6 +130,7 @@ from npystream.formats.pickle_direct import direct_run as _py_direct_run
 from npystream.formats.pickle_direct import role_of as _role_of
 from npystream.formats.pickle_ops import (  # noqa: F401 - re-exported for tests and the C twin
     _GET_CODES,
+    _INF,
     PH_BODY,
     PH_PREFIX,
     RW_OK,
@@ -454,6 +454,14 @@ def _finish(st: ScanState, header: NpyHeader, path: str, pos: int, size: int | N
             f"the pickle holds {st.done} elements but the header's shape {header.shape} says {header.count}",
             path=path,
             offset=st.batch_end if st.batch_end >= 0 else pos,
+        )
+    if size is not None and size - pos < 2 and _INF > st.frame_end > size:
+        # the FRAME holding STOP claims bytes the data does not have: np.load (and the scan of a
+        # file whose size is known, at the FRAME itself) refuses it, so every source does
+        raise TruncatedError(
+            f"the pickle's last FRAME ends at byte {st.frame_end}, {st.frame_end - size} bytes past the end of the data",
+            path=path,
+            offset=size,
         )
     if size is not None and pos != size and not (size == pos + 1 and tail == b"\n"):
         # (one newline is tolerated: numpy 0.x-era writers appended it, see numpy's py2-np0 test file)
