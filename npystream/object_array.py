@@ -104,7 +104,7 @@ from npystream.sources import (
     open_source,
 )
 
-__all__ = ["ObjectArray", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for"]
+__all__ = ["ObjectArray", "FlatObjects", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for", "numpy_filename"]
 
 NSIDX_SUFFIX = ".nsidx"
 NSIDX_VERSION = 1
@@ -115,6 +115,20 @@ _MAX_NSIDX_BYTES = 1 << 34  # an index larger than 16 GiB is not ours (sanity bo
 def index_path_for(path: str | os.PathLike[str]) -> str:
     """Where the saved index of ``path`` lives: ``path + '.nsidx'``."""
     return os.fspath(path) + NSIDX_SUFFIX
+
+
+def numpy_filename(file: Any) -> Any:
+    """The ``filename`` ``np.memmap`` records for ``file``: a resolved ``Path`` for path-likes, an absolute str for str paths and named files, else None."""
+    if isinstance(file, os.PathLike):
+        import pathlib
+
+        return pathlib.Path(file).resolve()
+    if isinstance(file, str) and file != "-":
+        return os.path.abspath(file)
+    name = getattr(file, "name", None)
+    if isinstance(name, str) and not isinstance(file, (bytes, bytearray, memoryview)) and os.path.isfile(name):
+        return os.path.abspath(name)
+    return None
 
 
 def _engine() -> Any:
@@ -538,6 +552,8 @@ class ObjectArray:
         pos = src.tell()
         self._data_start = pos if pos >= header.data_offset else header.data_offset
         self._path = self._disk_path(src)
+        #: the file, as ``np.load(file, mmap_mode='r').filename`` has it (None for streams, bytes, members)
+        self.filename = numpy_filename(source) if self._path is not None else None
 
     # -- description -------------------------------------------------------
     @property
@@ -585,10 +601,6 @@ class ObjectArray:
         """True (views of aligned payloads), ``"always"`` (views, aligned or not) or False (copies)."""
         return self._zero_copy
 
-    @property
-    def filename(self) -> str | None:
-        """The absolute path of the file, as on the ``np.memmap`` ``np.load(..., mmap_mode='r')`` returns; None if not a file."""
-        return os.path.abspath(self._path) if self._path is not None else None
 
     @property
     def index_built(self) -> bool:

@@ -67,37 +67,54 @@ def equal(a: Any, b: Any) -> bool:
     >>> equal([1, np.float32(2)], [1, np.float32(2)]), equal([1, 2], (1, 2)), equal(np.float32(2), np.array(2, "f4"))
     (True, False, False)
     """
+    return _equal(a, b, set())
+
+
+def _equal(a: Any, b: Any, active: set[tuple[int, int]]) -> bool:
+    """:func:`equal`; ``active`` holds the container pairs being compared (a structure that contains itself)."""
     if type(a) is not type(b) and _storage_type(a) is not _storage_type(b):
         return False
-    if isinstance(a, np.ndarray):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        if a.dtype.hasobject:
-            return all(equal(x, y) for x, y in zip(a.flat, b.flat))
-        if a.dtype.kind in "fc":
-            return bool(np.array_equal(a, b, equal_nan=True))
-        if a.dtype.kind == "V" or a.dtype.kind in "mM":
-            return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
-        return bool(np.array_equal(a, b))
+    if isinstance(a, (np.ndarray, np.generic)) and a.dtype != b.dtype:
+        return False
+    if isinstance(a, (list, tuple, dict, np.ndarray, np.void)):
+        pair = (id(a), id(b))
+        if pair in active:
+            return True  # already being compared further up: equal unless something else differs
+        active.add(pair)
+        try:
+            return _equal_items(a, b, active)
+        finally:
+            active.discard(pair)
     if isinstance(a, np.generic):
-        if a.dtype != b.dtype:
-            return False
-        if a.dtype.hasobject:  # a record with object fields
-            return equal(np.asarray(a), np.asarray(b))
         return a.tobytes() == b.tobytes()
     if isinstance(a, float):
         return bool(a == b or (math.isnan(a) and math.isnan(b)))
     if isinstance(a, complex):
-        return equal(a.real, b.real) and equal(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(equal(x, y) for x, y in zip(a, b)) and \
-            all(equal(a[k], b[k]) for k in a)
+        return _equal(a.real, b.real, active) and _equal(a.imag, b.imag, active)
     try:
         return bool(a == b)
     except (ValueError, TypeError):
         return False
+
+
+def _equal_items(a: Any, b: Any, active: set[tuple[int, int]]) -> bool:
+    if isinstance(a, (np.ndarray, np.void)):
+        names = a.dtype.names
+        if isinstance(a, np.ndarray) and a.shape != b.shape:
+            return False
+        if names is not None and a.dtype.hasobject:  # records with object fields: field by field
+            return all(_equal(a[k], b[k], active) for k in names)
+        if isinstance(a, np.void) or a.dtype.kind in "VmM":
+            return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        if a.dtype.hasobject:
+            return all(_equal(x, y, active) for x, y in zip(a.flat, b.flat))
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal(x, y, active) for x, y in zip(a, b)) and \
+            all(_equal(a[k], b[k], active) for k in a)
+    return len(a) == len(b) and all(_equal(x, y, active) for x, y in zip(a, b))
 
 
 def _storage_type(x: Any) -> type:
