@@ -25,14 +25,12 @@ def add_safety_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default="ASCII",
                    help="how Python 2 str pickles decode, as np.load: 'latin1' (numeric arrays written by "
                    "Python 2), 'bytes' or the default 'ASCII'")
-    p.add_argument("--no-fix-imports", dest="fix_imports", action="store_false",
-                   help="do not map Python 2 module names to Python 3 ones (np.load's fix_imports=False)")
 
 
 def safety_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of the safety policy from :func:`add_safety_options`' flags."""
     return {"trusted": bool(args.trusted), "allowed_globals": tuple(args.allow_global),
-            "encoding": args.encoding, "fix_imports": bool(args.fix_imports)}
+            "encoding": args.encoding}
 
 
 def register(subparsers: Any) -> None:
