@@ -476,6 +476,11 @@ class _IndexedSource:
             yield from chunk
             del chunk
 
+    def first(self) -> Any:
+        """The element at ``start`` (``_END`` when there is none)."""
+        arr = self._arr
+        return arr.get([self._start])[0] if self._start < arr.size else _END
+
     def file_offset(self, x: Any) -> int | None:
         """Where the bytes of ``x`` (a C-contiguous ndarray) lie in the file at :attr:`fd`, or None."""
         p = x.__array_interface__["data"][0]
@@ -808,7 +813,7 @@ def _object_to_ragged(
                                 buffer_size=_WRITER_BUFFER, write_behind=_WRITE_BEHIND)
 
         given = kind is not None
-        writer = open_writer(kind) if mode == "a" or _READ_RANGES else None
+        writer = open_writer(kind) if mode == "a" else None
         try:
             if writer is not None:
                 start = count = len(writer)
@@ -816,6 +821,9 @@ def _object_to_ragged(
             if _READ_RANGES and info.kind == "object" and _indexable(info):  # off by default
                 indexed = _IndexedSource(info.path, start, safety, locate=True)
                 try:
+                    if writer is None:  # a new store: the first element decides the kind unless one was given
+                        first = indexed.first()
+                        writer = open_writer(kind if given or first is _END else _store_kind(first))
                     count = _append_indexed(writer, indexed, bar, count, info.label, given)
                 finally:
                     indexed.close()

@@ -276,3 +276,15 @@ def test_off_by_default(tmp_path, monkeypatch):
             m.setattr(os, name, _Counting(getattr(os, name), 1, AssertionError(f"{name} called")))
         convert(src, tmp_path / "b.ragged")
     assert _store_bytes(tmp_path / "a.ragged") == _store_bytes(tmp_path / "b.ragged")
+
+
+def test_read_ranges_path_keeps_types_too(tmp_path, monkeypatch):
+    """The file-range path decides the kind from the first element and refuses a list among arrays."""
+    src = _save(tmp_path / "a.npy", _mixed_f32(n=12) + [[1.0, 2.0]])
+    with pytest.raises(npystream.CastError, match="--kind object") as info:
+        _ranged(monkeypatch, src, tmp_path / "a.ragged")
+    assert info.value.index == 12 and not (tmp_path / "a.ragged").exists()
+    src = _save(tmp_path / "b.npy", [[1.0], (2, 3), np.float32(4)])
+    res, _, _ = _ranged(monkeypatch, src, tmp_path / "b.ragged")
+    assert res.elements == 3 and npystream.open(tmp_path / "b.ragged").kind == "object"
+    assert npystream.verify(src, tmp_path / "b.ragged").equal
