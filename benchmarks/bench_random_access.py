@@ -10,7 +10,9 @@ seeded generator, ``bench_objects.make()``) as ``bench_objects.FILES[1]``
   ``--drop-caches`` (root only), cold;
 * ``index save`` / ``index load`` -- build + write ``FILE.nsidx``; then a fresh open that loads it;
 * ``random reads zero-copy`` -- 100,000 ``arr[i]`` at seeded random ``i`` (index already built),
-  read-only views; ``random reads copy`` -- the same with ``zero_copy=False``;
+  the default ``zero_copy=True``: read-only views of payloads aligned for their dtype, aligned
+  copies of the others; ``zero_copy='always'`` -- views of every payload, aligned or not;
+  ``random reads copy`` -- the same with ``zero_copy=False``;
 * peer: ``np.load(allow_pickle=True)`` then the same 100,000 reads of the loaded array.
 
 Each row reports wall time, CPU time of this process (less sensitive to other
@@ -198,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     arr.build_index()
     timed("full pass: for x in arr (copies)", full_pass(lambda: iter(arr)), rows)
     timed("full pass: arr.iter_range(0, n) (views)", full_pass(lambda: arr.iter_range(0, n)), rows)
-    total_zc = timed(f"{args.reads} random reads, zero-copy", reads(arr), rows)
+    total_zc = timed(f"{args.reads} random reads, zero-copy (aligned views, else copies)", reads(arr), rows)
     sample_zc = [arr[i] for i in picks[:200]]
     arr.close()
+    arr = npystream.open(path, zero_copy="always")
+    arr.build_index()
+    total_al = timed(f"{args.reads} random reads, zero_copy='always' (views)", reads(arr), rows)
+    arr.close()
+    if total_al != total_zc:
+        raise SystemExit(f"zero_copy='always' and zero-copy reads disagree: {total_al} vs {total_zc}")
     arr = npystream.open(path, zero_copy=False)
     arr.build_index()
     total_cp = timed(f"{args.reads} random reads, copies", reads(arr), rows)

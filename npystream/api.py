@@ -17,6 +17,8 @@ import builtins
 import os
 from typing import Any
 
+import numpy as np
+
 from npystream.errors import FormatError
 from npystream.formats.npy import MAGIC, read_header
 from npystream.sources import GZIP_MAGIC, open_source, read_upto
@@ -75,7 +77,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
             read_header(src) if max_header_size is None else read_header(src, max_header_size=max_header_size)
         )
         if header.pickled:
-            from npystream.object_array import ObjectArray
+            from npystream.object_array import ObjectArray, numpy_filename
 
             if mode != "r":
                 raise ValueError(
@@ -83,10 +85,16 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                     "are unpickled, not mapped; write a new file with npystream.save_objects"
                 )
 
-            return ObjectArray(src, header=header, **options)
+            arr = ObjectArray(src, header=header, **options)
+            if arr.filename is not None:
+                arr.filename = numpy_filename(file)
+            return arr
         from npystream.formats.fixed import open_npy
+        from npystream.object_array import numpy_filename
 
         arr = open_npy(src, header, mode=mode, **options)
+        if isinstance(arr, np.memmap) and arr.filename is None and getattr(src, "path", None) is not None:
+            arr.filename = numpy_filename(file)  # as np.load(file, mmap_mode=...) has it
         if src is not file:  # the memmap holds its own mapping; release our file handle
             src.close()
         return arr

@@ -293,9 +293,8 @@ def describe_source(spec: str) -> SourceInfo:
                       identity=identity)
 
 
-# Up to this many elements, a conversion resumed from element start > 0 reads a plain file
-# through its offset index (24 bytes per element: 48 MB at the limit) with zero-copy
-# views, skipping to start for free; above it, the first start elements are decoded and dropped.
+# Up to this many elements, the off-by-default _READ_RANGES path reads a plain file through
+# an ObjectArray's offset index (24 bytes per element: 48 MB at the limit).
 _INDEX_LIMIT = 2_000_000
 # Above this many elements a plain file is streamed without an index (see open_elements).
 _STREAM_ABOVE = 4_000_000
@@ -323,27 +322,33 @@ _WRITE_BEHIND = True
 
 
 def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = (),
+                  encoding: str = "ASCII", fix_imports: bool = True,
                   start: int = 0, views: bool = False) -> Iterator[Any]:
     """Iterate the elements of an object or ragged source, from element ``start``.
 
-    A plain object ``.npy`` of more than 4 million elements is read front to
-    back without its offset index (bounded memory whatever the count).
-    Otherwise ``views=True`` allows read-only zero-copy views of the mapped
-    file (for consumers that copy each element at once, like the ragged
-    writer): from element 0 in one pass, the map's pages dropped behind the
-    reader; from ``start > 0`` (up to 2 million elements) through the offset
-    index in chunks of 64 elements, which makes ``start`` free.  Otherwise
-    elements are streamed one at a time and the first ``start`` are decoded
-    and dropped.
+    ``trusted``, ``allowed_globals``, ``encoding`` and ``fix_imports`` are the
+    safety policy of :func:`npystream.iter_objects` (a ragged store's
+    ``kind='object'`` elements are Python 3 pickles: ``encoding`` and
+    ``fix_imports`` do not apply to them).  A plain object ``.npy`` of more
+    than 4 million elements is read front to back without its offset index
+    (bounded memory whatever the count; a ``start`` is then reached by
+    decoding and dropping the elements before it).  Otherwise ``views=True``
+    allows read-only zero-copy views of the mapped file, aligned or not (for
+    consumers that copy each element at once, like the ragged writer), in one
+    pass through the offset index that begins at ``start`` without decoding
+    what comes before it (a resumed conversion), the map's pages dropped
+    behind the reader.  Otherwise elements are streamed one at a time and the
+    first ``start`` are decoded and dropped.
     """
     if src.kind == "ragged":
         from npystream.formats.ragged import RaggedArray
 
-        r = RaggedArray(src.path, safe=not trusted)
+        r = RaggedArray(src.path, trusted=bool(trusted), allowed_globals=tuple(allowed_globals))
         return iter(r[start:] if start else r)
     if src.kind != "object":
         raise UnsupportedError(f"{src.label} holds a fixed dtype, not objects")
-    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
+    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals), "encoding": encoding,
+            "fix_imports": fix_imports}
     plain = _plain(src)
     from npystream.formats.pickle_walk import SafetyPolicy
     from npystream.objects import iter_objects, iterate
@@ -354,14 +359,15 @@ def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: An
         # grow with the element count (slower: 6 million short strings 4.65-5.15 s and
         # 50 MiB vs 2.80-2.86 s and 122 MiB through the index, 2026-12-07)
         it = iterate(src.path, SafetyPolicy.make(**opts), stream_above=_STREAM_ABOVE)
-    elif views and plain and not start:
+    elif views and plain:
         # one pass, elements are zero-copy views of the map (about twice as fast as
-        # the index path: 2 GB benchmark 0.12-0.16 s vs 0.30-0.37 s for 20,000
+        # decoding copies: 2 GB benchmark 0.12-0.16 s vs 0.30-0.37 s for 20,000
         # elements); the consumer copies each at once, so the pages behind the
-        # reader are dropped as it goes (the map's teardown at the end: 60 ms)
-        return iterate(src.path, SafetyPolicy.make(**opts), zero_copy=True, release_behind=True)
-    elif views and _indexable(src):
-        return _indexed_elements(src.path, start, opts)
+        # reader are dropped as it goes (the map's teardown at the end: 60 ms).  A
+        # start > 0 (resume) begins there through the offset index: the elements
+        # before it are neither decoded nor read, only their opcodes scanned
+        return iterate(src.path, SafetyPolicy.make(**opts), zero_copy="always", release_behind=True,
+                       start=start)
     elif plain:
         it = iter_objects(src.path, **opts)
     else:  # a stream we open: closed with the iteration
@@ -401,14 +407,6 @@ def _indexable(src: SourceInfo) -> bool:
     return _plain(src) and src.count is not None and src.count <= _INDEX_LIMIT
 
 
-def _indexed_elements(path: Any, start: int, opts: dict[str, Any]) -> Iterator[Any]:
-    src = _IndexedSource(path, start, opts, locate=False)
-    try:
-        yield from src
-    finally:
-        src.close()
-
-
 class _IndexedSource:
     """The elements of a plain object ``.npy`` from ``start``, as zero-copy views through its index.
 
@@ -426,7 +424,7 @@ class _IndexedSource:
         self._start = start
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if locate else None
         try:
-            self._arr = ObjectArray(path, zero_copy=True, **opts)
+            self._arr = ObjectArray(path, zero_copy="always", **opts)
             try:
                 self._arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
                 located = fd is not None and self._locate(fd)
@@ -466,6 +464,11 @@ class _IndexedSource:
             chunk = arr.get(range(i, min(n, i + _CHUNK)))
             yield from chunk
             del chunk
+
+    def first(self) -> Any:
+        """The element at ``start`` (``_END`` when there is none)."""
+        arr = self._arr
+        return arr.get([self._start])[0] if self._start < arr.size else _END
 
     def file_offset(self, x: Any) -> int | None:
         """Where the bytes of ``x`` (a C-contiguous ndarray) lie in the file at :attr:`fd`, or None."""
@@ -596,6 +599,8 @@ def convert(
     resume: bool = False,
     trusted: bool = False,
     allowed_globals: Any = (),
+    encoding: str = "ASCII",
+    fix_imports: bool = True,
     kind: str | None = None,
     cast: str | None = None,
     durable: bool = False,
@@ -604,15 +609,26 @@ def convert(
 ) -> ConvertResult:
     """Convert ``src`` to ``dst`` (see the module docstring for the directions); return what was done.
 
-    ``trusted``/``allowed_globals`` are the object stream's safety options;
-    ``kind``/``cast`` go to the ragged writer (``kind='object'`` pickles each
-    element, ``cast='same_kind'`` unifies dtypes; nothing is cast silently).
+    ``trusted``, ``allowed_globals``, ``encoding`` and ``fix_imports`` are the
+    safety policy of :func:`npystream.iter_objects` (``encoding='latin1'``
+    for Python 2 files, like ``np.load``), used for reading SRC and for
+    ``verify``.  ``kind``/``cast`` go to the ragged writer
+    (``kind='object'`` pickles each element, ``cast='same_kind'`` unifies
+    dtypes; nothing is cast silently).  Every element keeps its type and
+    value.  Without ``kind`` the first element decides: a plain ndarray
+    (not of object dtype) makes a store of arrays, a ``str`` or ``bytes`` a
+    store of those, anything else ``kind='object'``.  An element the store
+    would give back changed (a list or a numpy scalar in a store of arrays,
+    an array of another dtype without ``cast``) fails the conversion with
+    :class:`~npystream.errors.CastError` naming it and the fix
+    (``kind='object'``, or ``cast``); nothing is left at DST.
     ``durable=True`` fsyncs the output before renaming it into place (and a
     ragged store at every commit); the default, like ``cp`` and ``np.save``,
     leaves flushing to the OS: safe against a killed process, not against a
     power loss.  ``progress``: None = a bar when
     stderr is a terminal.  ``verify=True`` compares DST with SRC afterwards
-    and raises :class:`~npystream.errors.FormatError` on a difference.
+    and raises :class:`~npystream.errors.FormatError` on a difference (DST
+    is removed then: a failed conversion leaves nothing at DST).
     """
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     show = sys.stderr.isatty() if progress is None else bool(progress)
@@ -630,13 +646,18 @@ def convert(
         raise ValueError(f"kind= and cast= apply to ragged store targets, not {target}")
     if verify and src_s == "-":
         raise ValueError("verify needs to read SRC twice; it cannot be stdin")
+    from npystream.formats.pickle_safety import SafetyPolicy
+
+    policy = SafetyPolicy.make(trusted=trusted, allowed_globals=allowed_globals, encoding=encoding,
+                               fix_imports=fix_imports)  # checks the arguments now
+    safety = {"trusted": policy.trusted, "allowed_globals": tuple(sorted(policy.allowed_globals)),
+              "encoding": policy.encoding, "fix_imports": policy.fix_imports}
     t0 = time.perf_counter()
     if info.kind == "object" and target == "ragged":
-        res = _object_to_ragged(info, dst_s, overwrite=overwrite, resume=resume, trusted=trusted,
-                                allowed_globals=allowed_globals, kind=kind, cast=cast,
-                                durable=durable, show=show)
+        res = _object_to_ragged(info, dst_s, overwrite=overwrite, resume=resume, safety=safety,
+                                kind=kind, cast=cast, durable=durable, show=show)
     elif info.kind == "ragged" and target == "npy":
-        res = _ragged_to_npy(info, dst_s, overwrite=overwrite, trusted=trusted, show=show,
+        res = _ragged_to_npy(info, dst_s, overwrite=overwrite, safety=safety, show=show,
                              durable=durable)
     elif info.kind == "npz" and target == "npz-dir":
         res = _npz_to_dir(info, dst_s, overwrite=overwrite, show=show, durable=durable)
@@ -665,11 +686,15 @@ def convert(
             _compare_bytes(info, dst_s)
             pairs = []
             total = res.elements
-        for a, b in pairs:
-            outcome = run_verify(a, b, trusted=trusted, allowed_globals=allowed_globals)
-            if not outcome.equal:
-                raise FormatError(f"verification failed: {outcome.message}", path=b)
-            total += outcome.count
+        try:
+            for a, b in pairs:
+                outcome = run_verify(a, b, **safety)
+                if not outcome.equal:
+                    raise FormatError(f"verification failed: {outcome.message}; {dst_s} removed", path=b)
+                total += outcome.count
+        except BaseException:
+            remove_path(dst_s)  # a conversion that fails its check leaves nothing at DST
+            raise
         res.notes.append(f"verified: {total} elements equal")
     return res
 
@@ -698,9 +723,40 @@ def _partial_paths(dst: str) -> tuple[str, str]:
     return tmp, tmp + ".json"
 
 
+class _KindMismatch(CastError):
+    """An element the store's kind would change (a list or a numpy scalar in a store of arrays...)."""
+
+
+# what reading an element back from a ragged store of each kind gives (kind='object': anything)
+_KIND_TYPES = {"array": np.ndarray, "str": str, "bytes": bytes}
+
+
+def _store_kind(x: Any) -> str:
+    """The ragged kind that gives ``x`` back as it is: 'array', 'str', 'bytes' or 'object'."""
+    if type(x) is np.ndarray and not x.dtype.hasobject:
+        return "array"
+    return {str: "str", bytes: "bytes"}.get(type(x), "object")
+
+
+def _kind_mismatch(x: Any, index: int, kind: str, label: str, given: bool) -> _KindMismatch:
+    origin = "given" if given else "chosen from element 0"
+    return _KindMismatch(
+        f"{_describe(x)}, which a ragged store of kind {kind!r} ({origin}) would not give back as it "
+        "is; pass kind='object' (`npystream convert --kind object`) to store every element pickled, "
+        "as it is",
+        path=label, index=index,
+    )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return f"a {type(x).__name__} of dtype {x.dtype} and {x.ndim} dimensions"
+    return f"a {type(x).__module__}.{type(x).__qualname__}".replace("builtins.", "")
+
+
 def _object_to_ragged(
-    info: SourceInfo, dst: str, *, overwrite: bool, resume: bool, trusted: bool,
-    allowed_globals: Any, kind: str | None, cast: str | None, durable: bool, show: bool,
+    info: SourceInfo, dst: str, *, overwrite: bool, resume: bool, safety: dict[str, Any],
+    kind: str | None, cast: str | None, durable: bool, show: bool,
 ) -> ConvertResult:
     from npystream.formats.ragged import RaggedWriter
 
@@ -741,40 +797,63 @@ def _object_to_ragged(
         # pwrite()n straight from the (zero-copy) element.  2 GB benchmark with the C
         # write-behind helper, whole fresh processes, medians of 4-6 interleaved runs
         # (2026-12-07): 256 KiB 1.15 s, 1 MiB 0.80-0.88 s, 2 MiB 0.73-0.95 s, 4 MiB 1.15 s.
-        writer = RaggedWriter(tmp, mode=mode, kind=kind, cast=cast, durable=durable,
-                              buffer_size=_WRITER_BUFFER, write_behind=_WRITE_BEHIND)
+        def open_writer(store_kind: str | None) -> Any:
+            return RaggedWriter(tmp, mode=mode, kind=store_kind, cast=cast, durable=durable,
+                                buffer_size=_WRITER_BUFFER, write_behind=_WRITE_BEHIND)
+
+        given = kind is not None
+        writer = open_writer(kind) if mode == "a" else None
         try:
-            start = count = len(writer)
-            bar.add(start, 0)
+            if writer is not None:
+                start = count = len(writer)
+                bar.add(start, 0)
             if _READ_RANGES and info.kind == "object" and _indexable(info):  # off by default
-                opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals)}
-                indexed = _IndexedSource(info.path, start, opts, locate=True)
+                indexed = _IndexedSource(info.path, start, safety, locate=True)
                 try:
-                    count = _append_indexed(writer, indexed, bar, count)
+                    if writer is None:  # a new store: the first element decides the kind unless one was given
+                        first = indexed.first()
+                        writer = open_writer(kind if given or first is _END else _store_kind(first))
+                    count = _append_indexed(writer, indexed, bar, count, info.label, given)
                 finally:
                     indexed.close()
             else:
-                elements = open_elements(info, trusted=trusted, allowed_globals=allowed_globals,
-                                         start=start, views=True)
+                elements = open_elements(info, **safety, start=start, views=True)
                 try:
+                    if writer is None:  # a new store: the first element decides the kind unless one was given
+                        x = next(elements, _END)
+                        writer = open_writer(kind if given or x is _END else _store_kind(x))
+                        if x is not _END:
+                            _check_kind(writer.kind, x, 0, info.label, given)
+                            writer.append(x)
+                            count += 1
+                            bar.add(1, _nbytes(x))
                     append = writer.append
-                    if bar.bar is None:  # no progress bar: nothing to count per element
+                    store_kind = writer.kind
+                    want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
+                    if bar.bar is None and want is not None:  # no progress bar: nothing to count
                         for x in elements:
+                            if type(x) is not want:
+                                raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
                             append(x)
                         count = len(writer)
                     else:
                         add = bar.add
                         for x in elements:
+                            if want is not None and type(x) is not want:
+                                raise _kind_mismatch(x, count, store_kind, info.label, given)
                             append(x)
                             count += 1
                             add(1, _nbytes(x))
                 finally:  # an error stops early: release the source now, not when collected
                     close_iter(elements)
+        except _KindMismatch:
+            _close_quietly(writer)
+            raise
         except CastError as exc:
             _close_quietly(writer)
             raise CastError(
                 f"{exc.message}; in `npystream convert` pass --kind object to store each element "
-                "pickled, or --cast same_kind to unify dtypes",
+                "pickled (as it is), or --cast same_kind to unify dtypes",
                 path=info.label, index=exc.index,
             ) from None
         except Exception:
@@ -786,7 +865,8 @@ def _object_to_ragged(
             # Ctrl-C / SIGTERM: commit what was appended if the writer's state is whole
             # (the interrupt may land half-way through an append), else keep the last
             # commit, what a kill leaves; --resume continues from either
-            writer.salvage()
+            if writer is not None:
+                writer.salvage()
             raise
         writer.close()
         bar.close()
@@ -808,16 +888,35 @@ def _object_to_ragged(
                          _tree_size(dst), 0.0, resumed_from=start, notes=notes)
 
 
-def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int) -> int:
+_END = object()
+
+
+def _check_kind(kind: str | None, x: Any, index: int, label: str, given: bool) -> None:
+    want = _KIND_TYPES.get(kind or "")
+    if want is not None and type(x) is not want:
+        raise _kind_mismatch(x, index, kind or "", label, given)
+
+
+def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int,
+                    label: str = "", given: bool = True) -> int:
     """Append every element of ``indexed``; large views of the file are read from the file.
 
-    Returns ``count`` plus the number of elements appended.
+    Returns ``count`` plus the number of elements appended.  Elements the
+    store's kind would change raise :class:`_KindMismatch`.
     """
     append = writer.append
+    kind = writer.kind
+
+    def checked(items: Any) -> Iterator[Any]:
+        for k, x in enumerate(items, count):
+            _check_kind(kind, x, k, label, given)
+            yield x
+
+    items = checked(indexed)
     add = bar.add
     fd = indexed.fd
     if fd is None:
-        for x in indexed:
+        for x in items:
             append(x)
             count += 1
             add(1, _nbytes(x))
@@ -826,7 +925,7 @@ def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count:
     file_offset = indexed.file_offset
     ndarray = np.ndarray
     least = _RANGE_MIN
-    for x in indexed:
+    for x in items:
         if type(x) is ndarray and x.nbytes >= least:
             offset = file_offset(x)
             if offset is not None:
@@ -843,13 +942,15 @@ def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count:
 
 
 def _close_quietly(writer: Any) -> None:
+    if writer is None:
+        return
     try:
         writer.close()
     except Exception:  # noqa: S110 - the original exception is the one to report
         pass
 
 
-def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool,
+def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, safety: dict[str, Any],
                    show: bool, durable: bool) -> ConvertResult:
     from npystream.formats.objwriter import save_objects
 
@@ -857,7 +958,7 @@ def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, trusted: bool
     bar = _Progress(info.count, show, "convert")
 
     def gen() -> Iterator[Any]:
-        for x in open_elements(info, trusted=trusted):
+        for x in open_elements(info, **safety):
             bar.add(1, _nbytes(x))
             yield x
 

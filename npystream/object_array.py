@@ -7,9 +7,12 @@ Nothing is unpickled when it is opened: the ``.npy`` header gives ``shape``,
 
 Two ways in
 -----------
-* **Iteration** (``for x in arr``) streams the elements in C order with
-  bounded memory (:func:`npystream.formats.pickle_walk.iter_elements`, the
-  same engine as :func:`npystream.iter_objects`).  Works on every source,
+* **Iteration** follows numpy: ``for x in arr`` goes over the first axis
+  (the elements of a 1-D array, rows as object ndarrays of shape
+  ``arr.shape[1:]`` of an N-D one; a 0-d array cannot be iterated), and
+  ``arr.flat`` (like :func:`npystream.iter_objects`) gives every element in
+  C order.  Both stream with bounded memory
+  (:func:`npystream.formats.pickle_walk.iter_elements`) on every source,
   pipes and compressed streams included; a forward-only source can be
   iterated once.
 * **Indexing** (``arr[i]``, ``arr[i, j]``, ``arr[-1]``, ``arr[a:b]``,
@@ -19,9 +22,13 @@ Two ways in
   read.  It is built on first use (or by :meth:`ObjectArray.build_index`)
   and needs a seekable source; forward-only sources raise
   :class:`~npystream.errors.NotSeekableError` saying so.  Indexing follows
-  numpy's rules (negative indices, ``IndexError`` with numpy's messages);
-  a key that selects one element returns the element, any other key returns
-  a list of elements (nested lists for multi-dimensional results).
+  numpy's rules and result types, as on the object ndarray ``np.load``
+  returns: a key that selects one element (an integer per axis) returns the
+  element; any other key (``arr[i]`` on N-D, slices, integer arrays,
+  boolean masks, ``...``, ``None``) returns a new object ndarray of numpy's
+  result shape (a copy, never a view of this object).  Negative indices and
+  ``IndexError`` as numpy.  For a plain list of elements without building
+  an ndarray, :meth:`ObjectArray.get` takes C-order flat indices.
 
 The saved index (``FILE.npy.nsidx``)
 -----------------------------------
@@ -50,10 +57,16 @@ Zero-copy
 ---------
 With ``zero_copy=True`` (the default for seekable, memory-mappable files)
 an element that is a plain numeric ndarray whose raw bytes lie contiguously
-in the file is returned by indexing as a **read-only** view onto the
-memory-mapped file (``arr[i].flags.writeable`` is False; ``np.array(x)``
-makes a writable copy).  Everything else is a fresh object, as ``np.load``
-would give.  See ``docs/object_array.md`` for the exact list.  Plain
+in the file *and are aligned for its dtype* is returned by indexing as a
+**read-only** view onto the memory-mapped file (``arr[i].flags.writeable``
+is False; ``np.array(x)`` makes a writable copy).  Pickle payloads sit at
+arbitrary offsets, and numpy computes on unaligned data through other loops
+(a float32 ``x.sum()`` can differ from ``np.load``'s in the last bits, and
+runs slower), so an unaligned payload is copied into a fresh aligned array,
+exactly what ``np.load`` gives.  ``zero_copy="always"`` returns views
+whatever their alignment (``x.flags.aligned`` may then be False: for
+consumers that copy the bytes anyway, like the converter).  Everything
+else is a fresh object, as ``np.load`` would give.  See ``docs/object_array.md`` for the exact list.  Plain
 iteration returns copies (it streams, like ``iter_objects``, on any source);
 :meth:`ObjectArray.iter_range` streams a range through the index and gives
 what indexing gives.
@@ -68,10 +81,13 @@ processes); forked workers read through the memory map.
 
 from __future__ import annotations
 
+import itertools
+import math
 import operator
 import os
 import tempfile
 import threading
+import weakref
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -88,7 +104,7 @@ from npystream.sources import (
     open_source,
 )
 
-__all__ = ["ObjectArray", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for"]
+__all__ = ["ObjectArray", "FlatObjects", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for", "numpy_filename"]
 
 NSIDX_SUFFIX = ".nsidx"
 NSIDX_VERSION = 1
@@ -99,6 +115,20 @@ _MAX_NSIDX_BYTES = 1 << 34  # an index larger than 16 GiB is not ours (sanity bo
 def index_path_for(path: str | os.PathLike[str]) -> str:
     """Where the saved index of ``path`` lives: ``path + '.nsidx'``."""
     return os.fspath(path) + NSIDX_SUFFIX
+
+
+def numpy_filename(file: Any) -> Any:
+    """The ``filename`` ``np.memmap`` records for ``file``: a resolved ``Path`` for path-likes, an absolute str for str paths and named files, else None."""
+    if isinstance(file, os.PathLike):
+        import pathlib
+
+        return pathlib.Path(file).resolve()
+    if isinstance(file, str) and file != "-":
+        return os.path.abspath(file)
+    name = getattr(file, "name", None)
+    if isinstance(name, str) and not isinstance(file, (bytes, bytearray, memoryview)) and os.path.isfile(name):
+        return os.path.abspath(name)
+    return None
 
 
 def _engine() -> Any:
@@ -184,21 +214,24 @@ def resolve_key(key: Any, shape: tuple[int, ...]) -> tuple[int | None, np.ndarra
             return None, positions
     positions = _resolve_basic(key, shape)
     if positions is not None:
-        if positions.ndim == 0:
-            return int(positions), None
+        if isinstance(positions, int):
+            return positions, None
         return None, positions
-    # general case: let numpy interpret the key on broadcast coordinate views
+    # general case: let numpy interpret the key on broadcast coordinate views; numpy gives
+    # a scalar exactly where indexing an object array gives an element (else an array,
+    # 0-d included, as for a[...] or a[0, ...])
     if ndim == 0:
         result = np.broadcast_to(np.intp(0), ())[key]
+        scalar = not isinstance(result, np.ndarray)
     else:
         views = _coordinate_views(shape)
         result = views[0][key]
+        scalar = not isinstance(result, np.ndarray)
         for view in views[1:]:
             result = result + view[key]
-    result = np.asarray(result, dtype=np.intp)
-    if result.ndim == 0:
+    if scalar:
         return int(result), None
-    return None, result
+    return None, np.asarray(result, dtype=np.intp)
 
 
 def _resolve_1d(key: Any, n: int) -> np.ndarray | None:
@@ -226,8 +259,12 @@ def _resolve_1d(key: Any, n: int) -> np.ndarray | None:
     return None
 
 
-def _resolve_basic(key: Any, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Tuples of integers, slices and at most one ``...`` (memory ~ the result), else None."""
+def _resolve_basic(key: Any, shape: tuple[int, ...]) -> int | np.ndarray | None:
+    """Tuples of integers, slices and at most one ``...`` (memory ~ the result), else None.
+
+    An ``int`` when numpy would return one element (integers for every axis, no
+    ``...``), else the positions array (0-d for ``a[0, ...]``, as numpy).
+    """
     parts = key if isinstance(key, tuple) else (key,)
     if not all(
         isinstance(k, slice) or k is Ellipsis or (not _index_error_type(k) and _is_intlike(k)) for k in parts
@@ -239,7 +276,8 @@ def _resolve_basic(key: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     n_real = sum(1 for k in parts if k is not Ellipsis)
     if n_real > ndim:
         return None  # numpy's "too many indices" error
-    if Ellipsis in parts:
+    ellipsis = Ellipsis in parts
+    if ellipsis:
         at = next(i for i, k in enumerate(parts) if k is Ellipsis)
         parts = parts[:at] + (slice(None),) * (ndim - n_real) + parts[at + 1 :]
     else:
@@ -261,7 +299,7 @@ def _resolve_basic(key: Any, shape: tuple[int, ...]) -> np.ndarray | None:
                 raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n}")
             offset += j * strides[axis]
     if not axes:
-        return np.asarray(offset, dtype=np.intp)
+        return np.asarray(offset, dtype=np.intp) if ellipsis else offset
     result = np.asarray(offset, dtype=np.intp)
     for axis_pos in np.ix_(*axes):
         result = result + axis_pos
@@ -282,14 +320,6 @@ def _as_run(flat: np.ndarray) -> range | list[int]:
     if n and int(flat[-1]) - int(flat[0]) == n - 1 and (n == 1 or bool(np.all(np.diff(flat) == 1))):
         return range(int(flat[0]), int(flat[-1]) + 1)
     return flat.tolist()
-
-
-def _nest(items: list[Any], shape: tuple[int, ...]) -> list[Any]:
-    """Items (in C order) as nested lists of ``shape`` (like ``ndarray.tolist`` without converting)."""
-    if len(shape) <= 1:
-        return items
-    step = len(items) // shape[0] if shape[0] else 0
-    return [_nest(items[k * step : (k + 1) * step], shape[1:]) for k in range(shape[0])]
 
 
 # ---------------------------------------------------------------------------
@@ -436,7 +466,8 @@ class ObjectArray:
     Safety options (``trusted``, ``allowed_globals``, ``encoding``,
     ``fix_imports``) are those of :func:`npystream.iter_objects`.
     ``zero_copy`` (default: True when the source can be memory-mapped) makes
-    indexing return read-only views for plain ndarray elements.  ``nsidx``
+    indexing return read-only views for plain ndarray elements whose payload
+    is aligned (``"always"``: aligned or not; see the module docstring).  ``nsidx``
     (default True) reads and writes the saved index ``FILE.npy.nsidx``
     beside path sources.
 
@@ -445,8 +476,8 @@ class ObjectArray:
     >>> a = np.empty(3, dtype=object); a[:] = [np.arange(3.0), "two", {"three": 3}]
     >>> np.save(p, a)
     >>> with ObjectArray(p) as arr:
-    ...     (len(arr), arr.shape, arr[1], arr[-1], arr[0].flags.writeable)
-    (3, (3,), 'two', {'three': 3}, False)
+    ...     (len(arr), arr.shape, arr[1], arr[-1], arr[1:].tolist())
+    (3, (3,), 'two', {'three': 3}, ['two', {'three': 3}])
     """
 
     def __init__(
@@ -458,14 +489,14 @@ class ObjectArray:
         allowed_globals: Any = (),
         encoding: str = "ASCII",
         fix_imports: bool = True,
-        zero_copy: bool | None = None,
+        zero_copy: bool | str | None = None,
         nsidx: bool = True,
         max_header_size: int | None = None,
     ) -> None:
         if not isinstance(trusted, bool):
             raise TypeError(f"trusted must be True or False, got {trusted!r}")
-        if zero_copy is not None and not isinstance(zero_copy, bool):
-            raise TypeError(f"zero_copy must be True, False or None, got {zero_copy!r}")
+        if zero_copy is not None and not isinstance(zero_copy, bool) and zero_copy != "always":
+            raise TypeError(f"zero_copy must be True, False, 'always' or None, got {zero_copy!r}")
         src = open_source(source)
         # A ByteSource handed over (by npystream.open, NpzArchive) becomes ours to close;
         # closing one that wraps a caller's file object leaves that file open.
@@ -497,6 +528,8 @@ class ObjectArray:
             raise
         self._header = header
         self._zero_copy = zero_copy
+        # dropped without close(): the file is closed when the object is collected (no ResourceWarning)
+        self._finalizer = weakref.finalize(self, src.close) if self._owns_source else None
         self._nsidx = bool(nsidx)
         # what re-opening needs (pickling for spawned worker processes)
         self._options = {
@@ -519,6 +552,8 @@ class ObjectArray:
         pos = src.tell()
         self._data_start = pos if pos >= header.data_offset else header.data_offset
         self._path = self._disk_path(src)
+        #: the file, as ``np.load(file, mmap_mode='r').filename`` has it (None for streams, bytes, members)
+        self.filename = numpy_filename(source) if self._path is not None else None
 
     # -- description -------------------------------------------------------
     @property
@@ -562,9 +597,10 @@ class ObjectArray:
         return self._src is not None and self._src.seekable
 
     @property
-    def zero_copy(self) -> bool:
-        """Whether indexing returns read-only views for plain ndarray elements."""
+    def zero_copy(self) -> bool | str:
+        """True (views of aligned payloads), ``"always"`` (views, aligned or not) or False (copies)."""
         return self._zero_copy
+
 
     @property
     def index_built(self) -> bool:
@@ -638,8 +674,8 @@ class ObjectArray:
         decoder, self._decoder = self._decoder, None
         if decoder is not None and hasattr(decoder, "close"):
             decoder.close()
-        if self._owns_source:
-            self._src.close()
+        if self._finalizer is not None:
+            self._finalizer()  # closes the source, once
         self._src = None
 
     def __enter__(self) -> ObjectArray:
@@ -699,7 +735,38 @@ class ObjectArray:
         return fresh, fresh is not src
 
     def __iter__(self) -> Iterator[Any]:
-        """Stream the elements in C order with bounded memory (copies, never views)."""
+        """Iterate over the first axis like numpy: elements of a 1-D array, rows (object ndarrays) of an N-D one.
+
+        Streams with bounded memory (one row at a time); elements are copies,
+        never views.  A 0-d array raises ``TypeError`` as numpy does; use
+        :attr:`flat` for every element in C order.
+        """
+        shape = self._header.shape
+        if not shape:
+            raise TypeError("iteration over a 0-d array (use arr[()] for its element, or arr.flat)")
+        elements = self._iter_elements()
+        if len(shape) == 1:
+            return elements
+        return self._iter_rows(elements, shape)
+
+    def _iter_rows(self, elements: Iterator[Any], shape: tuple[int, ...]) -> Iterator[Any]:
+        row_shape = shape[1:]
+        per_row = math.prod(row_shape)
+        try:
+            for _ in range(shape[0]):
+                yield self._make_array(list(itertools.islice(elements, per_row)), row_shape)
+        finally:
+            close = getattr(elements, "close", None)
+            if close is not None:
+                close()
+
+    @property
+    def flat(self) -> FlatObjects:
+        """Every element in C order, like ``ndarray.flat``: iterate it (streaming), or index it with flat positions."""
+        return FlatObjects(self)
+
+    def _iter_elements(self) -> Iterator[Any]:
+        """Stream every element in C order with bounded memory (copies, never views)."""
         src = self._live()
         if not src.seekable:
             if self._consumed:
@@ -849,7 +916,12 @@ class ObjectArray:
 
     # -- random access -----------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
-        """``arr[i]``, ``arr[i, j]``, ``arr[-1]`` -> the element; slices, lists, masks -> lists of elements."""
+        """numpy indexing: one element for an integer per axis, else an object ndarray of numpy's result shape.
+
+        ``arr[i]`` on 1-D and ``arr[i, j]`` on 2-D give the element; ``arr[i]``
+        on N-D gives row ``i``; slices, integer arrays, boolean masks, ``...``
+        and ``None`` give new object ndarrays shaped as numpy shapes them.
+        """
         decoder = self._decoder
         shape = self._header.shape
         if decoder is not None and type(key) is int and len(shape) == 1:  # hot path
@@ -859,15 +931,33 @@ class ObjectArray:
                 with self._lock:
                     return decoder.decode(i)
         flat, positions = resolve_key(key, shape)
+        return self._take(flat, positions)
+
+    def _take(self, flat: int | None, positions: np.ndarray | None) -> Any:
         with self._lock:
             decoder = self._get_decoder()
             if positions is None:
                 return decoder.decode(flat)
-            items = list(decoder.decode_many(_as_run(positions.ravel())))
-        return _nest(items, positions.shape)
+            items = decoder.decode_many(_as_run(positions.ravel())) if positions.size else []
+        return self._make_array(items, positions.shape)
+
+    def _make_array(self, items: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """An ndarray of this array's dtype and ``shape`` holding ``items`` (C order) as they are."""
+        dtype = self._header.dtype
+        if dtype.names is None:  # object dtype: each item stored as is (never unpacked as a sequence)
+            out = np.fromiter(items, dtype=dtype, count=len(items))
+        else:  # structured records with object fields
+            out = np.empty(len(items), dtype=dtype)
+            for k, item in enumerate(items):
+                out[k] = item
+        return out.reshape(shape)
 
     def get(self, indices: Sequence[int] | np.ndarray) -> list[Any]:
-        """The elements at C-order flat ``indices`` (any order, repeats allowed), as a list."""
+        """The elements at C-order flat ``indices`` (any order, repeats allowed), as a plain list.
+
+        The fast path for code that wants elements rather than an ndarray
+        (``arr.get(range(a, b))`` is a contiguous run, decoded together).
+        """
         positions = np.asarray(indices)
         if positions.size == 0:
             self._live()
@@ -878,9 +968,12 @@ class ObjectArray:
         with self._lock:
             return list(self._get_decoder().decode_many(_as_run(resolved)))
 
-    def tolist(self) -> list[Any]:
-        """All elements as (nested) lists, read by streaming: materialises every element."""
-        items = list(self)
+    def tolist(self) -> Any:
+        """Like ``ndarray.tolist`` of the object array: nested lists of the elements (as they are), read by streaming.
+
+        Materialises every element; a 0-d array gives its element.
+        """
+        items = list(self._iter_elements())
         if not self.shape:
             return items[0]
         return _nest(items, self.shape)
@@ -892,10 +985,42 @@ class ObjectArray:
         out = np.empty(self.shape, dtype=self.dtype)
         flat = out.reshape(-1)
         n = 0
-        for n, item in enumerate(self, 1):
+        for n, item in enumerate(self._iter_elements(), 1):
             flat[n - 1] = item
         if n != self.size:  # pragma: no cover - the engine checks the count
             raise TruncatedError(f"got {n} of {self.size} elements", path=self.name)
         if self.fortran_order:
             out = np.asfortranarray(out)
         return out if dtype is None else out.astype(dtype)
+
+
+class FlatObjects:
+    """``ObjectArray.flat``: the elements in C order, like ``ndarray.flat`` of the object array.
+
+    Iterating streams them (bounded memory, any source); ``flat[i]`` is element
+    ``i`` (C order, negative counts from the end); slices, integer arrays and
+    masks give 1-D object ndarrays, as numpy's flat iterator does.
+    """
+
+    __slots__ = ("_arr",)
+
+    def __init__(self, arr: ObjectArray) -> None:
+        self._arr = arr
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._arr._iter_elements()
+
+    def __len__(self) -> int:
+        return self._arr.size
+
+    def __getitem__(self, key: Any) -> Any:
+        flat, positions = resolve_key(key, (self._arr.size,))
+        return self._arr._take(flat, positions)
+
+
+def _nest(items: list[Any], shape: tuple[int, ...]) -> list[Any]:
+    """Items (in C order) as nested lists of ``shape`` (like ``ndarray.tolist`` without converting)."""
+    if len(shape) <= 1:
+        return items
+    step = len(items) // shape[0] if shape[0] else 0
+    return [_nest(items[k * step : (k + 1) * step], shape[1:]) for k in range(shape[0])]

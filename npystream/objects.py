@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from npystream.errors import FormatError
 from npystream.formats.npy import read_header
 from npystream.formats.pickle_walk import SafetyPolicy, iter_elements
 from npystream.sources import open_source
@@ -30,7 +31,7 @@ def iter_objects(
     allowed_globals: Iterable[Any] = (),
     encoding: str = "ASCII",
     fix_imports: bool = True,
-    zero_copy: bool = False,
+    zero_copy: bool | str = False,
 ) -> Iterator[Any]:
     """Yield the elements of a pickled ``.npy`` in C order, each equal to ``np.load(..., allow_pickle=True).flat[i]``.
 
@@ -39,8 +40,10 @@ def iter_objects(
     writes is unpickled (``allowed_globals`` extends the allow-list,
     ``trusted=True`` behaves like ``np.load(allow_pickle=True)``).
     ``encoding``/``fix_imports`` are ``np.load``'s, for Python 2 files.
-    ``zero_copy=True`` (mappable files only) returns plain array elements as
-    read-only views of the mapped file.  Arguments and the header are checked
+    ``zero_copy=True`` (mappable files only) returns plain array elements
+    whose payload is aligned for their dtype as read-only views of the mapped
+    file (unaligned ones as aligned copies, what ``np.load`` gives);
+    ``zero_copy="always"`` returns views whatever their alignment.  Arguments and the header are checked
     at call time; elements are read lazily with bounded memory.
     Structured dtypes yield numpy records (``np.void``); 0-d arrays yield their
     one object; empty arrays yield nothing.
@@ -57,8 +60,8 @@ def iter_objects(
     policy = SafetyPolicy.make(
         trusted=trusted, allowed_globals=allowed_globals, encoding=encoding, fix_imports=fix_imports
     )
-    if not isinstance(zero_copy, bool):
-        raise TypeError(f"zero_copy must be True or False, got {zero_copy!r}")
+    if not isinstance(zero_copy, bool) and zero_copy != "always":
+        raise TypeError(f"zero_copy must be True, False or 'always', got {zero_copy!r}")
     return iterate(source, policy, zero_copy=zero_copy)
 
 
@@ -73,9 +76,10 @@ def iterate(source: Any, policy: SafetyPolicy, **options: Any) -> Iterator[Any]:
     try:
         header = read_header(src)
         if not header.pickled:
-            raise ValueError(
-                f"{src.name}: dtype {header.dtype} holds no Python objects; use npystream.open() "
-                "(memory map) or npystream.iter_batches() for fixed dtypes"
+            raise FormatError(
+                f"dtype {header.dtype} holds no Python objects, so there is nothing to unpickle; "
+                "use npystream.open() (memory map) or npystream.iter_batches() for fixed dtypes",
+                path=src.name,
             )
         return iter_elements(src, header, policy, _on_close=src.close if owned else None, **options)
     except BaseException:

@@ -9,11 +9,14 @@ directory, or a fixed-dtype ``.npy`` (its rows along axis 0; a 0-d array
 is one element).  Memory: one element of each side at a time (fixed-dtype
 files are read in blocks of about 8 MiB).
 
-Equality is strict: same type; ndarrays have the same dtype (byte order
-included), shape and values (NaN equals NaN); containers compare
-recursively.  One allowance: a numpy scalar equals a 0-d ndarray of the
-same dtype and value, because a ragged store keeps numpy scalars as 0-d
-arrays.
+Equality is strict and has one definition, :func:`equal` (the test suite
+checks conversions with it too): the same type (ndarray subclasses and
+numpy scalar types included); ndarrays have the same dtype (byte order
+included), shape and values (NaN equals NaN; an ``np.memmap`` counts as an
+ndarray); numpy scalars the same dtype
+and bytes; containers compare recursively (dicts in key order).  A ragged
+store gives every element back as it was (``npystream.convert`` keeps
+types), so nothing else is allowed.
 """
 
 from __future__ import annotations
@@ -58,42 +61,66 @@ def describe(x: Any) -> str:
 
 
 def equal(a: Any, b: Any) -> bool:
-    """Strict element equality (types, dtypes, shapes, values; NaN == NaN).
+    """Strict element equality: the same type, dtype, shape and value, recursively (NaN == NaN).
 
-    One allowance: a numpy scalar equals a 0-d ndarray of the same dtype and
-    value (a ragged store keeps numpy scalars as 0-d arrays).
+    >>> import numpy as np
+    >>> equal([1, np.float32(2)], [1, np.float32(2)]), equal([1, 2], (1, 2)), equal(np.float32(2), np.array(2, "f4"))
+    (True, False, False)
     """
-    if isinstance(a, np.generic) and isinstance(b, np.ndarray) and b.ndim == 0:
-        a = np.asarray(a)
-    elif isinstance(b, np.generic) and isinstance(a, np.ndarray) and a.ndim == 0:
-        b = np.asarray(b)
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        if type(a) is not type(b) and not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
-            return False
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return False
-        if a.dtype.hasobject:
-            return all(equal(x, y) for x, y in zip(a.flat, b.flat))
-        if a.dtype.kind in "fc":
-            return bool(np.array_equal(a, b, equal_nan=True))
-        if a.dtype.kind == "V" or a.dtype.kind in "mM":
-            return a.tobytes() == b.tobytes() if a.flags.c_contiguous and b.flags.c_contiguous else \
-                np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
-        return bool(np.array_equal(a, b))
-    if type(a) is not type(b):
+    return _equal(a, b, set())
+
+
+def _equal(a: Any, b: Any, active: set[tuple[int, int]]) -> bool:
+    """:func:`equal`; ``active`` holds the container pairs being compared (a structure that contains itself)."""
+    if type(a) is not type(b) and _storage_type(a) is not _storage_type(b):
         return False
-    if isinstance(a, (float, np.floating)):
+    if isinstance(a, (np.ndarray, np.generic)) and a.dtype != b.dtype:
+        return False
+    if isinstance(a, (list, tuple, dict, np.ndarray, np.void)):
+        pair = (id(a), id(b))
+        if pair in active:
+            return True  # already being compared further up: equal unless something else differs
+        active.add(pair)
+        try:
+            return _equal_items(a, b, active)
+        finally:
+            active.discard(pair)
+    if isinstance(a, np.generic):
+        return a.tobytes() == b.tobytes()
+    if isinstance(a, float):
         return bool(a == b or (math.isnan(a) and math.isnan(b)))
-    if isinstance(a, (complex, np.complexfloating)):
-        return equal(a.real, b.real) and equal(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, complex):
+        return _equal(a.real, b.real, active) and _equal(a.imag, b.imag, active)
     try:
         return bool(a == b)
     except (ValueError, TypeError):
         return False
+
+
+def _equal_items(a: Any, b: Any, active: set[tuple[int, int]]) -> bool:
+    if isinstance(a, (np.ndarray, np.void)):
+        names = a.dtype.names
+        if isinstance(a, np.ndarray) and a.shape != b.shape:
+            return False
+        if names is not None and a.dtype.hasobject:  # records with object fields: field by field
+            return all(_equal(a[k], b[k], active) for k in names)
+        if isinstance(a, np.void) or a.dtype.kind in "VmM":
+            return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        if a.dtype.hasobject:
+            return all(_equal(x, y, active) for x, y in zip(a.flat, b.flat))
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal(x, y, active) for x, y in zip(a, b)) and \
+            all(_equal(a[k], b[k], active) for k in a)
+    return len(a) == len(b) and all(_equal(x, y, active) for x, y in zip(a, b))
+
+
+def _storage_type(x: Any) -> type:
+    """``type(x)``, except that an ``np.memmap`` counts as the ``np.ndarray`` it maps (where it lives, not what it is)."""
+    t = type(x)
+    return np.ndarray if t is np.memmap else t
 
 
 def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
@@ -110,13 +137,18 @@ def _fixed_rows(source: Any, header: Any) -> Iterator[Any]:
         close_iter(batches)
 
 
-def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> Iterator[Any]:
-    """Elements of a source, one at a time (see the module docstring for what counts as one)."""
+def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = (), encoding: str = "ASCII",
+                  fix_imports: bool = True) -> Iterator[Any]:
+    """Elements of a source, one at a time (see the module docstring for what counts as one).
+
+    The safety options are those of :func:`npystream.iter_objects`.
+    """
     from npystream.conversion import describe_source, open_elements
 
     info = describe_source(spec)
     if info.kind in ("object", "ragged"):
-        return open_elements(info, trusted=trusted, allowed_globals=allowed_globals, views=True)
+        return open_elements(info, trusted=trusted, allowed_globals=allowed_globals, encoding=encoding,
+                             fix_imports=fix_imports, views=True)
     if info.kind == "fixed":
         if info.member is not None:
             stream = info.open_stream()
@@ -131,8 +163,15 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
 _END = object()
 
 
-def verify(a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = ()) -> VerifyResult:
-    """Compare sources ``a`` and ``b`` element by element; stop at the first difference.
+def verify(
+    a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = (), encoding: str = "ASCII",
+    fix_imports: bool = True,
+) -> VerifyResult:
+    """Compare sources ``a`` and ``b`` element by element with :func:`equal`; stop at the first difference.
+
+    ``trusted``, ``allowed_globals``, ``encoding`` and ``fix_imports`` are the
+    safety policy of :func:`npystream.iter_objects`, for both sources
+    (``encoding='latin1'`` reads Python 2 files, like ``np.load``).
 
     >>> import numpy as np, tempfile, os
     >>> d = tempfile.mkdtemp(); x, y = os.path.join(d, "x.npy"), os.path.join(d, "y.npy")
@@ -140,9 +179,15 @@ def verify(a: Any, b: Any, *, trusted: bool = False, allowed_globals: Any = ()) 
     >>> verify(x, y).message
     'element 2 differs: A int64 2 vs B int64 5'
     """
-    ia = iter_elements(a, trusted=trusted, allowed_globals=allowed_globals)
+    from npystream.formats.pickle_safety import SafetyPolicy
+
+    SafetyPolicy.make(trusted=trusted, allowed_globals=allowed_globals, encoding=encoding,
+                      fix_imports=fix_imports)  # checks the arguments before anything is opened
+    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals), "encoding": encoding,
+            "fix_imports": fix_imports}
+    ia = iter_elements(a, **opts)
     try:
-        ib = iter_elements(b, trusted=trusted, allowed_globals=allowed_globals)
+        ib = iter_elements(b, **opts)
     except BaseException:
         close_iter(ia)
         raise

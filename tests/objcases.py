@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from npystream.verification import equal
+
 __all__ = [
     "Case",
     "CASES",
@@ -600,9 +602,12 @@ def assert_same_element(got: Any, expected: Any) -> None:
     C/F-contiguity and raw bytes (object arrays element by element); dicts
     compare key order; objects shared inside ``expected`` must be shared the
     same way inside ``got``.  Writeability is not compared (zero-copy views
-    are read-only by design).
+    are read-only by design).  It includes :func:`npystream.verification.equal`,
+    the one type-and-value rule ``npystream verify`` applies.
     """
     _compare(got, expected, "", {})
+    if not equal(got, expected):
+        raise AssertionError(f"npystream.verification.equal says they differ: {got!r:.120} vs {expected!r:.120}")
 
 
 def assert_same_elements(got: Iterable[Any], expected: list[Any]) -> None:

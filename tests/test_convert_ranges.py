@@ -153,7 +153,7 @@ def test_nd_and_fortran_ordered_elements(tmp_path, monkeypatch):
 
 
 def test_elements_that_are_not_plain_views(tmp_path, monkeypatch):
-    """Casts, other byte orders, lists and small arrays between kernel-copied elements."""
+    """Casts, other byte orders and small arrays between kernel-copied elements."""
     rng = np.random.default_rng(3)
     items = []
     for i in range(30):
@@ -165,7 +165,7 @@ def test_elements_that_are_not_plain_views(tmp_path, monkeypatch):
         elif kind == 2:
             x = x.astype(">f4")  # swapped: decoded as a copy, not a view of the file
         elif kind == 3:
-            x = [float(v) for v in x[:50]]  # a list
+            x = np.array([float(v) for v in x[:50]], dtype="<f4")  # small, built anew
         elif kind == 4:
             x = x[:10]  # small
         items.append(x)
@@ -252,7 +252,7 @@ def test_file_mapping_locates_zero_copy_views(tmp_path):
     items = _mixed_f32(n=12, seed=9)
     src = _save(tmp_path / "a.npy", items)
     data = src.read_bytes()
-    with ObjectArray(src, zero_copy=True) as arr:
+    with ObjectArray(src, zero_copy="always") as arr:  # views, aligned or not
         where, base, address, size = arr.file_mapping()
         assert os.path.samefile(where, src) and base == 0 and size == len(data)
         for i in range(len(items)):
@@ -276,3 +276,15 @@ def test_off_by_default(tmp_path, monkeypatch):
             m.setattr(os, name, _Counting(getattr(os, name), 1, AssertionError(f"{name} called")))
         convert(src, tmp_path / "b.ragged")
     assert _store_bytes(tmp_path / "a.ragged") == _store_bytes(tmp_path / "b.ragged")
+
+
+def test_read_ranges_path_keeps_types_too(tmp_path, monkeypatch):
+    """The file-range path decides the kind from the first element and refuses a list among arrays."""
+    src = _save(tmp_path / "a.npy", _mixed_f32(n=12) + [[1.0, 2.0]])
+    with pytest.raises(npystream.CastError, match="--kind object") as info:
+        _ranged(monkeypatch, src, tmp_path / "a.ragged")
+    assert info.value.index == 12 and not (tmp_path / "a.ragged").exists()
+    src = _save(tmp_path / "b.npy", [[1.0], (2, 3), np.float32(4)])
+    res, _, _ = _ranged(monkeypatch, src, tmp_path / "b.ragged")
+    assert res.elements == 3 and npystream.open(tmp_path / "b.ragged").kind == "object"
+    assert npystream.verify(src, tmp_path / "b.ragged").equal

@@ -200,9 +200,12 @@ def test_direct_arrays_are_np_load_alike(tmp_path: Any) -> None:
         assert g.flags.writeable == e.flags.writeable
         assert type(g.base) is type(e.base)
         assert g.flags.c_contiguous and np.array_equal(g, e)
-    views = _elements(path, zero_copy=True)
+    views = _elements(path, zero_copy="always")
     for v, e in zip(views, loaded):
         assert not v.flags.writeable and np.array_equal(v, e)
+    for v, e in zip(_elements(path, zero_copy=True), loaded):  # views of aligned payloads, else copies
+        assert v.flags.aligned and np.array_equal(v, e)
+        assert v.flags.writeable is (v.base is None or type(v.base) is not memoryview)
 
 
 def test_invalid_utf8_still_reported(tmp_path: Any) -> None:

@@ -96,7 +96,9 @@ def test_whole_npz_refused(tmp_path, capsys):
     ({"a": [1, np.arange(2)]}, {"a": [1, np.arange(2)]}, True),
     ({"a": [1, np.arange(2)]}, {"a": [1, np.arange(3)]}, False),
     ((1, "x"), (1, "x"), True),
-    (np.float32(1.5), np.array(1.5, dtype=np.float32), True),
+    (np.float32(1.5), np.array(1.5, dtype=np.float32), False),  # a numpy scalar is not a 0-d array
+    (np.float32(1.5), np.float32(1.5), True),
+    ([1, 2], (1, 2), False),
     (np.float32(1.5), np.array(1.5, dtype=np.float64), False),
     (np.float32(1.5), np.array([1.5], dtype=np.float32), False),
     (np.array([{"a": 1}], dtype=object), np.array([{"a": 2}], dtype=object), False),

@@ -12,15 +12,25 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["register", "run", "add_safety_options"]
+__all__ = ["register", "run", "add_safety_options", "safety_options"]
 
 
 def add_safety_options(p: argparse.ArgumentParser) -> None:
-    """``--trusted`` and ``--allow-global`` (shared with ``verify``)."""
+    """The safety policy's flags, spelled one way for every command that unpickles (convert, verify, head)."""
     p.add_argument("--trusted", action="store_true",
                    help="allow any pickle global (like np.load(allow_pickle=True)); only for files you trust")
-    p.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME",
-                   help="allow one more pickle global in safe mode (repeatable)")
+    p.add_argument("--allow-global", "--allow", dest="allow_global", action="append", default=[],
+                   metavar="MODULE.NAME",
+                   help="allow one more pickle global in safe mode (repeatable), e.g. collections.OrderedDict")
+    p.add_argument("--encoding", default="ASCII",
+                   help="how Python 2 str pickles decode, as np.load: 'latin1' (numeric arrays written by "
+                   "Python 2), 'bytes' or the default 'ASCII'")
+
+
+def safety_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the safety policy from :func:`add_safety_options`' flags."""
+    return {"trusted": bool(args.trusted), "allowed_globals": tuple(args.allow_global),
+            "encoding": args.encoding}
 
 
 def register(subparsers: Any) -> None:
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     with signals_as_exceptions():
         res = convert(
             args.src, args.dst, to=args.to, overwrite=args.overwrite, resume=args.resume,
-            trusted=args.trusted, allowed_globals=tuple(args.allow_global), kind=args.kind,
+            **safety_options(args), kind=args.kind,
             cast=args.cast, durable=args.durable, progress=progress, verify=args.verify,
         )
     if not args.quiet:

@@ -2,8 +2,9 @@
 
 Streams only the first ``N`` elements (default 10) of a pickled ``.npy``
 (also gzip-compressed, or ``-`` for stdin) or of every object member of an
-``.npz``, with the safe unpickler (``--allow MODULE.NAME`` extends the
-allow-list, ``--trusted`` turns it off for files you trust).  One line per
+``.npz``, with the safe unpickler (``--allow-global MODULE.NAME``, alias ``--allow``, extends the
+allow-list, ``--trusted`` turns it off for files you trust, ``--encoding``
+for Python 2 files: the same flags as ``convert`` and ``verify``).  One line per
 element: its index, its type (with shape/dtype/order for arrays, length for
 containers) and a shortened repr.  Fixed-dtype files are described in one
 line and pointed at ``npystream info``.
@@ -37,15 +38,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("file", metavar="FILE", help="a .npy, .npy.gz or .npz file ('-' = stdin)")
     p.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="number of elements (default 10)")
     p.add_argument("--width", type=int, default=100, metavar="W", help="shorten each repr to about W characters")
-    p.add_argument("--encoding", default="ASCII", help="for Python 2 pickles: 'latin1' or 'bytes' (like np.load)")
-    p.add_argument(
-        "--allow", action="append", default=[], metavar="MODULE.NAME",
-        help="also allow this global (repeatable), e.g. collections.OrderedDict",
-    )
-    p.add_argument(
-        "--trusted", action="store_true",
-        help="no allow-list (like np.load(allow_pickle=True)): only for files you trust",
-    )
+    from npystream.cli.convert import add_safety_options
+
+    add_safety_options(p)
     p.set_defaults(func=run)
 
 
@@ -101,21 +96,13 @@ def _index_text(i: int, shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(int(k)) for k in np.unravel_index(i, shape)) + "]"
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "trusted": bool(args.trusted),
-        "allowed_globals": tuple(args.allow),
-        "encoding": args.encoding,
-    }
-
-
 def _print_head(arr: Any, n: int, width: int, label: str) -> None:
     shape = arr.shape
     order = ", Fortran order" if arr.fortran_order else ""
     count = f"{arr.size} element" + ("" if arr.size == 1 else "s")
     print(f"{label}: object array, shape {shape}, dtype {arr.dtype}, {count}{order}")
     shown = 0
-    for i, value in enumerate(itertools.islice(iter(arr), n)):
+    for i, value in enumerate(itertools.islice(iter(arr.flat), n)):
         print(f"  {_index_text(i, shape)} {describe_element(value, width)}")
         shown += 1
     if arr.size > shown:
@@ -135,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     if path != "-" and os.path.isfile(path):
         with open(path, "rb") as f:
             magic = f.read(4)
-    opts = _options(args)
+    from npystream.cli.convert import safety_options
+
+    opts = safety_options(args)
     if magic in _ZIP_MAGICS:
         from npystream.formats.npz import NpzArchive
 

@@ -27,9 +27,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print ``equal: N elements`` or the first difference."""
+    from npystream.cli.convert import safety_options
     from npystream.verification import verify
 
-    res = verify(args.a, args.b, trusted=args.trusted, allowed_globals=tuple(args.allow_global))
+    res = verify(args.a, args.b, **safety_options(args))
     if res.equal:
         print(f"equal: {res.count} elements")
         return 0

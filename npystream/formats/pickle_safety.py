@@ -827,7 +827,7 @@ def _numpy_alias(module: str) -> str:
 class LoadContext:
     """Per-unpickler bookkeeping for one ``load()``: dtypes to check, placeholders made."""
 
-    __slots__ = ("trusted", "dtypes", "protos", "view", "checked", "made", "real")
+    __slots__ = ("trusted", "dtypes", "protos", "view", "checked", "made", "real", "copy_unaligned")
 
     def __init__(self, trusted: bool, track: bool = False) -> None:
         self.trusted = trusted
@@ -838,6 +838,7 @@ class LoadContext:
         self.dtypes: list[np.dtype] = []
         self.protos = 0  # set once any array placeholder was made (then containers are walked)
         self.view: Any = None
+        self.copy_unaligned = False  # zero_copy=True (not "always"): a view of an unaligned payload becomes a copy
         self.checked: dict[int, tuple[Any, ...]] = {}  # id(dtype) -> (dtype, str, names, checked private copy)
 
 
@@ -987,6 +988,8 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
                     and raw.nbytes == shape[0] * dc.itemsize
                 ):
                     arr = np.frombuffer(raw, dtype=dc)
+                    if ctx.copy_unaligned and not arr.flags.aligned:
+                        arr = aligned_copy(raw, dc)
                     proto[:] = (DONE, arr)
                     return arr
     if type(state) is not tuple or len(state) not in (4, 5):
@@ -1026,7 +1029,10 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
             # numpy's __setstate__ byte-swaps non-native data into a native-order copy:
             # a view would differ from np.load, so those arrays are copied like numpy does
             if d.itemsize and d.byteorder != _SWAPPED:
-                arr = np.frombuffer(raw, dtype=d, count=n).reshape(shape, order="F" if fortran else "C")
+                arr = np.frombuffer(raw, dtype=d, count=n)
+                if ctx.copy_unaligned and not arr.flags.aligned:
+                    arr = aligned_copy(raw, d)
+                arr = arr.reshape(shape, order="F" if fortran else "C")
             else:
                 raw = bytes(raw)
         if not isinstance(raw, memoryview):
@@ -1034,6 +1040,17 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
             arr.__setstate__((1, shape, d, bool(fortran), raw))
     proto[:] = (DONE, arr)
     return arr
+
+
+def aligned_copy(raw: Any, dtype: np.dtype) -> np.ndarray:
+    """The bytes of ``raw`` as a fresh, aligned 1-D array of ``dtype`` (what ``np.load`` gives for an unaligned payload).
+
+    Copied byte for byte: ``ndarray.copy`` would copy a structured dtype
+    field by field and leave its padding bytes unset.
+    """
+    out = np.empty(len(raw) // dtype.itemsize, dtype=dtype)
+    out.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+    return out
 
 
 def _walk(obj: Any, ctx: LoadContext, seen: dict[int, Any], depth: int) -> Any:

@@ -158,6 +158,7 @@ from npystream.formats.pickle_safety import (
     _build_array,
     _checked_dtype,
     _real_reconstruct,
+    aligned_copy,
     build_arrays_c,
     check_dtype,
     check_load,
@@ -699,7 +700,7 @@ class _Engine:
         *,
         live: dict[int, int] | None,
         view: Any,
-        zero_copy: bool,
+        zero_copy: bool | str,
         free_on_read: bool,
         proto: int,
         copy_view: Any = None,
@@ -711,6 +712,7 @@ class _Engine:
         # copies instead of views; the rewriter emits them only while rw.zero_copy is switched on
         self.unpickler = SafeUnpickler(self.feed, policy, zero_copy_view=view if zero_copy else copy_view)
         self.ctx = self.unpickler.ctx
+        self.ctx.copy_unaligned = zero_copy is True  # views of aligned payloads only ("always": all)
         self.rw = RewriteState(live, zero_copy=zero_copy and view is not None, free_on_read=free_on_read)
         self.proto_op = bytes([0x80, proto]) if proto >= 2 else b""
         self.structured = header.dtype.names is not None
@@ -1048,15 +1050,20 @@ class _Engine:
     def _view_fn(self, buf: Any) -> Any:
         """Zero-copy arrays for direct decoding, exactly as ``_build_array`` makes them from a view."""
 
+        aligned = self.ctx.copy_unaligned
+
         def view(a: int, b: int, shape: tuple[int, ...], d: np.dtype, fortran: bool) -> Any:
             raw = buf[a:b]
             if d.byteorder == _SWAPPED:
                 arr = _real_reconstruct(np.ndarray, (0,), b"b")
                 arr.__setstate__((1, shape, d, fortran, bytes(raw)))
                 return arr
+            arr = np.frombuffer(raw, dtype=d, count=(b - a) // d.itemsize)
+            if aligned and not arr.flags.aligned:  # like np.load: an aligned array (a copy)
+                arr = aligned_copy(raw, d)
             if len(shape) == 1:
-                return np.frombuffer(raw, dtype=d)
-            return np.frombuffer(raw, dtype=d, count=(b - a) // d.itemsize).reshape(shape, order="F" if fortran else "C")
+                return arr
+            return arr.reshape(shape, order="F" if fortran else "C")
 
         return view
 
@@ -1228,7 +1235,7 @@ class _IndexedReader:
         index: PickleIndex,
         view: Any,
         *,
-        zero_copy: bool,
+        zero_copy: bool | str,
         sequential: bool,
         copy_large: bool = False,
     ) -> None:
@@ -1291,7 +1298,7 @@ class _IndexedReader:
                 check_load(eng.ctx)
             except Exception as exc:
                 eng._rollback()
-                raise _load_error(exc, self.src.name, s, j) from None
+                self._resolve_part(m, j, s, e, buf, base, index, offset, _load_error(exc, self.src.name, s, j))
             eng._commit()
             # keep m; in sequential mode also what later elements still read
             for k in rw.fresh:
@@ -1312,6 +1319,41 @@ class _IndexedReader:
                         rw.free.append(slot)
         finally:
             rw.memo, rw.fresh, rw.freed, rw.free_on_read = saved
+
+    def _resolve_part(
+        self, m: int, j: int, s: int, e: int, buf: Any, base: int, index: int | None, offset: int, err: BaseException
+    ) -> None:
+        """Element ``j`` failed to build: build only its opcodes up to the write of memo ``m``, or blame ``index``.
+
+        The element asked for (``index``) may read back only an early part of
+        ``j`` (a module name, a class) that does not need what ``j`` failed on
+        (a refused global further on).  That part is kept only if it is a value
+        complete when memoized (strings, numbers, globals, tuples of them): a
+        container or an object filled later in ``j`` would be read back
+        half-built.  Otherwise the error is raised for ``index``, naming what
+        it needs through ``j``.
+        """
+        eng = self.engine
+        rw = eng.rw
+        memo_at = int(self.index.memo_at[j])
+        cut = _memo_write_end(buf, s - base, e - base, memo_at, m)
+        if cut is None:
+            raise _blame(err, index, offset, j) from None
+        pos, marks = cut
+        rw.fresh, rw.freed = [], []
+        out = bytearray(eng.proto_op)
+        out += b"("
+        rw.memo = memo_at
+        try:
+            eng.rewrite_all(buf, s, base + pos, base, out, j)
+            out += b"t" * (marks + 1) + b"."
+            eng._run_program(out, elements=False)
+            check_load(eng.ctx)
+            if m not in rw.slot_of or not _complete_value(eng.memo_values([m])[0], 0):
+                raise err
+        except Exception as exc:
+            eng._rollback()
+            raise _blame(_load_error(exc, self.src.name, s, j), index, offset, j) from None
 
     def one(self, i: int) -> Any:
         """Element ``i`` alone (random access: the shortest path through rewrite, load and finalise)."""
@@ -1384,6 +1426,54 @@ class _IndexedReader:
                 rw.fresh.clear()
 
 
+def _memo_write_end(buf: Any, pos: int, stop: int, memo: int, m: int) -> tuple[int, int] | None:
+    """Where the opcode writing memo entry ``m`` ends in ``buf[pos:stop]`` and how many MARKs are open there.
+
+    ``memo`` is the memo counter at ``pos`` (memo indices are sequential,
+    which the scan enforces).  None if ``m`` is not written in that range.
+    """
+    import pickletools
+
+    data = io.BytesIO(buf[pos:stop])
+    marks = 0
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                k = memo if op.name == "MEMOIZE" else arg
+                memo += 1
+                if k == m:
+                    return pos + data.tell(), marks
+            marks += op.stack_after.count(pickletools.markobject) - op.stack_before.count(pickletools.markobject)
+    except ValueError:  # the element's end (no STOP in the range)
+        return None
+    return None
+
+
+_COMPLETE_TYPES = frozenset({str, bytes, int, float, complex, bool, type(None), *TOKEN_TYPES})
+
+
+def _complete_value(value: Any, depth: int) -> bool:
+    """A value that is whole when memoized: nothing later in its element can change it."""
+    t = type(value)
+    if t in _COMPLETE_TYPES or isinstance(value, (type, types.BuiltinFunctionType, types.FunctionType)):
+        return True
+    if (t is tuple or t is frozenset) and depth < 32:
+        return all(_complete_value(x, depth + 1) for x in value)
+    return False
+
+
+def _blame(err: BaseException, index: int | None, offset: int, j: int) -> BaseException:
+    """``err`` (raised building element ``j``) as the error of element ``index``, which reads back an object of ``j``."""
+    if index is None or index == j or not isinstance(err, (UnsafePickleError, FormatError, UnsupportedError)):
+        return err
+    return type(err)(
+        f"{err.message} (element {index} reads back an object that element {j} writes, at byte {err.offset})",
+        path=err.path,
+        offset=offset,
+        index=index,
+    )
+
+
 def _check_range(header: NpyHeader, start: int, stop: int | None) -> tuple[int, int]:
     count = header.count
     if type(start) is not int or start < 0:
@@ -1401,7 +1491,7 @@ def iter_elements(
     policy: SafetyPolicy,
     *,
     index: PickleIndex | None = None,
-    zero_copy: bool = False,
+    zero_copy: bool | str = False,
     start: int = 0,
     stop: int | None = None,
     release_behind: bool = False,
@@ -1416,6 +1506,9 @@ def iter_elements(
     elements is read the same way (no offset index, whose 16 bytes per
     element would grow with the file) unless ``index``, ``zero_copy`` or
     ``start`` is given.
+    ``zero_copy=True`` returns plain array elements whose payload is aligned
+    for their dtype as read-only views of the mapped file (the others as
+    aligned copies, like ``np.load``); ``zero_copy="always"`` views them all.
     ``release_behind=True`` (for consumers that are done with each element
     before the next, like a converter copying it) drops the map's pages
     behind the reader every 32 MiB (``ByteSource.release_pages``): views
@@ -1474,7 +1567,7 @@ def _iter_indexed(
     policy: SafetyPolicy,
     index: PickleIndex | None,
     view: Any,
-    zero_copy: bool,
+    zero_copy: bool | str,
     start: int,
     stop: int,
     release_behind: bool = False,
@@ -1540,7 +1633,7 @@ class ElementDecoder:
         policy: SafetyPolicy,
         index: PickleIndex,
         *,
-        zero_copy: bool = False,
+        zero_copy: bool | str = False,
     ) -> None:
         if not isinstance(policy, SafetyPolicy):
             raise TypeError(f"policy must be a SafetyPolicy, got {type(policy).__name__}")
