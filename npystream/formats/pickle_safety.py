@@ -56,6 +56,7 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
+import functools
 import importlib
 import pickle
 import sys
@@ -79,6 +80,7 @@ __all__ = [
 ]
 
 MAX_NESTING = 1000  # containers holding arrays nested deeper than this are refused
+_MISSING = object()
 _INT64_MAX = 2**63 - 1
 _SWAPPED = ">" if sys.byteorder == "little" else "<"
 
@@ -1155,12 +1157,26 @@ def is_allowed(module: str, name: str, policy: SafetyPolicy) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def make_global_check(policy: SafetyPolicy) -> Any:
-    """A checker for text GLOBAL/INST arguments (``b"module\\nname\\n"``) used by the scanner; None if trusted."""
+    """A checker for text GLOBAL/INST arguments (``b"module\\nname\\n"``) used by the scanner; None if trusted.
+
+    One per policy (policies are frozen), its answers remembered per argument
+    (a ragged store scans numpy's envelope globals once per element).
+    """
     if policy.trusted:
         return None
+    seen: dict[bytes, str | None] = {}
 
     def check(raw: bytes) -> str | None:
+        hit = seen.get(raw, _MISSING)
+        if hit is _MISSING:
+            hit = _check_global(raw)
+            if len(seen) < 1024:
+                seen[raw] = hit
+        return hit  # type: ignore[return-value]
+
+    def _check_global(raw: bytes) -> str | None:
         parts = raw.split(b"\n")
         if len(parts) < 2:
             return "GLOBAL without module and name lines"

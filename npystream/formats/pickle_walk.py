@@ -120,6 +120,7 @@ import numpy as np
 from npystream.errors import (
     FormatError,
     NotSeekableError,
+    NpyStreamError,
     TruncatedError,
     UnsafePickleError,
     UnsupportedError,
@@ -1555,3 +1556,87 @@ class ElementDecoder:
     def close(self) -> None:
         """Drop the unpickler and its memo (views already handed out stay valid)."""
         self._reader = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------
+# one standalone pickle (a ragged store's "object" element) through the same walker
+
+_ONE_PREFIX = (  # numpy's envelope for a one-element object array, without memo writes (memo starts at 0)
+    b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R(K\x01K\x01\x85"
+    b"cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb"
+    b"\x89](("
+)
+_ONE_SUFFIX = b"etb."
+_ONE_HEADS: dict[int, bytes] = {}  # PROTO + prefix, per protocol
+
+
+def load_pickle(data: Any, policy: SafetyPolicy, *, name: str = "<pickle>") -> Any:
+    """The one object of a standalone pickle, checked by the same scanner, limits and safe unpickler as ``.npy`` elements.
+
+    The pickle (``PROTO p ... STOP``, as ``pickle.dumps`` or cloudpickle write
+    it) is first scanned as the insides of a tuple that is element 0 of
+    numpy's envelope for a one-element object array (``MARK MARK <pickle>
+    TUPLE APPENDS``), its STOP replaced by that TUPLE (same length, so its
+    FRAMEs still end on opcode boundaries; the tuple keeps the pickle's own
+    pushes off the element level, where a deeply nested list would count as
+    many elements).  The scanner enforces what it enforces for ``.npy``
+    files: lengths checked against the bytes present, sequential memo
+    indices (the envelope writes none), nesting and stack limits, the
+    allow-list, nothing after STOP.  Only then is ``data`` itself unpickled by
+    :class:`SafeUnpickler` and finalised, and it must leave one object.
+    Errors carry offsets into ``data``.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < 2 or view[-1] != 0x2E:  # STOP
+        raise FormatError(
+            f"a pickle ends with STOP ('.'), this one ends with {bytes(view[-8:])!r} "
+            "(cut short, or bytes after its STOP)",
+            path=name,
+            offset=len(view),
+        )
+    if view[0] == 0x80:
+        proto, skip = view[1], 2
+    else:
+        proto, skip = 2, 0
+    head = _ONE_HEADS.get(proto)
+    if head is None:
+        head = _ONE_HEADS[proto] = b"\x80" + bytes([max(proto, 2)]) + _ONE_PREFIX
+    base = len(head) - skip  # offset in the envelope of data[0]
+    wrapped = b"".join((head, view[skip:-1], b"t", _ONE_SUFFIX))
+    from npystream.formats.pickle_safety import make_global_check
+
+    st = ScanState(1, make_global_check(policy))
+    st.data_end = len(wrapped)
+    pos = 0
+    try:
+        while True:
+            pos = _scan(wrapped, pos, len(wrapped), 0, st)
+            if st.status == ST_BATCH:
+                st.starts.clear()
+                st.memo_at.clear()
+            elif st.status == ST_DONE:
+                break
+            else:
+                raise TruncatedError("the pickle is cut short (an opcode or its payload)", path=name,
+                                     offset=len(view))
+        if st.done != 1 or pos != len(wrapped):  # pragma: no cover - the envelope makes both certain
+            raise FormatError("the pickle is not one object followed by STOP", path=name, offset=len(view))
+    except ScanError as err:
+        exc = _scan_exc(err, name)
+        raise type(exc)(exc.message, path=name, offset=min(max(err.offset - base, 0), len(view))) from None
+    # unpickled as scanned, inside the tuple: the pickle must leave exactly one object
+    inner = b"".join((head[:2], memoryview(wrapped)[len(head) - 1 : -len(_ONE_SUFFIX)], b"."))
+    unpickler = SafeUnpickler(io.BytesIO(inner), policy)
+    try:
+        obj = unpickler.load()
+        check_load(unpickler.ctx)
+        if type(obj) is not tuple or len(obj) != 1:
+            raise FormatError(
+                f"the pickle leaves {len(obj) if type(obj) is tuple else '?'} objects on its stack at STOP, expected 1",
+                path=name,
+            )
+        return finalize(obj[0], unpickler.ctx, {})
+    except NpyStreamError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"the unpickler rejected this pickle ({type(exc).__name__}: {exc})", path=name) from exc

@@ -104,7 +104,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import io
 import json
 import math
 import mmap
@@ -128,7 +127,6 @@ from npystream.errors import (
     NpyStreamError,
     StoreNotFoundError,
     TruncatedError,
-    UnsafePickleError,
     UnsupportedError,
 )
 
@@ -419,12 +417,10 @@ def _make_policy(safe: bool, allowed_globals: Any) -> Any:
 
 
 def _loads_policy(data: Any, policy: Any) -> Any:
-    from npystream.formats.pickle_safety import SafeUnpickler, check_load, finalize
+    """One element's pickle, through the ``.npy`` reader's scanner, limits and safe unpickler."""
+    from npystream.formats.pickle_walk import load_pickle
 
-    unpickler = SafeUnpickler(io.BytesIO(data), policy)
-    obj = unpickler.load()
-    check_load(unpickler.ctx)
-    return finalize(obj, unpickler.ctx, {})
+    return load_pickle(data, policy)
 
 
 # --------------------------------------------------------------------------- #
@@ -1059,10 +1055,11 @@ class _RaggedObject(RaggedArray):
         data = self._bytes[offs[g] : offs[g + 1]]
         try:
             return _loads_policy(data, self._policy)
-        except UnsafePickleError as exc:
-            raise UnsafePickleError(exc.message, path=self._st.path, index=g) from None
-        except FormatError as exc:
-            raise FormatError(exc.message, path=self._st.path, index=g) from None
+        except NpyStreamError as exc:
+            # the offset in values.npy of the byte the pickle reader blamed
+            offset = None if exc.offset is None else self._st.parts[VALUES].data_offset + offs[g] + exc.offset
+            raise type(exc)(exc.message, path=os.path.join(self._st.path, VALUES), offset=offset,
+                            index=g) from None
         except Exception as exc:
             raise FormatError(
                 f"element's pickle cannot be loaded ({type(exc).__name__}: {exc})",
