@@ -245,7 +245,7 @@ def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
         elif op == 5:
             buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
         elif op == 6:
-            other = rng.choice(pool)
+            other = rng.choice(pool) if pool else b""
             if other:
                 a = rng.randrange(len(other))
                 buf[pos:] = other[a : a + rng.randint(1, 200)] + buf[pos:]
@@ -424,6 +424,26 @@ def run(seed: int, seconds: float, *, timeout: float = 20.0, limit: int = 3 << 3
     return {"seed": seed, "inputs": total, "counts": dict(counts), "findings": findings}
 
 
+def replay(files: list[str]) -> int:
+    """Run saved inputs (findings) through the target in this process; print each outcome and any traceback."""
+    import traceback
+
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="npystream-replay-") as tmpdir:
+        path = os.path.join(tmpdir, "input")
+        for name in files:
+            with open(name, "rb") as f:
+                data = f.read()
+            try:
+                raised = exercise(data, path)
+                print(f"{name}: {'npystream:' + raised[0] if raised else 'ok'}")
+            except Exception as exc:
+                bad += 1
+                print(f"{name}: foreign:{type(exc).__name__}")
+                traceback.print_exc(limit=-4)
+    return 1 if bad else 0
+
+
 def _atheris_main(argv: list[str]) -> None:  # pragma: no cover - needs atheris
     import atheris
 
@@ -449,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-mb", type=int, default=3072, help="address-space limit of the worker")
     parser.add_argument("--out", default=None, help="directory for the findings")
     parser.add_argument("--atheris", action="store_true", help="run under atheris/libFuzzer instead")
+    parser.add_argument("--replay", nargs="+", metavar="FILE", help="run saved inputs once each (in this process)")
     args, rest = parser.parse_known_args(argv)
+    if args.replay:
+        return replay(args.replay)
     if args.atheris:
         _atheris_main([a for a in rest if a != "--"])
         return 0
