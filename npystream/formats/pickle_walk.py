@@ -197,6 +197,7 @@ RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
 RETAIN_BYTES = 16 << 20  # streaming: ... and at most this many bytes of them
 RETAIN_ONE = 256 << 10  # streaming: a single value larger than this is never kept
 INDEX_VERSION = 2
+INDEX_FIRST = 1 << 16  # offset-index slots reserved before the scan finds elements (grown by doubling)
 
 # ---------------------------------------------------------------------------
 # choosing the implementation of the two hot loops
@@ -473,17 +474,29 @@ def _index_from_batches(
     by one and stops at the first that does not look like a whole element.
     """
     count = header.count
-    starts = np.empty(count, dtype=np.int64)
-    memo_at = np.empty(count + 1, dtype=np.int64)
+    # sized by what the scan finds, never by the header's count alone (a 250-byte file may claim
+    # 2**40 elements): start small, double up to the count as batches arrive
+    cap = min(count, INDEX_FIRST)
+    starts = np.empty(cap, dtype=np.int64)
+    memo_at = np.empty(cap + 1, dtype=np.int64)
     firsts: list[int] = []
     ends: list[int] = []
     k = 0
     error: Exception | None = None
     tentative = -1
+
+    def grow(need: int) -> None:
+        nonlocal starts, memo_at
+        if need > len(starts):
+            new = min(max(need, 2 * len(starts)), max(count, need))
+            starts = np.concatenate((starts[:k], np.empty(new - k, dtype=np.int64)))
+            memo_at = np.concatenate((memo_at[:k], np.empty(new + 1 - k, dtype=np.int64)))
+
     try:
         for batch in batches:
             n = len(batch.starts)
             if n:
+                grow(k + n)
                 starts[k : k + n] = batch.starts
                 memo_at[k : k + n] = batch.memo_at
                 firsts.append(k)
@@ -496,6 +509,7 @@ def _index_from_batches(
         p_starts, p_memo, p_end = _pending(st, exc, count)
         n = len(p_starts)
         if n:
+            grow(k + n)
             starts[k : k + n] = p_starts
             memo_at[k : k + n] = p_memo
             firsts.append(k)
@@ -507,8 +521,8 @@ def _index_from_batches(
     live_last = np.array([reads[m] for m in live_memo.tolist()], dtype=np.int64)
     index = PickleIndex(
         count=k,
-        starts=starts[:k] if k < count else starts,
-        memo_at=memo_at[: k + 1] if k < count else memo_at,
+        starts=starts[:k] if k < len(starts) else starts,
+        memo_at=memo_at[: k + 1] if k + 1 < len(memo_at) else memo_at,
         batch_first=np.array([*firsts, k], dtype=np.int64),
         batch_ends=np.array(ends, dtype=np.int64),
         body_start=st.body_start,
