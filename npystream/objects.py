@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from npystream.errors import FormatError
 from npystream.formats.npy import read_header
 from npystream.formats.pickle_walk import SafetyPolicy, iter_elements
 from npystream.sources import open_source
@@ -73,9 +74,10 @@ def iterate(source: Any, policy: SafetyPolicy, **options: Any) -> Iterator[Any]:
     try:
         header = read_header(src)
         if not header.pickled:
-            raise ValueError(
-                f"{src.name}: dtype {header.dtype} holds no Python objects; use npystream.open() "
-                "(memory map) or npystream.iter_batches() for fixed dtypes"
+            raise FormatError(
+                f"dtype {header.dtype} holds no Python objects; use npystream.open() "
+                "(memory map) or npystream.iter_batches() for fixed dtypes",
+                path=src.name,
             )
         return iter_elements(src, header, policy, _on_close=src.close if owned else None, **options)
     except BaseException:

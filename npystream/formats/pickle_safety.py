@@ -1001,7 +1001,9 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         if isinstance(raw, memoryview):
             # numpy's __setstate__ byte-swaps non-native data into a native-order copy:
             # a view would differ from np.load, so those arrays are copied like numpy does
-            if d.itemsize and d.byteorder != _SWAPPED:
+            # (an empty array goes through __setstate__ too: numpy's reshape refuses shapes like
+            # (2**62, 0) that __setstate__ builds, and every path must give what np.load gives)
+            if d.itemsize and n and d.byteorder != _SWAPPED:
                 arr = np.frombuffer(raw, dtype=d, count=n).reshape(shape, order="F" if fortran else "C")
             else:
                 raw = bytes(raw)
