@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--width", type=int, default=100, metavar="W", help="shorten each repr to about W characters")
     p.add_argument("--encoding", default="ASCII", help="for Python 2 pickles: 'latin1' or 'bytes' (like np.load)")
     p.add_argument(
-        "--allow", action="append", default=[], metavar="MODULE.NAME",
+        "--allow-global", "--allow", dest="allow_global", action="append", default=[], metavar="MODULE.NAME",
         help="also allow this global (repeatable), e.g. collections.OrderedDict",
     )
     p.add_argument(
@@ -104,7 +104,7 @@ def _index_text(i: int, shape: tuple[int, ...]) -> str:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "trusted": bool(args.trusted),
-        "allowed_globals": tuple(args.allow),
+        "allowed_globals": tuple(args.allow_global),
         "encoding": args.encoding,
     }
 

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a saved index is up to date")
     p.add_argument("--encoding", default="ASCII", help="for Python 2 pickles: 'latin1' or 'bytes'")
     p.add_argument(
-        "--allow", action="append", default=[], metavar="MODULE.NAME",
+        "--allow-global", "--allow", dest="allow_global", action="append", default=[], metavar="MODULE.NAME",
         help="also allow this global while scanning (repeatable)",
     )
     p.add_argument("--trusted", action="store_true", help="no allow-list: only for files you trust")
@@ -61,7 +61,7 @@ def _one(path: str, args: argparse.Namespace) -> bool:
             "npystream.open() memory-maps it",
             path=path,
         )
-    opts = {"trusted": bool(args.trusted), "allowed_globals": tuple(args.allow), "encoding": args.encoding}
+    opts = {"trusted": bool(args.trusted), "allowed_globals": tuple(args.allow_global), "encoding": args.encoding}
     with ObjectArray(src, header=header, zero_copy=False, **opts) as arr:
         t0 = time.perf_counter()
         arr.build_index(save=True, rebuild=bool(args.force))

@@ -1305,13 +1305,16 @@ class RaggedWriter:
         p = self._path
         if not os.path.isdir(p):
             raise FileExistsError(
-                errno.EEXIST, "exists and is not a ragged store (a file); remove it first", p
+                errno.EEXIST,
+                "is a file, not a ragged store (a directory NAME.ragged holding meta.json); "
+                "pass the path of a store, or a new path to create one",
+                p,
             )
         if not os.path.exists(os.path.join(p, META)) and os.listdir(p):
             raise FileExistsError(
                 errno.EEXIST,
                 "exists and is not a ragged store (a non-empty directory without meta.json); "
-                "remove it or pick another path",
+                "pick another path",
                 p,
             )
         if self._mode == "w" and _is_locked(p):

@@ -39,6 +39,7 @@ class Case:
     seconds: float = 10.0  # bound on the case's own run time (a loaded 2-core machine)
     mbytes: int = 300  # bound on its peak anonymous memory above the child's baseline
     needs_fifo: bool = False
+    events: tuple[str, ...] = ()  # audit events the case expects (a class the user allowed by name)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -396,7 +397,7 @@ def _one_line(rc: int, *words: str) -> Callable[[Any], bool]:
     return check
 
 
-DRAIN = "for _ in {}: pass"
+_FIND_POINT = "pickle.find_class ('mymod_missing_for_test', 'Point')"
 
 CASES: list[Case] = [
     # 1
@@ -469,7 +470,7 @@ CASES: list[Case] = [
     Case("cli_verify_eof", 11, _cut_object, _cli("['verify', P['f'], P['g']]"), check=_one_line(1, "cut.npy")),
     Case("cli_head_allow_missing", 11, _custom_class,
          _cli("['head', '--allow', 'mymod_missing_for_test.Point', P['f']]"),
-         check=_one_line(1, "mymod_missing_for_test")),
+         check=_one_line(1, "point.npy", "mymod_missing_for_test"), events=(_FIND_POINT,)),
     Case("cli_debug_after", 11, _cut_object, _cli("['verify', '--debug', P['f'], P['g']]"),
          check=lambda r: r[0] == 1 and "Traceback" in r[1]),
     # 12
@@ -477,5 +478,5 @@ CASES: list[Case] = [
          check=_one_line(1, "--allow-global mymod_missing_for_test.Point", "--trusted")),
     Case("cli_allow_global_head", 12, _custom_class,
          _cli("['head', '--allow-global', 'mymod_missing_for_test.Point', P['f']]"),
-         check=_one_line(1, "mymod_missing_for_test")),
+         check=_one_line(1, "point.npy", "mymod_missing_for_test"), events=(_FIND_POINT,)),
 ]
