@@ -345,6 +345,18 @@ def exercise(data: bytes, path: str) -> list[str]:
 # the supervised loop
 
 
+def where(exc: BaseException) -> str:
+    """``module.function`` of the innermost npystream frame an exception passed through (its signature)."""
+    import traceback
+
+    found = "?"
+    for frame in traceback.extract_tb(exc.__traceback__):
+        parts = frame.filename.replace(os.sep, "/").split("/npystream/")
+        if len(parts) > 1 and "/fuzz/" not in frame.filename:
+            found = f"{parts[-1][:-3].replace('/', '.')}.{frame.name}"
+    return found
+
+
 def _worker(conn: Any, seed: int, limit: int, tmpdir: str) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import npystream  # noqa: F401 - imported before the first input, outside its time
@@ -362,12 +374,10 @@ def _worker(conn: Any, seed: int, limit: int, tmpdir: str) -> None:
         try:
             raised = exercise(data, path)
             outcome = f"npystream:{raised[0]}" if raised else "ok"
-        except MemoryError:
-            outcome = "memory"
-        except RecursionError:
-            outcome = "foreign:RecursionError"
+        except MemoryError as exc:
+            outcome = f"memory@{where(exc)}"
         except Exception as exc:  # the finding: an exception outside the tree
-            outcome = f"foreign:{type(exc).__name__}"
+            outcome = f"foreign:{type(exc).__name__}@{where(exc)}"
             if os.environ.get("FUZZ_TRACE"):
                 import traceback
 
@@ -413,7 +423,7 @@ def run(seed: int, seconds: float, *, timeout: float = 20.0, limit: int = 3 << 3
                     findings.append((outcome, origin.decode(), data))
                     if out:
                         os.makedirs(out, exist_ok=True)
-                        name = f"{outcome.replace(':', '-')}-{seed}-{total}.bin"
+                        name = f"{outcome.replace(':', '-').replace('@', '-at-')}-{seed}-{total}.bin"
                         with open(os.path.join(out, name), "wb") as f:
                             f.write(data)
                 if outcome == "hang" or outcome.startswith("crash"):

@@ -140,7 +140,8 @@ def _legit_big_dict(d: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- item 3: zero itemsize
 
 def _v0(d: str) -> dict[str, str]:
-    return {"f": _write(d, "v0.npy", encode_header(np.dtype("V0"), (2**62,), False))}
+    head = encode_header(np.dtype("V0"), (2**62,), False)
+    return {"f": _write(d, "v0.npy", head), "gz": _write(d, "v0.npy.gz", gzip.compress(head, mtime=0))}
 
 
 # --------------------------------------------------------------------------- item 4: counts from the file
@@ -422,6 +423,9 @@ CASES: list[Case] = [
     Case("v0_iter_batches", 3, _v0,
          "rows = 0\nfor b in npystream.iter_batches(P['f']):\n    rows += len(b)\nresult = rows",
          check=lambda r: r == 2**62, seconds=5),
+    Case("v0_stream_batches", 3, _v0,
+         "rows = 0\nfor b in npystream.iter_batches(P['gz'], batch_bytes=1 << 20):\n    rows += len(b)\nresult = rows",
+         check=lambda r: r == 2**62, seconds=5),
     # 4
     Case("claim_open", 4, _claim, "npystream.open(P['f'])[0]", ("FormatError",)),
     Case("claim_iter", 4, _claim, "for _ in npystream.iter_objects(P['f']): pass", ("FormatError",)),
@@ -441,10 +445,12 @@ CASES: list[Case] = [
     # 8
     Case("values_short_header", 8, _values_short_header, "npystream.open(P['s'])", ("FormatError",)),
     Case("symlink_out", 8, _symlink_out, "npystream.open(P['s'])", ("FormatError",)),
-    Case("fifo_meta", 8, _fifo("meta.json"), "npystream.open(P['s'])", ("FormatError",), seconds=5),
-    Case("fifo_values", 8, _fifo("values.npy"), "npystream.open(P['s'])", ("FormatError",), seconds=5),
+    Case("fifo_meta", 8, _fifo("meta.json"), "npystream.open(P['s'])", ("FormatError",), seconds=5,
+         needs_fifo=True),
+    Case("fifo_values", 8, _fifo("values.npy"), "npystream.open(P['s'])", ("FormatError",), seconds=5,
+         needs_fifo=True),
     Case("fifo_verify", 8, _fifo("offsets.npy"), "npystream.verify(P['s'], P['s'])", ("FormatError",),
-         seconds=5),
+         seconds=5, needs_fifo=True),
     Case("shapes_wrap", 8, _shapes_wrap, "npystream.open(P['s'])", ("FormatError",)),
     Case("version_true", 8, _meta_edit("vt.ragged", _version_true), "npystream.open(P['s'])", ("FormatError",)),
     # 9
