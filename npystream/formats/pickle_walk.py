@@ -163,6 +163,7 @@ from npystream.formats.pickle_safety import (
     check_dtype,
     check_load,
     finalize,
+    make_global_check,
 )
 from npystream.sources import ByteSource
 
@@ -1582,6 +1583,8 @@ _ONE_PREFIX = (  # numpy's envelope for a one-element object array, without memo
 )
 _ONE_SUFFIX = b"etb."
 _ONE_HEADS: dict[int, bytes] = {}  # PROTO + prefix, per protocol
+_ONE_CHECK: tuple[Any, ...] = (None, None, {})  # the last policy, its GLOBAL checker, scan states after the envelope
+_SCAN_SLOTS = ScanState.__slots__
 
 
 def load_pickle(data: Any, policy: SafetyPolicy, *, name: str = "<pickle>") -> Any:
@@ -1617,11 +1620,19 @@ def load_pickle(data: Any, policy: SafetyPolicy, *, name: str = "<pickle>") -> A
         head = _ONE_HEADS[proto] = b"\x80" + bytes([max(proto, 2)]) + _ONE_PREFIX
     base = len(head) - skip  # offset in the envelope of data[0]
     wrapped = b"".join((head, view[skip:-1], b"t", _ONE_SUFFIX))
-    from npystream.formats.pickle_safety import make_global_check
-
-    st = ScanState(1, make_global_check(policy))
+    global _ONE_CHECK
+    if _ONE_CHECK[0] is not policy:
+        _ONE_CHECK = (policy, make_global_check(policy), {})
+    done_head = _ONE_CHECK[2].get(proto)  # the state after the envelope: scanned once per policy and protocol
+    if done_head is None:
+        done_head = _ONE_CHECK[2][proto] = ScanState(1, _ONE_CHECK[1])
+        _scan(head, 0, len(head), 0, done_head)
+    st = ScanState.__new__(ScanState)
+    for slot in _SCAN_SLOTS:
+        value = getattr(done_head, slot)
+        setattr(st, slot, value.copy() if isinstance(value, (list, dict, bytearray)) else value)
     st.data_end = len(wrapped)
-    pos = 0
+    pos = len(head)
     try:
         while True:
             pos = _scan(wrapped, pos, len(wrapped), 0, st)
