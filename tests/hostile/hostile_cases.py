@@ -10,6 +10,7 @@ anonymous-memory bounds apply to every case.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -153,12 +154,13 @@ def _claim(d: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- item 5 and 7: npz
 
-def _npz_bomb(d: str, declared: int | None = 1024) -> dict[str, str]:
-    """A 1 MiB deflated member that inflates to 1 GiB, its header saying so; the directory declares ``declared`` bytes."""
+@functools.lru_cache(maxsize=1)
+def _bomb_stream() -> tuple[bytes, int, int]:
+    """A raw deflate stream of a .npy whose header promises 1 GiB of int64 zeros, and that inflates to it."""
     total = 1 << 30
     inner_head = encode_header(np.dtype("<i8"), ((total - 128) // 8,), False)
-    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
-    chunk = bytes(1 << 20)
+    comp = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = bytes(16 << 20)
     parts = [comp.compress(inner_head)]
     crc = zlib.crc32(inner_head)
     left = total - len(inner_head)
@@ -168,8 +170,13 @@ def _npz_bomb(d: str, declared: int | None = 1024) -> dict[str, str]:
         crc = zlib.crc32(piece, crc)
         left -= len(piece)
     parts.append(comp.flush())
+    return b"".join(parts), total, crc
+
+
+def _npz_bomb(d: str, declared: int | None = 1024) -> dict[str, str]:
+    """A few-MB deflated member that inflates to 1 GiB, its header saying so; the directory declares ``declared`` bytes."""
+    raw, total, crc = _bomb_stream()
     path = os.path.join(d, "bomb.npz")
-    raw = b"".join(parts)
     _rewrite_single_member(path, "x.npy", raw, total if declared is None else declared, crc)
     return {"f": path}
 
