@@ -730,10 +730,22 @@ def check_hash_spread(items: Any, what: str) -> None:
         counts = collections.Counter(map(hash, items))
     except TypeError:
         return  # an unhashable item: set() raises its own TypeError at once
-    _, worst = counts.most_common(1)[0]
-    if worst > MAX_EQUAL_HASHES:
-        raise _limit_error(f"{what} has items that all hash alike (a hash-collision attack)", worst,
-                           MAX_EQUAL_HASHES, "MAX_EQUAL_HASHES")
+    value, worst = counts.most_common(1)[0]
+    if worst <= MAX_EQUAL_HASHES:
+        return
+    # equal items (one object read back many times, [1] * n) cost nothing to insert: count distinct ones
+    distinct = {_identity(x) for x in items if hash(x) == value}
+    if len(distinct) > MAX_EQUAL_HASHES:
+        raise _limit_error(f"{what} has distinct items that all hash alike (a hash-collision attack)",
+                           len(distinct), MAX_EQUAL_HASHES, "MAX_EQUAL_HASHES")
+
+
+def _identity(x: Any) -> Any:
+    """A linear-time stand-in for equality among items of one hash: type and repr (or the object itself)."""
+    try:
+        return (type(x), repr(x))
+    except Exception:  # e.g. an int of more than 4300 digits
+        return (type(x), id(x))
 
 
 _SIZED = (list, tuple, set, frozenset, dict, str, bytes, bytearray)

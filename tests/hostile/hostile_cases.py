@@ -116,6 +116,12 @@ def _set_call_collide(d: str) -> dict[str, str]:
     return {"f": _write(d, "set_call.npy", npy_file(envelope([el]), (1,)))}
 
 
+def _set_call_equal(d: str) -> dict[str, str]:
+    """Equal items (not a collision attack: each insertion finds its twin at once) are no reason to refuse."""
+    el = glob("builtins", "set") + b"](" + integer(2**62) * 5000 + integer(-1) * 3000 + integer(-2) * 3000 + b"e\x85R"
+    return {"f": _write(d, "set_equal.npy", npy_file(envelope([el]), (1,)))}
+
+
 def _dict_collide(d: str) -> dict[str, str]:
     keys = _colliding(COLLIDE_N)
     batches = [b"(" + b"".join(k + b"N" for k in keys[i : i + 1000]) + b"u" for i in range(0, len(keys), 1000)]
@@ -420,6 +426,8 @@ CASES: list[Case] = [
     # 2
     Case("collide_set_call", 2, _set_call_collide, "for _ in npystream.iter_objects(P['f']): pass",
          ("UnsafePickleError",), seconds=4),
+    Case("set_call_equal_items", 2, _set_call_equal,
+         "result = sorted(next(iter(npystream.iter_objects(P['f']))))", check=lambda r: r == [-2, -1, 2**62]),
     Case("collide_dict_setitems", 2, _dict_collide, "for _ in npystream.iter_objects(P['f']): pass",
          ("UnsafePickleError", "FormatError"), seconds=4, tags=("opcode-collisions",)),
     Case("collide_set_additems", 2, _set_opcode_collide, "for _ in npystream.iter_objects(P['f']): pass",
