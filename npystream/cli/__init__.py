@@ -137,3 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"npystream {args.command}: error: {cli_message(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:  # anything else (zlib.error, BadZipFile...) is still one line, naming the input
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"npystream {args.command}: error: {_inputs(args)}: {type(exc).__name__}: "
+                  f"{cli_message(str(exc))} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

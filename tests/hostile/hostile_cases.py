@@ -486,6 +486,8 @@ CASES: list[Case] = [
     Case("batches_of_store", 10, _ragged_valid, "npystream.iter_batches(P['s'])", ("UnsupportedError",)),
     # 11
     Case("cli_convert_badzip", 11, _bad_zip, _cli("['convert', P['f'], P['out']]"), check=_one_line(1, "bad.npz")),
+    Case("cli_convert_npz_dir_zlib", 11, _bad_zip, _cli("['convert', P['f'], P['out'] + '.d', '--to', 'npz-dir']"),
+         check=_one_line(1, "bad.npz")),
     Case("cli_convert_zlib", 11, _bad_gzip, _cli("['convert', P['f'], P['out']]"),
          check=_one_line(1, "bad.npy.gz")),
     Case("cli_verify_eof", 11, _cut_object, _cli("['verify', P['f'], P['g']]"), check=_one_line(1, "cut.npy")),

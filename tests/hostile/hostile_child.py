@@ -34,7 +34,7 @@ _CHILD = textwrap.dedent(
     import npystream.cli
     events = []
     WATCH = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "subprocess.Popen",
-             "ctypes.dlopen", "pickle.find_class", "os.kill", "shutil.rmtree")
+             "ctypes.dlopen", "pickle.find_class", "os.kill")
 
     def hook(event, args):
         if event in WATCH:
