@@ -49,7 +49,7 @@ import numpy as np
 from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
 from npystream.formats.npy import read_header
-from npystream.sources import GZIP_MAGIC
+from npystream.sources import DECOMPRESS_ERRORS, GZIP_MAGIC
 from npystream.sources import read_upto as _read_upto
 
 __all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
@@ -975,7 +975,11 @@ def _copy_npy(stream: Any, out: IO[bytes], label: str, bar: _Progress) -> tuple[
     header, replay = _peek_header(stream, label)
     total = 0
     while True:
-        chunk = replay.read(_COPY_CHUNK)
+        try:
+            chunk = replay.read(_COPY_CHUNK)
+        except DECOMPRESS_ERRORS as exc:  # a damaged stream, or garbage after the last gzip member
+            raise FormatError(f"the compressed data is corrupt ({type(exc).__name__}: {exc})", path=label,
+                              offset=total) from exc
         if not chunk:
             break
         out.write(chunk)

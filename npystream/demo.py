@@ -62,6 +62,12 @@ class Measured:
 def measure(code: str, *args: str, interval: float = 0.002, capture_stderr: bool = True,
             env: dict[str, str] | None = None, stdin: Any = None) -> Measured:
     """Run ``python -c code args...`` while sampling its RssAnon; its last stdout line is JSON."""
+    # `python -c` puts the working directory first on sys.path: a folder named npystream there
+    # would shadow this one.  Drop that entry and import npystream from where we run.
+    code = "import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\n" + code
+    env = dict(os.environ if env is None else env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH", "")) if x)
     cmd = [sys.executable, "-c", code, *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=stdin,

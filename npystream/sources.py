@@ -29,7 +29,13 @@ import zipfile
 import zlib
 from typing import IO, Any, BinaryIO
 
-from npystream.errors import FormatError, NotSeekableError, StoreNotFoundError, TruncatedError
+from npystream.errors import (
+    FormatError,
+    NotSeekableError,
+    StoreNotFoundError,
+    TruncatedError,
+    UnsupportedError,
+)
 
 __all__ = [
     "ByteSource",
@@ -46,6 +52,7 @@ __all__ = [
 GZIP_MAGIC = b"\x1f\x8b"
 # What gzip/zlib/zipfile raise on cut or corrupt compressed data (EOFError: cut gzip).
 _DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile)
+DECOMPRESS_ERRORS = _DECOMPRESS_ERRORS  # for readers that decompress outside a ByteSource (convert)
 _SKIP_CHUNK = 1 << 20
 
 
@@ -514,7 +521,11 @@ def open_source(obj: Any, *, name: str | None = None) -> ByteSource:
                 return StreamSource(gzip.GzipFile(fileobj=stdin, mode="rb"), name or "<stdin>", owned=True)
             return StreamSource(stdin, name or "<stdin>", owned=False)
         if os.path.isdir(path):
-            raise IsADirectoryError(f"{path}: is a directory, not a .npy/.npz file")
+            raise UnsupportedError(
+                "is a directory, not a .npy, .npz or gzip file; a ragged store (NAME.ragged) opens with "
+                "npystream.open(path), whose iter_batches() streams its values",
+                path=path,
+            )
         try:
             f = open(path, "rb")  # noqa: SIM115 - owned by the source
         except FileNotFoundError:

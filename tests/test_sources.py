@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from npystream.errors import FormatError, NotSeekableError, StoreNotFoundError, TruncatedError
+from npystream.errors import (
+    FormatError,
+    NotSeekableError,
+    StoreNotFoundError,
+    TruncatedError,
+    UnsupportedError,
+)
 from npystream.sources import (
     ByteSource,
     FileSource,
@@ -263,7 +269,7 @@ def test_open_source_errors(tmp_path):
     with pytest.raises(StoreNotFoundError) as info:
         open_source(tmp_path / "missing.npy")
     assert isinstance(info.value, FileNotFoundError)
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(UnsupportedError, match="ragged store"):
         open_source(tmp_path)
     with pytest.raises(TypeError, match="expected a path"):
         open_source(12345)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,7 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"npystream.cli.{name}").register(sub)
+    for command in sub.choices.values():  # `npystream verify --debug A B` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
     return parser
+
+
+# Library messages name Python arguments; on the command line they name the flags.
+_FLAG_WORDS = (
+    (re.compile(r"allowed_globals=\[?'([^'\]]+)'\]?"), r"--allow-global \1"),
+    (re.compile(r"allowed_globals=\[[^\]]*\]"), "--allow-global MODULE.NAME"),
+    (re.compile(r"\ballowed_globals\b"), "--allow-global"),
+    (re.compile(r"\btrusted=True\b"), "--trusted"),
+    (re.compile(r"\bencoding='(\w+)'"), r"--encoding \1"),
+)
+
+
+def _inputs(args: argparse.Namespace) -> str:
+    """The input file(s) a command was given, for messages that do not carry a path."""
+    names: list[str] = []
+    for attr in ("file", "files", "src", "a", "b"):
+        value = getattr(args, attr, None)
+        names += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    return ", ".join(names) or "input"
+
+
+def cli_message(text: str) -> str:
+    """An error message with Python argument names replaced by the CLI flags that set them.
+
+    >>> cli_message("pass allowed_globals=['mymod.Point'] if you trust it, or trusted=True")
+    'pass --allow-global mymod.Point if you trust it, or --trusted'
+    """
+    for pattern, repl in _FLAG_WORDS:
+        text = pattern.sub(repl, text)
+    return " ".join(text.split())  # one line
 
 
 def _early_interrupt(signum: int, frame: object) -> None:
@@ -92,9 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = None  # type: ignore[assignment]
         finally:
             return 0  # noqa: B012
-    except (NpyStreamError, OSError, ValueError, TypeError) as exc:
+    except (NpyStreamError, OSError, ValueError, TypeError, EOFError, ImportError, MemoryError,
+            RecursionError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        elif isinstance(exc, ImportError):  # an --allow-global / --trusted class this Python cannot import
+            print(f"npystream {args.command}: error: {_inputs(args)}: a pickled object needs module "
+                  f"{exc.name or '?'}, which cannot be imported here ({exc}); install it, or run where "
+                  "it is importable", file=sys.stderr)
+        else:
+            print(f"npystream {args.command}: error: {cli_message(str(exc))}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # anything else (zlib.error, BadZipFile...) is still one line, naming the input
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"npystream {args.command}: error: {exc}", file=sys.stderr)
+            print(f"npystream {args.command}: error: {_inputs(args)}: {type(exc).__name__}: "
+                  f"{cli_message(str(exc))} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

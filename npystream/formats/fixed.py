@@ -254,12 +254,14 @@ class BatchIterator(Iterator[np.ndarray]):
         order = "F" if header.fortran_order else "C"
         if not shape:
             yield _read_block(src, header.dtype, shape, order, index=0)
+            _check_stream_end(src, header)
             return
         n = shape[self.axis]
         for i in range(0, n, rows):
             k = min(rows, n - i)
             block_shape = (k, *shape[1:]) if self.axis == 0 else (*shape[:-1], k)
             yield _read_block(src, header.dtype, block_shape, order, index=i)
+        _check_stream_end(src, header)
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -291,6 +293,22 @@ class BatchIterator(Iterator[np.ndarray]):
     def __repr__(self) -> str:
         return (f"<BatchIterator {self.name!r} shape={self.shape} dtype={self.dtype} "
                 f"batch_rows={self.batch_rows} axis={self.axis}>")
+
+
+def _check_stream_end(src: ByteSource, header: NpyHeader) -> None:
+    """A stream (gzip, pipe) must end where the header says, like ``npystream convert`` requires.
+
+    Reading one byte more also makes gzip check what follows its last member
+    (trailing garbage is a FormatError from the source, as in the converter).
+    """
+    at = src.tell()
+    if src.read(1):
+        raise FormatError(
+            "bytes follow the data the header describes "
+            f"(shape {header.shape}, dtype {header.dtype}); expected the stream to end there",
+            path=src.name,
+            offset=at,
+        )
 
 
 def _rows_per_batch(header: NpyHeader, axis: int, batch_size: Any, batch_bytes: Any) -> int:

@@ -23,7 +23,8 @@ header (it may differ from the central directory's).  Deflated members cannot
 be mapped; they are read with :meth:`NpzArchive.load` (into memory) or
 streamed with :meth:`NpzArchive.iter_batches`.  CRCs are not checked for
 memory-mapped members (that would read the whole member); streamed members
-are checked by :mod:`zipfile` when they are read to the end.
+are checked by :mod:`zipfile` when they are read to the end, and
+:meth:`NpzArchive.load` checks stored members (it reads them whole anyway).
 
 Member names follow numpy: ``arr_0.npy`` is available as ``'arr_0'`` (the
 full file name works too).
@@ -34,6 +35,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,12 +139,20 @@ class NpzArchive(Mapping[str, np.ndarray]):
             )
         except FileNotFoundError:
             raise StoreNotFoundError("no such file", path=self.path) from None
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):  # pragma: no cover - caught above
+                raise
             raise FormatError(
                 f"not a valid .npz (zip) archive: {exc}; expected a file written by np.savez "
                 "or np.savez_compressed",
                 path=self.path,
-            ) from None
+            ) from exc
+        except NotImplementedError as exc:  # "zip file version 14.9" and the like
+            raise UnsupportedError(
+                f"the zip archive needs a feature Python's zipfile lacks ({exc}); expected a file "
+                "written by np.savez or np.savez_compressed",
+                path=self.path,
+            ) from exc
         if self._fileobj is not None:
             self._size = self._fileobj.seek(0, os.SEEK_END)
         else:
@@ -234,9 +244,25 @@ class NpzArchive(Mapping[str, np.ndarray]):
         return ObjectArray(src, header=header, **self._object_options)
 
     # -- explicit access -----------------------------------------------------
-    def load(self, name: str) -> np.ndarray:
-        """Read a member into a fresh in-memory array (stored, deflated, and object members)."""
-        key, _ = self._info(name)
+    def load(self, name: str, *, max_bytes: int | None = None) -> np.ndarray:
+        """Read a member into a fresh in-memory array (stored, deflated, and object members).
+
+        Only the bytes the member's ``.npy`` header promises are read (never
+        more, whatever the zip directory says), after checking that the
+        directory's size holds them.  ``max_bytes`` refuses a member whose
+        data would exceed it before anything is inflated (a zip bomb:
+        2 MB that inflate to 2 GiB).  The zip CRC is checked: by
+        :mod:`zipfile` for deflated members, here for stored ones.
+        """
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
+            raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
+        key, info = self._info(name)
+        if max_bytes is not None and info.file_size > max_bytes:
+            raise FormatError(
+                f"member {key!r} inflates to {info.file_size} bytes, over max_bytes={max_bytes}; "
+                "raise max_bytes or stream it with iter_batches()",
+                path=self.path,
+            )
         src = self.member_source(key)
         try:
             header = read_header(src, max_header_size=self._max_header_size)
@@ -244,10 +270,50 @@ class NpzArchive(Mapping[str, np.ndarray]):
             src.close()
             raise
         if header.pickled:
+            if info.compress_type == zipfile.ZIP_STORED:
+                self._check_crc(key, info, None, None)
             with self._object_member(key, src, header) as objects:
                 return np.asarray(objects)
         with src:
-            return read_array(src, header)
+            if max_bytes is not None and header.nbytes is not None and header.nbytes > max_bytes:
+                raise FormatError(
+                    f"member {key!r} holds {header.nbytes} bytes of data (shape {header.shape}, dtype "
+                    f"{header.dtype}), over max_bytes={max_bytes}; raise max_bytes or stream it with "
+                    "iter_batches()",
+                    path=self.path,
+                )
+            arr = read_array(src, header)
+        if info.compress_type == zipfile.ZIP_STORED:
+            self._check_crc(key, info, header, arr)
+        return arr
+
+    def _check_crc(self, key: str, info: zipfile.ZipInfo, header: NpyHeader | None, arr: Any) -> None:
+        """Compare a stored member's CRC-32 with the zip directory's (np.load raises BadZipFile too).
+
+        With ``arr`` (the data just read) only the header and any bytes after
+        the data are read again; without, the whole member, in 1 MiB steps.
+        """
+        start = self._data_start(key, info)
+        crc = 0
+        pos = 0
+        if arr is not None and header is not None and header.nbytes:
+            crc = zlib.crc32(self._read_at(start, header.data_offset))
+            flat = arr.T if arr.flags.f_contiguous and not arr.flags.c_contiguous else arr
+            crc = zlib.crc32(flat.reshape(-1).view(np.uint8), crc)
+            pos = header.data_offset + header.nbytes
+        while pos < info.file_size:
+            chunk = self._read_at(start + pos, min(1 << 20, info.file_size - pos))
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            pos += len(chunk)
+        if crc != info.CRC:
+            raise FormatError(
+                f"member {key!r} fails its CRC-32 check (0x{crc:08x}, the zip directory says "
+                f"0x{info.CRC:08x}): its bytes were damaged; re-create or re-download the archive",
+                path=self.path,
+                offset=start,
+            )
 
     def iter_batches(
         self,
@@ -342,6 +408,13 @@ class NpzArchive(Mapping[str, np.ndarray]):
             stream = self.zipfile.open(info)
         except NotImplementedError as exc:
             raise UnsupportedError(f"member {key!r}: {exc}", path=self.path) from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise FormatError(
+                f"member {key!r}: its local header cannot be read ({type(exc).__name__}: {exc}); "
+                "the archive is corrupt",
+                path=self.path,
+                offset=info.header_offset,
+            ) from exc
         return StreamSource(stream, label, owned=True, size=info.file_size)
 
     def member_info(self, name: str) -> NpzMember:

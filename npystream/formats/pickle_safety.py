@@ -34,8 +34,12 @@ never hands numpy's dangerous entry points to the pickle directly:
 * ``numpy.record`` -> a token that ``dtype(numpy.record, 0, 1)`` (a record
   dtype, as numpy pickles np.recarray's and np.record's) accepts and that
   raises when called.
-* harmless builtins are returned as themselves: ``complex``, ``set``,
-  ``frozenset`` and ``range`` (Python 2 ``xrange`` after ``fix_imports``).
+* ``set``, ``frozenset`` (protocol 2/3 sets), ``range`` (Python 2 ``xrange``
+  after ``fix_imports``): checked wrappers whose output size their arguments
+  cannot choose beyond ``MAX_CALL_ITEMS`` and whose items may not collide in
+  one hash beyond ``MAX_EQUAL_HASHES`` (:func:`check_item_count`,
+  :func:`check_hash_spread`).
+* harmless builtins are returned as themselves: ``complex``.
 * dtype metadata (``np.dtype(..., metadata={...})``) is kept, as np.load
   keeps it; arrays and dtypes inside it are built and checked.
 
@@ -69,6 +73,8 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import collections
+import functools
 import importlib
 import pickle
 import sys
@@ -93,6 +99,7 @@ __all__ = [
 ]
 
 MAX_NESTING = pickle_ops.MAX_NESTING  # the scan's limit, read from pickle_ops when a walk checks it
+_MISSING = object()
 _INT64_MAX = 2**63 - 1
 _SWAPPED = ">" if sys.byteorder == "little" else "<"
 
@@ -782,6 +789,111 @@ def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
     raise UnsafePickleError(f"bytes called with {tuple(_type_name(a) for a in args)}")
 
 
+# ---------------------------------------------------------------------------
+# size checks for allow-listed callables whose output size their arguments choose
+#
+# ``set(range(2**62))`` is 40 bytes of pickle and both globals are harmless by
+# themselves; what they build is not.  Each check below is one small function
+# (the C and the pure-Python paths both call them: the callables are resolved
+# by ``SafeUnpickler.find_class`` and called by the unpickler).  Raise the
+# limits (module attributes, read at each call) or pass ``trusted=True`` for a
+# file you wrote.  See docs/limits.md.
+
+MAX_CALL_ITEMS = 1 << 24  # items set()/frozenset() may build from one argument: 16 Mi (~1 GB of set)
+MAX_EQUAL_HASHES = 1000  # items of one set/frozenset sharing one hash value (insertion is quadratic in it)
+_HASH_CHECK_FROM = 64  # smaller collections cannot cost much, whatever their hashes
+
+
+def _limit_error(what: str, got: int, limit: int, name: str) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"{what}: {got} items, over the safe-mode limit of {limit}; a file you trust can be read with "
+        f"trusted=True, or raise npystream.formats.pickle_safety.{name}"
+    )
+
+
+def range_length(r: range) -> int:
+    """The number of items of ``r`` as a Python int (``len()`` overflows past ``sys.maxsize``)."""
+    if r.step > 0:
+        return max(0, (r.stop - r.start + r.step - 1) // r.step)
+    return max(0, (r.start - r.stop - r.step - 1) // -r.step)
+
+
+def check_item_count(n: int, what: str) -> None:
+    """Refuse building more than ``MAX_CALL_ITEMS`` items from one pickled argument."""
+    if n > MAX_CALL_ITEMS:
+        raise _limit_error(what, n, MAX_CALL_ITEMS, "MAX_CALL_ITEMS")
+
+
+def check_hash_spread(items: Any, what: str) -> None:
+    """Refuse a collection in which more than ``MAX_EQUAL_HASHES`` items share one hash value.
+
+    Inserting k items of one hash into a set or dict costs k*k/2 comparisons
+    (100,000 crafted ints: minutes).  Counting the hash values first is linear:
+    distinct hash values never collide with each other in the counter.
+    """
+    if len(items) < _HASH_CHECK_FROM:
+        return
+    try:
+        counts = collections.Counter(map(hash, items))
+    except TypeError:
+        return  # an unhashable item: set() raises its own TypeError at once
+    value, worst = counts.most_common(1)[0]
+    if worst <= MAX_EQUAL_HASHES:
+        return
+    # equal items (one object read back many times, [1] * n) cost nothing to insert: count distinct ones
+    distinct = {_identity(x) for x in items if hash(x) == value}
+    if len(distinct) > MAX_EQUAL_HASHES:
+        raise _limit_error(f"{what} has distinct items that all hash alike (a hash-collision attack)",
+                           len(distinct), MAX_EQUAL_HASHES, "MAX_EQUAL_HASHES")
+
+
+def _identity(x: Any) -> Any:
+    """A linear-time stand-in for equality among items of one hash: type and repr (or the object itself)."""
+    try:
+        return (type(x), repr(x))
+    except Exception:  # e.g. an int of more than 4300 digits
+        return (type(x), id(x))
+
+
+_SIZED = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
+
+
+def _collection_arg(args: Any, what: str) -> Any:
+    """The one iterable argument of ``set()``/``frozenset()``, checked for size and hash spread."""
+    if not args:
+        return ()
+    if len(args) != 1:
+        raise UnsafePickleError(f"{what} called with {len(args)} arguments; pickle writes one")
+    arg = args[0]
+    if type(arg) is range:
+        check_item_count(range_length(arg), f"{what}({arg!r})")
+        items: Any = arg
+    elif isinstance(arg, _SIZED):
+        items = arg  # already built by the pickle: its size is bounded by the file's bytes
+    else:
+        raise UnsafePickleError(
+            f"{what} of a {type(arg).__name__}; pickle writes a list (safe mode builds sets from "
+            "lists, tuples, sets, dicts, strings, bytes and ranges only)"
+        )
+    check_hash_spread(items, what)
+    return items
+
+
+def _set_checked(ctx: LoadContext, *args: Any) -> set[Any]:
+    return set(_collection_arg(args, "set"))
+
+
+def _frozenset_checked(ctx: LoadContext, *args: Any) -> frozenset[Any]:
+    return frozenset(_collection_arg(args, "frozenset"))
+
+
+def _range_checked(ctx: LoadContext, *args: Any) -> range:
+    # a range is lazy (three ints); what consumes it is checked (set, frozenset)
+    if not 1 <= len(args) <= 3 or not all(type(a) is int for a in args):
+        raise UnsafePickleError(f"range called with {tuple(type(a).__name__ for a in args)}; pickle writes ints")
+    return range(*args)
+
+
 _CHECKED: dict[tuple[str, str], tuple[Any, Any]] = {}
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._internal", "numpy._core._internal"):
     _CHECKED[(_mod, "_reconstruct")] = (_reconstruct_checked, _real_reconstruct)
@@ -794,6 +906,9 @@ _CHECKED[("_codecs", "encode")] = (_encode_checked, codecs.encode)
 _CHECKED[("builtins", "bytearray")] = (_bytearray_checked, bytearray)
 _CHECKED[("builtins", "bytes")] = (_bytes_checked, bytes)
 _CHECKED[("builtins", "slice")] = (_slice_checked, slice)
+_CHECKED[("builtins", "set")] = (_set_checked, set)
+_CHECKED[("builtins", "frozenset")] = (_frozenset_checked, frozenset)
+_CHECKED[("builtins", "range")] = (_range_checked, range)
 # trusted=True resolves every global to itself except these (and _reconstruct, dtype):
 _TRUSTED: dict[Any, Any] = {
     _scalar_checked: _scalar_trusted,
@@ -803,9 +918,6 @@ _TRUSTED: dict[Any, Any] = {
 
 _HARMLESS: dict[tuple[str, str], Any] = {
     ("builtins", "complex"): complex,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "range"): range,
     ("numpy", "ndarray"): NDARRAY_TOKEN,
     ("numpy", "record"): RECORD_TOKEN,
 }
@@ -1028,7 +1140,9 @@ def _build_array(proto: ArrayProto, ctx: LoadContext, seen: dict[int, Any], dept
         if isinstance(raw, memoryview):
             # numpy's __setstate__ byte-swaps non-native data into a native-order copy:
             # a view would differ from np.load, so those arrays are copied like numpy does
-            if d.itemsize and d.byteorder != _SWAPPED:
+            # (an empty array goes through __setstate__ too: numpy's reshape refuses shapes like
+            # (2**62, 0) that __setstate__ builds, and every path must give what np.load gives)
+            if d.itemsize and n and d.byteorder != _SWAPPED:
                 arr = np.frombuffer(raw, dtype=d, count=n)
                 if ctx.copy_unaligned and not arr.flags.aligned:
                     arr = aligned_copy(raw, d)
@@ -1351,12 +1465,26 @@ def refusal(module: str, name: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def make_global_check(policy: SafetyPolicy) -> Any:
-    """A checker for text GLOBAL/INST arguments (``b"module\\nname\\n"``) used by the scanner; None if trusted."""
+    """A checker for text GLOBAL/INST arguments (``b"module\\nname\\n"``) used by the scanner; None if trusted.
+
+    One per policy (policies are frozen), its answers remembered per argument
+    (a ragged store scans numpy's envelope globals once per element).
+    """
     if policy.trusted:
         return None
+    seen: dict[bytes, str | None] = {}
 
     def check(raw: bytes) -> str | None:
+        hit = seen.get(raw, _MISSING)
+        if hit is _MISSING:
+            hit = _check_global(raw)
+            if len(seen) < 1024:
+                seen[raw] = hit
+        return hit  # type: ignore[return-value]
+
+    def _check_global(raw: bytes) -> str | None:
         parts = raw.split(b"\n")
         if len(parts) < 2:
             return "GLOBAL without module and name lines"

@@ -164,6 +164,8 @@ from npystream.formats.pickle_safety import (
     check_load,
     check_made,
     finalize,
+    load_one,
+    make_global_check,
     placeholders_escaped,
 )
 from npystream.sources import ByteSource
@@ -199,6 +201,7 @@ RETAIN_MAX = 65536  # streaming: memo values kept across batches, at most
 RETAIN_BYTES = 16 << 20  # streaming: ... and at most this many bytes of them
 RETAIN_ONE = 256 << 10  # streaming: a single value larger than this is never kept
 INDEX_VERSION = 2
+INDEX_FIRST = 1 << 16  # offset-index slots reserved before the scan finds elements (grown by doubling)
 
 # ---------------------------------------------------------------------------
 # choosing the implementation of the two hot loops
@@ -483,17 +486,29 @@ def _index_from_batches(
     by one and stops at the first that does not look like a whole element.
     """
     count = header.count
-    starts = np.empty(count, dtype=np.int64)
-    memo_at = np.empty(count + 1, dtype=np.int64)
+    # sized by what the scan finds, never by the header's count alone (a 250-byte file may claim
+    # 2**40 elements): start small, double up to the count as batches arrive
+    cap = min(count, INDEX_FIRST)
+    starts = np.empty(cap, dtype=np.int64)
+    memo_at = np.empty(cap + 1, dtype=np.int64)
     firsts: list[int] = []
     ends: list[int] = []
     k = 0
     error: Exception | None = None
     tentative = -1
+
+    def grow(need: int) -> None:
+        nonlocal starts, memo_at
+        if need > len(starts):
+            new = min(max(need, 2 * len(starts)), max(count, need))
+            starts = np.concatenate((starts[:k], np.empty(new - k, dtype=np.int64)))
+            memo_at = np.concatenate((memo_at[:k], np.empty(new + 1 - k, dtype=np.int64)))
+
     try:
         for batch in batches:
             n = len(batch.starts)
             if n:
+                grow(k + n)
                 starts[k : k + n] = batch.starts
                 memo_at[k : k + n] = batch.memo_at
                 firsts.append(k)
@@ -506,6 +521,7 @@ def _index_from_batches(
         p_starts, p_memo, p_end = _pending(st, exc, count)
         n = len(p_starts)
         if n:
+            grow(k + n)
             starts[k : k + n] = p_starts
             memo_at[k : k + n] = p_memo
             firsts.append(k)
@@ -517,8 +533,8 @@ def _index_from_batches(
     live_last = np.array([reads[m] for m in live_memo.tolist()], dtype=np.int64)
     index = PickleIndex(
         count=k,
-        starts=starts[:k] if k < count else starts,
-        memo_at=memo_at[: k + 1] if k < count else memo_at,
+        starts=starts[:k] if k < len(starts) else starts,
+        memo_at=memo_at[: k + 1] if k + 1 < len(memo_at) else memo_at,
         batch_first=np.array([*firsts, k], dtype=np.int64),
         batch_ends=np.array(ends, dtype=np.int64),
         body_start=st.body_start,
@@ -1696,3 +1712,95 @@ class ElementDecoder:
     def close(self) -> None:
         """Drop the unpickler and its memo (views already handed out stay valid)."""
         self._reader = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------
+# one standalone pickle (a ragged store's "object" element) through the same walker
+
+_ONE_PREFIX = (  # numpy's envelope for a one-element object array, without memo writes (memo starts at 0)
+    b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R(K\x01K\x01\x85"
+    b"cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb"
+    b"\x89](("
+)
+_ONE_SUFFIX = b"etb."
+_ONE_HEADS: dict[int, bytes] = {}  # PROTO + prefix, per protocol
+_ONE_CHECK: tuple[Any, ...] = (None, None, {})  # the last policy, its GLOBAL checker, scan states after the envelope
+_SCAN_SLOTS = ScanState.__slots__
+
+
+def load_pickle(data: Any, policy: SafetyPolicy, *, name: str = "<pickle>") -> Any:
+    """The one object of a standalone pickle, checked by the same scanner, limits and safe unpickler as ``.npy`` elements.
+
+    The pickle (``PROTO p ... STOP``, as ``pickle.dumps`` or cloudpickle write
+    it) is first scanned as the insides of a tuple that is element 0 of
+    numpy's envelope for a one-element object array (``MARK MARK <pickle>
+    TUPLE APPENDS``), its STOP replaced by that TUPLE (same length, so its
+    FRAMEs still end on opcode boundaries; the tuple keeps the pickle's own
+    pushes off the element level, where a deeply nested list would count as
+    many elements).  The scanner enforces what it enforces for ``.npy``
+    files: lengths checked against the bytes present, sequential memo
+    indices (the envelope writes none), nesting and stack limits, the
+    allow-list, nothing after STOP.  Only then is ``data`` itself unpickled by
+    :class:`SafeUnpickler` and finalised, and it must leave one object.
+    Errors carry offsets into ``data``.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < 2 or view[-1] != 0x2E:  # STOP
+        raise FormatError(
+            f"a pickle ends with STOP ('.'), this one ends with {bytes(view[-8:])!r} "
+            "(cut short, or bytes after its STOP)",
+            path=name,
+            offset=len(view),
+        )
+    if view[0] == 0x80:
+        proto, skip = view[1], 2
+    else:
+        proto, skip = 2, 0
+    head = _ONE_HEADS.get(proto)
+    if head is None:
+        head = _ONE_HEADS[proto] = b"\x80" + bytes([max(proto, 2)]) + _ONE_PREFIX
+    base = len(head) - skip  # offset in the envelope of data[0]
+    wrapped = b"".join((head, view[skip:-1], b"t", _ONE_SUFFIX))
+    global _ONE_CHECK
+    if _ONE_CHECK[0] is not policy:
+        _ONE_CHECK = (policy, make_global_check(policy), {})
+    done_head = _ONE_CHECK[2].get(proto)  # the state after the envelope: scanned once per policy and protocol
+    if done_head is None:
+        done_head = _ONE_CHECK[2][proto] = ScanState(1, _ONE_CHECK[1])
+        _scan(head, 0, len(head), 0, done_head)
+    st = ScanState.__new__(ScanState)
+    for slot in _SCAN_SLOTS:
+        value = getattr(done_head, slot)
+        setattr(st, slot, value.copy() if isinstance(value, (list, dict, bytearray)) else value)
+    st.data_end = len(wrapped)
+    pos = len(head)
+    try:
+        while True:
+            pos = _scan(wrapped, pos, len(wrapped), 0, st)
+            if st.status == ST_BATCH:
+                st.starts.clear()
+                st.memo_at.clear()
+            elif st.status == ST_DONE:
+                break
+            else:
+                raise TruncatedError("the pickle is cut short (an opcode or its payload)", path=name,
+                                     offset=len(view))
+        if st.done != 1 or pos != len(wrapped):  # pragma: no cover - the envelope makes both certain
+            raise FormatError("the pickle is not one object followed by STOP", path=name, offset=len(view))
+    except ScanError as err:
+        exc = _scan_exc(err, name)
+        raise type(exc)(exc.message, path=name, offset=min(max(err.offset - base, 0), len(view))) from None
+    # unpickled as scanned, inside the tuple: the pickle must leave exactly one object
+    inner = b"".join((head[:2], memoryview(wrapped)[len(head) - 1 : -len(_ONE_SUFFIX)], b"."))
+    try:
+        obj = load_one(inner, policy)  # unpickled, checked and finalised like an element (trusted reruns too)
+        if type(obj) is not tuple or len(obj) != 1:
+            raise FormatError(
+                f"the pickle leaves {len(obj) if type(obj) is tuple else '?'} objects on its stack at STOP, expected 1",
+                path=name,
+            )
+        return obj[0]
+    except NpyStreamError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"the unpickler rejected this pickle ({type(exc).__name__}: {exc})", path=name) from exc

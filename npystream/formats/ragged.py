@@ -110,6 +110,7 @@ import mmap
 import operator
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -126,7 +127,6 @@ from npystream.errors import (
     NpyStreamError,
     StoreNotFoundError,
     TruncatedError,
-    UnsafePickleError,
     UnsupportedError,
 )
 
@@ -214,6 +214,36 @@ def _open_at(dir_fd: int, name: str, flags: int, mode: int = 0o644) -> int:
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
 
+def _open_part(dir_fd: int, name: str, path: str) -> int:
+    """Open a store file for reading: a regular file inside the store, never a symlink, FIFO or directory.
+
+    ``O_NOFOLLOW`` refuses a symlink (which could point out of the store, or
+    at itself); ``O_NONBLOCK`` keeps a FIFO from blocking the open, and the
+    ``fstat`` check refuses it and anything else that is not a regular file.
+    ``FileNotFoundError`` passes through (callers say which part is missing).
+    """
+    full = os.path.join(path, name)
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0),
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FormatError(
+                f"{name!r} is a symbolic link; a store's files must be regular files inside it "
+                "(copy the target into the store)",
+                path=full,
+            ) from exc
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise FormatError(f"{name!r} is {what}; a store's files must be regular files", path=full)
+    return fd
+
+
 def _pwrite_all(fd: int, data: Any, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view.nbytes:
@@ -272,7 +302,7 @@ def _read_part_header(dir_fd: int, name: str, path: str) -> tuple[Any, int]:
     last: Exception | None = None
     for attempt in range(_HEADER_RETRIES):
         try:
-            fd = _open_at(dir_fd, name, os.O_RDONLY)
+            fd = _open_part(dir_fd, name, path)
         except FileNotFoundError:
             raise FormatError(
                 f"part {name!r} is missing from the store; expected {VALUES}, {OFFSETS} "
@@ -387,9 +417,10 @@ def _make_policy(safe: bool, allowed_globals: Any) -> Any:
 
 
 def _loads_policy(data: Any, policy: Any) -> Any:
-    from npystream.formats.pickle_safety import load_one
+    """One element's pickle, through the ``.npy`` reader's scanner, limits and safe unpickler."""
+    from npystream.formats.pickle_walk import load_pickle
 
-    return load_one(data, policy)
+    return load_pickle(data, policy)
 
 
 # --------------------------------------------------------------------------- #
@@ -419,7 +450,7 @@ def _map_part(dir_fd: int, name: str, path: str, dtype: np.dtype, items: int, he
         )
     if items == 0 or dtype.itemsize == 0:
         return np.empty(0, dtype=dtype), None
-    fd = _open_at(dir_fd, name, os.O_RDONLY)
+    fd = _open_part(dir_fd, name, path)
     try:
         mm = mmap.mmap(fd, need, access=mmap.ACCESS_READ)
     finally:
@@ -430,7 +461,7 @@ def _map_part(dir_fd: int, name: str, path: str, dtype: np.dtype, items: int, he
 
 def _load_meta(dir_fd: int, path: str) -> dict[str, Any]:
     try:
-        fd = _open_at(dir_fd, META, os.O_RDONLY)
+        fd = _open_part(dir_fd, META, path)
     except FileNotFoundError:
         raise FormatError(
             f"not a ragged store: {META} is missing (a directory written by "
@@ -445,6 +476,11 @@ def _load_meta(dir_fd: int, path: str) -> dict[str, Any]:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{META} is not valid JSON ({exc}); the store is corrupt", path=path) from None
+    except (RecursionError, ValueError) as exc:  # nested too deep; an int of more than 4300 digits
+        raise FormatError(
+            f"{META} cannot be read as a store's metadata ({type(exc).__name__}: {str(exc)[:120]})",
+            path=path,
+        ) from exc
     if not isinstance(meta, dict):
         raise FormatError(f"{META} holds a {type(meta).__name__}, expected an object", path=path)
     if meta.get("format") != FORMAT_NAME:
@@ -452,7 +488,7 @@ def _load_meta(dir_fd: int, path: str) -> dict[str, Any]:
             f"{META} 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}", path=path
         )
     version = meta.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True == 1 in Python
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise UnsupportedError(
                 f"ragged store version {version} is newer than this npystream reads "
@@ -493,6 +529,17 @@ def _check_header(header: Any, name: str, path: str, dtype: np.dtype, ndim: int,
     if second is not None and header.shape[1] != second:
         raise FormatError(
             f"part {name!r} has shape {header.shape}, expected (n, {second})", path=full
+        )
+
+
+def _check_rows(header: Any, name: str, path: str, need: int, what: str) -> None:
+    """A part's header must promise at least what ``meta.json`` publishes (longer is an interrupted write)."""
+    rows = header.shape[0] if header.shape else 0
+    if rows < need:
+        raise FormatError(
+            f"part {name!r} has shape {header.shape}, but {META} says {what}={need}; the part's header "
+            "must hold at least that many rows (the store is corrupt)",
+            path=os.path.join(path, name),
         )
 
 
@@ -554,6 +601,9 @@ def _open_store(path: str, validate: bool = True) -> _Store:
         st.maps.append(mm)
         offs, mm = _map_part(dir_fd, OFFSETS, path, _I8, n + 1, oh, osize)
         st.maps.append(mm)
+        # after the size checks (a part shorter than meta.json says is a TruncatedError)
+        _check_rows(vh, VALUES, path, st.nitems, "nitems")
+        _check_rows(oh, OFFSETS, path, n + 1, "count + 1")
         if n + 1 and offs.size == 0:  # pragma: no cover - n + 1 >= 1 always maps
             raise FormatError("offsets part is empty", path=path)
         _validate_offsets(offs, st.nitems, path, validate)
@@ -569,13 +619,17 @@ def _open_store(path: str, validate: bool = True) -> _Store:
             _check_header(sh, SHAPES, path, _I8, 2, second=st.ndim)
             shapes, mm = _map_part(dir_fd, SHAPES, path, _I8, n * st.ndim, sh, ssize)
             st.maps.append(mm)
+            _check_rows(sh, SHAPES, path, n, "count")
             shapes = shapes.reshape(n, st.ndim)
             step = 1 << 18
             for lo in range(0, n if validate else 0, step):
                 blk = shapes[lo : lo + step]
                 sizes = np.prod(blk, axis=1) if blk.size else np.zeros(len(blk), np.int64)
                 lens = np.diff(offs[lo : lo + len(blk) + 1])
-                bad = np.flatnonzero((sizes != lens) | (blk < 0).any(axis=1))
+                # the int64 product wraps ((2**32, 2**32) -> 0): a float product over 2**53 cannot be a
+                # real element's length (offsets are bounded by the file), and below it int64 is exact
+                huge = np.prod(blk.astype(np.float64), axis=1) > 2.0**53 if blk.size else False
+                bad = np.flatnonzero((sizes != lens) | (blk < 0).any(axis=1) | huge)
                 if bad.size:
                     i = lo + int(bad[0])
                     raise FormatError(
@@ -1001,10 +1055,11 @@ class _RaggedObject(RaggedArray):
         data = self._bytes[offs[g] : offs[g + 1]]
         try:
             return _loads_policy(data, self._policy)
-        except UnsafePickleError as exc:
-            raise UnsafePickleError(exc.message, path=self._st.path, index=g) from None
-        except FormatError as exc:
-            raise FormatError(exc.message, path=self._st.path, index=g) from None
+        except NpyStreamError as exc:
+            # the offset in values.npy of the byte the pickle reader blamed
+            offset = None if exc.offset is None else self._st.parts[VALUES].data_offset + offs[g] + exc.offset
+            raise type(exc)(exc.message, path=os.path.join(self._st.path, VALUES), offset=offset,
+                            index=g) from None
         except Exception as exc:
             raise FormatError(
                 f"element's pickle cannot be loaded ({type(exc).__name__}: {exc})",
@@ -1250,13 +1305,16 @@ class RaggedWriter:
         p = self._path
         if not os.path.isdir(p):
             raise FileExistsError(
-                errno.EEXIST, "exists and is not a ragged store (a file); remove it first", p
+                errno.EEXIST,
+                "is a file, not a ragged store (a directory NAME.ragged holding meta.json); "
+                "pass the path of a store, or a new path to create one",
+                p,
             )
         if not os.path.exists(os.path.join(p, META)) and os.listdir(p):
             raise FileExistsError(
                 errno.EEXIST,
                 "exists and is not a ragged store (a non-empty directory without meta.json); "
-                "remove it or pick another path",
+                "pick another path",
                 p,
             )
         if self._mode == "w" and _is_locked(p):

@@ -1,0 +1,32 @@
+"""A short, fixed-seed run of the fuzz target (fuzz/fuzz_npystream.py) on the current code path.
+
+Every input must end in a value or an NpyStreamError: no foreign exception,
+no MemoryError under the worker's address-space limit, no hang, no crash.
+Findings still open elsewhere are listed in KNOWN by their signature (outcome
+and the innermost npystream function), with where they are being fixed; a
+signature that no longer occurs should be removed from the list.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "fuzz"))
+import fuzz_npystream  # noqa: E402
+
+KNOWN = {
+    # the pipe reader sizes its window from a length field (issue 11 item 4, pipe part: fixed separately)
+    "memory@formats.pickle_stream._rearrange",
+}
+
+
+@pytest.mark.slow
+def test_fuzz_short_run_finds_nothing_new():
+    result = fuzz_npystream.run(seed=1, seconds=50, max_inputs=400, timeout=20, limit=3 << 30)
+    assert result["inputs"] >= 100, result  # the run really ran (a loaded machine still gets this far)
+    new = [(outcome, origin) for outcome, origin, _ in result["findings"] if outcome not in KNOWN]
+    assert not new, f"{len(new)} findings: {new[:10]}; counts {result['counts']}"
