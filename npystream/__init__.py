@@ -13,6 +13,7 @@ from npystream.errors import (
     FormatError,
     NotSeekableError,
     NpyStreamError,
+    ShapeError,
     StoreNotFoundError,
     TruncatedError,
     UnsafePickleError,
@@ -36,6 +37,13 @@ _EXPORTS: dict[str, str] = {
     "save_objects": "npystream.formats.objwriter",
     "convert": "npystream.conversion",
     "verify": "npystream.verification",
+    "lazy": "npystream.lazy",
+    "LazyArray": "npystream.lazy",
+    "save_npy": "npystream.lazy",
+    "create_npy": "npystream.formats.fixed",
+    "append_npy": "npystream.formats.fixed",
+    "concat": "npystream.concat",
+    "ConcatArray": "npystream.concat",
 }
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "FormatError",
     "NotSeekableError",
     "NpyStreamError",
+    "ShapeError",
     "StoreNotFoundError",
     "TruncatedError",
     "UnsafePickleError",
