@@ -37,13 +37,13 @@ _EXPORTS: dict[str, str] = {
     "save_objects": "npystream.formats.objwriter",
     "convert": "npystream.conversion",
     "verify": "npystream.verification",
-    "lazy": "npystream.lazy",
-    "LazyArray": "npystream.lazy",
-    "save_npy": "npystream.lazy",
+    "lazy": "npystream.deferred",
+    "LazyArray": "npystream.deferred",
+    "save_npy": "npystream.deferred",
     "create_npy": "npystream.formats.fixed",
     "append_npy": "npystream.formats.fixed",
-    "concat": "npystream.concat",
-    "ConcatArray": "npystream.concat",
+    "concat": "npystream.concatenation",
+    "ConcatArray": "npystream.concatenation",
 }
 
 __all__ = [

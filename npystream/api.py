@@ -52,7 +52,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                 "open it without lazy=True (object arrays: npystream.iter_objects)",
                 path=os.fspath(file) if isinstance(file, (str, os.PathLike)) else None,
             )
-        from npystream.lazy import lazy
+        from npystream.deferred import lazy
 
         return lazy(arr)
     if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):

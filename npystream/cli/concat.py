@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Join the files; print one summary line on stderr."""
     from npystream._atomic import signals_as_exceptions
-    from npystream.concat import ConcatArray
+    from npystream.concatenation import ConcatArray
 
     progress = False if args.quiet else (True if args.progress else None)
     t0 = time.perf_counter()

@@ -542,7 +542,7 @@ class ConcatArray:
         Otherwise the rows are streamed block by block (:func:`npystream.save_npy`).
         """
         if not self.copyable():
-            from npystream.lazy import save_npy
+            from npystream.deferred import save_npy
 
             return save_npy(path, self, overwrite=overwrite, progress=progress, durable=durable)
         import sys

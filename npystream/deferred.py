@@ -35,7 +35,7 @@ The expression tree (public, so other back ends can walk it)
 result) and is one of:
 
 * :class:`Leaf` -- ``array``: the wrapped array-like (``np.memmap``,
-  ``np.ndarray``, :class:`~npystream.concat.ConcatArray`, ...);
+  ``np.ndarray``, :class:`~npystream.concatenation.ConcatArray`, ...);
 * :class:`Call` -- ``func(*args, **kwargs)`` broadcast elementwise, where
   ``func`` is a numpy ufunc, ``np.where`` or ``np.clip``; ``args`` mixes
   nodes and constants (Python/numpy scalars, 0-d arrays); ``which`` is
@@ -282,7 +282,7 @@ def _prepare(leaf: Leaf, shape: tuple[int, ...]) -> Any:
 def _select(arr: Any, key: Any) -> Any:
     select = getattr(arr, "select", None)
     if select is not None and not isinstance(arr, np.ndarray):
-        from npystream.concat import ConcatArray
+        from npystream.concatenation import ConcatArray
 
         if isinstance(arr, ConcatArray):
             return select(key)
@@ -338,10 +338,10 @@ def _block_keys(shape: tuple[int, ...], block: int) -> tuple[int, int, Iterator[
 class _Evaluator:
     """Runs one expression block by block into pooled buffers (the fused loop)."""
 
-    def __init__(self, node: Node, shape: tuple[int, ...], block: int = BLOCK_ELEMENTS) -> None:
+    def __init__(self, node: Node, shape: tuple[int, ...], block: int | None = None) -> None:
         self.node = node
         self.shape = shape
-        self.block = block
+        self.block = block = BLOCK_ELEMENTS if block is None else block
         self.pool = _Pool(block)
         self.prepared: dict[int, Any] = {}
         self._collect(node)
@@ -706,7 +706,7 @@ class LazyArray:
 
         def walk(n: Any) -> None:
             if isinstance(n, Leaf):
-                found.setdefault(id(n), n.array)
+                found.setdefault(id(n.array), n.array)
             elif isinstance(n, Cast):
                 walk(n.child)
             elif isinstance(n, Call):
@@ -1026,7 +1026,7 @@ def save_npy(path: Any, x: Any, *, overwrite: bool = False, progress: bool | Non
     """
     from npystream._atomic import atomic_output
     from npystream._progress import ByteProgress
-    from npystream.concat import ConcatArray
+    from npystream.concatenation import ConcatArray
     from npystream.formats.npy import encode_header
 
     path = os.fspath(path)
@@ -1044,7 +1044,7 @@ def save_npy(path: Any, x: Any, *, overwrite: bool = False, progress: bool | Non
                 if shape == ():
                     f.write(np.asarray(lx.compute(), dtype=dtype).tobytes())
             else:
-                for _, value in _Evaluator(lx.node, shape, 1 << 17).blocks():
+                for _, value in _Evaluator(lx.node, shape).blocks():
                     data = value if value.flags.c_contiguous else np.ascontiguousarray(value)
                     f.write(data)
                     bar.add(data.nbytes)
