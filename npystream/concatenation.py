@@ -381,9 +381,11 @@ class ConcatArray:
             if isinstance(k, (bool, np.bool_)):
                 raise IndexError("boolean scalar indices are not supported on a ConcatArray")
             arr = np.asarray(k)
+            if isinstance(k, (list, tuple)) and arr.size == 0:
+                arr = arr.astype(np.intp)  # numpy reads [] as an empty integer index
             if arr.dtype == bool:
                 items.append(("mask", arr))
-            elif arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f"):
+            elif arr.dtype.kind in "iu":
                 items.append(arr.astype(np.intp, copy=False))
             else:
                 raise IndexError("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis "

@@ -530,7 +530,9 @@ def append_npy(path: Any, rows: Any, *, durable: bool = True) -> tuple[int, ...]
         with atomic_output(name, overwrite=True) as tmp, builtins.open(tmp, "wb") as out, \
                 builtins.open(name, "rb") as src:
             out.write(fresh)
-            _copy_range(src.fileno(), out.fileno(), header.data_offset, header.nbytes)
+            out.flush()
+            _copy_range(src.fileno(), out.fileno(), header.data_offset, header.nbytes,
+                        dst_offset=len(fresh))
             out.seek(len(fresh) + header.nbytes)
             write_rows(out)
             out.flush()
