@@ -76,11 +76,13 @@ from npystream.errors import ShapeError, UnsupportedError
 
 __all__ = ["lazy", "LazyArray", "Leaf", "Call", "Cast", "Node", "save_npy", "BLOCK_ELEMENTS"]
 
-# Elements per block of the fused evaluator.  Measured with benchmarks/bench_lazy.py
-# (--block-sweep) on (a*2+b).sum() over two 1 GiB float64 memmaps: 16Ki-256Ki elements
-# all run within a few percent of each other; 8Ki pays Python overhead per block and
-# 1Mi+ falls out of the L2 cache (slower by 20-40%).  64Ki float64 = 512 KiB per buffer.
-BLOCK_ELEMENTS = 1 << 16
+# Elements per block of the fused evaluator.  Measured with
+# `python benchmarks/bench_lazy.py --block-sweep --repeat 4` ((a*2+b).sum() over two 1 GiB
+# float64 memmaps, 2-core VM, load average 7-9, best of 4): 8Ki 0.97 s, 16Ki 0.96, 32Ki 0.86,
+# 64Ki 0.71, 128Ki 0.56, 256Ki 0.62, 1Mi 0.58, 4Mi 0.69; the hand-written 64Ki loop 0.83 s.
+# Small blocks pay Python overhead per block, 4Mi ones fall out of the cache.
+# 128Ki float64 = 1 MiB per scratch buffer.
+BLOCK_ELEMENTS = 1 << 17
 # A broadcast operand that is not an ndarray (a concat view, say) is read whole if it
 # is at most this large (a row vector or so); larger ones are refused, not loaded.
 _SMALL_OPERAND_BYTES = 64 << 20

@@ -450,3 +450,12 @@ def test_save_npy_writes_standard_files_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         npystream.save_npy(tmp_path / "fail.npy", npystream.lazy(Boom(np.ones(1000))) + 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy", "out.npy", "scalar.npy", "x.npy"]
+
+
+@pytest.mark.parametrize("name", ["npystream.deferred", "npystream.concatenation"])
+def test_module_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0

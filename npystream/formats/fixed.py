@@ -31,6 +31,17 @@ stream only the contiguous axis can be read with bounded memory (row 0 of a
 Fortran file is spread over the whole file), so ``axis=0`` on a Fortran
 stream raises :class:`~npystream.errors.UnsupportedError` and names
 ``axis=-1``; blocks along the last axis come back Fortran-contiguous.
+
+**Writing.**  :func:`create_npy` writes a complete header (the one encoder in
+:mod:`npystream.formats.npy`, with room for the first axis to grow), sizes the
+file and returns a writable ``np.memmap``.  :func:`append_npy` grows axis 0 of
+a C-order file in place, in this order: rows written after the data the header
+describes (overwriting any tail an interrupted append left), fsync, then the
+first ``data_offset`` bytes rewritten with the longer shape in one ``pwrite``
+(:func:`~npystream.formats.npy.encode_header_in_place`), fsync.  A reader, or a
+process killed at any instant, sees the old or the new shape, and the header
+never promises more bytes than the file holds.  A header with no room left is
+rewritten once into a temporary file that replaces the original.
 """
 
 from __future__ import annotations
