@@ -288,6 +288,14 @@ class ConcatArray:
         return (f"ConcatArray(shape={self._shape}, dtype={self._dtype}, axis={self.axis}, "
                 f"parts={len(self.parts)})")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by file names when every part is a whole file (nothing copied), else by value."""
+        dtype = self._dtype if self._cast is not None else None
+        if all(fp is not None for fp in self._files):
+            return (ConcatArray, (list(self.paths), self.axis, dtype))
+        parts = [np.asarray(p) if isinstance(p, np.memmap) else p for p in self.parts]
+        return (ConcatArray, (parts, self.axis, dtype))
+
     def close(self) -> None:
         """Close the file descriptors kept for truncation checks (views stay valid)."""
         self._finalizer()

@@ -68,6 +68,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from mmap import ALLOCATIONGRANULARITY as mmap_granularity
 from typing import Any
 
 import numpy as np
@@ -262,9 +263,34 @@ def _rebuild(node: Node, leaf_value: Callable[[Leaf], Any]) -> Any:
     return run(node)
 
 
+def _check_mapping(mm: np.memmap) -> None:
+    """Raise TruncatedError when the file under a memmap is now shorter than its mapping.
+
+    Touching such a mapping past the file's end kills the process with SIGBUS.
+    """
+    mapping = getattr(mm, "_mmap", None)
+    if mapping is None:
+        return
+    try:
+        end = mm.offset - mm.offset % mmap_granularity + len(mapping)
+        size = mapping.size()  # fstat of the mapping's own descriptor: the file as it is now
+    except (OSError, ValueError, TypeError):
+        return  # a closed mapping: numpy raises its own error on access
+    if size < end:
+        from npystream.errors import TruncatedError
+
+        raise TruncatedError(
+            f"the file is now {size} bytes but the memmap covers {end}: it was truncated after it "
+            "was opened; reading the mapping would crash the process (SIGBUS): open it again",
+            path=getattr(mm, "filename", None), offset=size,
+        )
+
+
 def _prepare(leaf: Leaf, shape: tuple[int, ...]) -> Any:
     """The leaf as something to index with keys of the result's ``shape`` (views; nothing read)."""
     arr = leaf.array
+    if isinstance(arr, np.memmap):
+        _check_mapping(arr)
     if isinstance(arr, np.ndarray):
         if type(arr) is not np.ndarray:
             arr = arr.view(np.ndarray)  # memmap slices pay __array_finalize__; the bytes are shared
@@ -836,6 +862,8 @@ class LazyArray:
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a LazyArray holds no data to share: np.asarray(x) computes a new array")
         arr = self.compute()
         return arr if dtype is None else arr.astype(dtype, copy=False)
 

@@ -226,3 +226,16 @@ def test_save_copies_files_in_the_kernel_and_falls_back(tmp_path, monkeypatch):
     assert not mixed.copyable()
     mixed.save(tmp_path / "m.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.concatenate([arrays[0], np.load(f)]))
+
+
+def test_pickles_by_file_name(tmp_path):
+    import pickle
+
+    np.save(tmp_path / "a.npy", np.arange(10_000, dtype=np.float64))
+    c = npystream.concat([tmp_path / "a.npy", tmp_path / "a.npy"])
+    blob = pickle.dumps(c)
+    assert len(blob) < 2000  # names, not 160 kB of data
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back[[1, 15_000]], c[[1, 15_000]])
+    mixed = npystream.concat([np.arange(3.0), tmp_path / "a.npy"])
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(mixed))), np.asarray(mixed))

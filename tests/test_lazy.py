@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tracemalloc
 import warnings
@@ -459,3 +460,14 @@ def test_module_doctests(name):
 
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_truncated_memmap_raises_instead_of_sigbus(tmp_path):
+    path = tmp_path / "t.npy"
+    np.save(path, np.arange(100_000, dtype=np.float64))
+    x = npystream.open(path, lazy=True) + 1
+    os.truncate(path, 4096)
+    with pytest.raises(npystream.TruncatedError, match="truncated"):
+        x.sum()
+    with pytest.raises(npystream.TruncatedError):
+        x[99_999]
