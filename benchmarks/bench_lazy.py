@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,8 @@ def workload(name: str, d: str, arg: str) -> dict:
     result: object = None
     extra: dict = {}
     base = rss_anon_kib()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with AnonPeak() as peak:
         if name == "numpy":
@@ -204,7 +207,7 @@ def workload(name: str, d: str, arg: str) -> dict:
                 nl.BLOCK_ELEMENTS = int(arg)
             result = float((npystream.lazy(a) * 2 + b).sum())
         elif name == "save_npy":
-            npystream.save_npy(p["out"], npystream.lazy(a) * 2 + b, overwrite=True, progress=False)
+            npystream.save_npy(p["out"], npystream.lazy(a) * 2 + b, progress=False)
         elif name == "cp":
             subprocess.run(["cp", p["a"], p["cp"]], check=True)
         elif name == "index":
@@ -232,7 +235,7 @@ def workload(name: str, d: str, arg: str) -> dict:
             extra["reads_seconds"] = time.perf_counter() - t
             result = float(s)
         elif name == "concat_cli":
-            subprocess.run([sys.executable, "-m", "npystream", "concat", "-q", "--overwrite",
+            subprocess.run([sys.executable, "-m", "npystream", "concat", "-q",
                             *[os.path.join(d, f"part_{i}.npy") for i in range(4)], "-o", p["cat"]],
                            check=True)
         elif name == "concat_cp":
@@ -240,12 +243,27 @@ def workload(name: str, d: str, arg: str) -> dict:
         else:
             raise SystemExit(f"unknown workload {name}")
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(x1, f) - getattr(x0, f) for x0, x1 in ((r0, r1), (c0, c1))
+              for f in ("ru_utime", "ru_stime"))
+    extra["cpu_seconds"] = cpu
     return {"name": name, "seconds": extra.pop("reads_seconds", seconds), "peak_mib": (peak.peak - base) / 1024,
             "result": result, **extra}
 
 
+WRITERS = {"save_npy": "out", "cp": "cp", "concat_cli": "cat", "concat_cp": "cat_cp"}
+
+
 def child(name: str, d: str, arg: str = "") -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    if name in WRITERS:
+        # the same start for every writer: no old output to replace, no dirty pages of the
+        # previous run still being written back
+        out = paths(d)[WRITERS[name]]
+        if os.path.exists(out):
+            os.unlink(out)
+        os.sync()
     out = subprocess.run([sys.executable, __file__, "--child", name, "--dir", d, "--arg", arg],
                          check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -334,16 +352,23 @@ def main() -> None:
             return
         have_ne = subprocess.run([sys.executable, "-c", "import numexpr"], capture_output=True).returncode == 0
         sum_rows = ["numpy", "dask", *(["numexpr"] if have_ne else []), "fused", "lazy"]
+        rows = [os.path.join(ns.dir, f"rows_{i}.npy") for i in range(10)]
+        parts = [os.path.join(ns.dir, f"part_{i}.npy") for i in range(4)]
+        # each group re-reads its inputs first: other jobs on the machine may have evicted them
+        warm(p["a"], p["b"])
         res.update(measure(sum_rows, ns.dir, ns.repeat))
+        warm(p["a"], p["b"])
         res.update(measure(["save_npy", "cp"], ns.dir, ns.repeat))
         res.update(measure(["index"], ns.dir, 1))
+        warm(p["one"], *rows)
         res.update(measure(["reads_concat", "reads_one", "gather_concat", "gather_one"], ns.dir, ns.repeat))
+        warm(p["big"], *parts)
         res.update(measure(["concat_cli", "concat_cp"], ns.dir, ns.repeat))
         load = os.getloadavg()
         load_s = ", ".join(f"{x:.2f}" for x in load)
         print(f"\nload average after the run: {load_s}")
-        print("\n| approach | time (best) | all runs | peak anon MiB |")
-        print("|---|---|---|---|")
+        print("\n| approach | time (best) | all runs | CPU s (whole child) | peak anon MiB |")
+        print("|---|---|---|---|---|")
         labels = {"numpy": "numpy eager `(a*2+b).sum()`", "dask": "dask `from_array(chunks=4Mi)`",
                   "numexpr": "numexpr, 4Mi-element blocks", "fused": "hand fused loop, 64Ki blocks",
                   "lazy": "`(npystream.lazy(a)*2+b).sum()`", "save_npy": "`save_npy(out, lazy(a)*2+b)`",
@@ -353,7 +378,8 @@ def main() -> None:
                   "gather_one": "`m[idx]`, 100k rows, one memmap",
                   "concat_cli": "`npystream concat` 4 x 512 MiB", "concat_cp": "`cp` 2 GiB"}
         for k, r in res.items():
-            print(f"| {labels[k]} | {r['seconds']:.3f} s | {r['all']} | {r['peak_mib']:.1f} |")
+            print(f"| {labels[k]} | {r['seconds']:.3f} s | {r['all']} | {r['cpu_seconds']:.2f} | "
+                  f"{r['peak_mib']:.1f} |")
         print(f"\nlatency of (lazy(a)*2+b)[123456]: median {res['index']['latency_us']:.1f} us")
 
         def ratio(x: str, y: str) -> str:

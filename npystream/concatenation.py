@@ -22,13 +22,14 @@ unless ``dtype=`` is given (each selection is then cast on read, never in
 place); a mismatch raises :class:`~npystream.errors.ShapeError` naming the item
 and both shapes/dtypes.
 
-Files under a view: each file part keeps its descriptor; every indexing call
+Files under a view: each file part keeps its descriptor; an indexing call
 checks (``fstat``) that the file still holds the bytes its header promised and
 raises :class:`~npystream.errors.TruncatedError` otherwise, instead of letting
-the mapping ``SIGBUS``.  (A view handed out earlier is a plain memmap: reading
-it after the file was truncated can still ``SIGBUS``, as with ``np.load``.) A
-file deleted after it was opened stays readable (POSIX keeps its bytes while
-it is mapped).
+the mapping ``SIGBUS`` -- except ``c[i]`` returning a row view, which reads no
+byte (an ``fstat`` would double the cost of a row read).  A view handed out is
+a plain memmap: reading it after its file was truncated can still ``SIGBUS``,
+as with ``np.load``.  A file deleted after it was opened stays readable (POSIX
+keeps its bytes while it is mapped).
 
 Public structure, for other back ends (Dask, the loader): ``parts`` (the
 arrays, memmaps for files), ``paths`` (the file of each part, or ``None``),
@@ -329,6 +330,9 @@ class ConcatArray:
             if not 0 <= i < n:
                 raise IndexError(f"index {int(key)} is out of bounds for axis 0 with size {n}")
             p = bisect.bisect_right(self._starts, i) - 1
+            part = self.parts[p]
+            if self._cast is None and len(part.shape) > 1 and isinstance(part, np.ndarray):
+                return part[i - self._starts[p]]  # a view: no byte is read here, so no fstat
             return self._part_result(p, i - self._starts[p])
         entries, axis_pos = self._expand(key)
         sel = entries[axis_pos]
