@@ -502,12 +502,20 @@ class ConcatArray:
             shape = list(template.shape)
             shape[ax] = flat.size
             block = np.empty(shape, self._dtype)
-            for p in np.unique(pids):
-                where = np.nonzero(pids == p)[0]
+            # group the positions by part (one stable sort), read each part's rows at once
+            order = np.argsort(pids, kind="stable")
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(pids, minlength=len(self.parts)))])
+            dest: list[Any] = [slice(None)] * len(shape)
+            for p in range(len(self.parts)):
+                if bounds[p] == bounds[p + 1]:
+                    continue
+                where = order[bounds[p]:bounds[p + 1]]
                 key1[ax] = flat[where] - self.offsets[p]
-                dest = [slice(None)] * len(shape)
                 dest[ax] = where
-                block[tuple(dest)] = self._part_result(int(p), tuple(key1))
+                block[tuple(dest)] = self._part_result(p, tuple(key1))
+            if sum(1 for k in stage2 if not (isinstance(k, slice) and k == slice(None))) == 1:
+                # only the axis was indexed: numpy leaves the index's dimensions in its place
+                return block.reshape(block.shape[:ax] + sel.shape + block.shape[ax + 1:])
         if all(isinstance(k, slice) and k == slice(None) for k in stage2):
             return block
         return block[tuple(stage2)]
