@@ -827,7 +827,10 @@ class LazyArray:
 
         new_root = rebuild(self.node)
         if not new_root.shape:
-            return _rebuild(new_root, lambda lf: lf.array)
+            value = _rebuild(new_root, lambda lf: lf.array)
+            # numpy: a[1, 2] is a scalar but a[..., 1, 2] a 0-d array; the leaves say which
+            zero_d = any(isinstance(n, Leaf) and isinstance(n.array, np.ndarray) for n in prepared.values())
+            return np.asarray(value) if zero_d else value
         return LazyArray(new_root)
 
     def __setitem__(self, key: Any, value: Any) -> None:
