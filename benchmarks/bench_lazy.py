@@ -283,24 +283,26 @@ def measure(group: list[str], d: str, repeat: int, args: dict[str, str] | None =
     return {g: best(r) | {"all": [round(x["seconds"], 3) for x in r]} for g, r in runs.items()}
 
 
-def draw(res: dict[str, dict], path: str, load: str) -> None:
+def draw(res: dict[str, dict], path: str, load: str, repeat: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     groups = [
         ("(a*2+b).sum(), 2 x 1 GiB", ["numpy", "dask", "numexpr", "fused", "lazy"],
          ["numpy eager", "dask", "numexpr", "hand fused", "npystream.lazy"]),
         ("write a*2+b to .npy (1 GiB)", ["save_npy", "cp"], ["save_npy", "cp one input"]),
-        ("100k random row reads", ["reads_concat", "reads_one"], ["10-file concat", "one memmap"]),
+        ("100k random rows (512 B)", ["reads_concat", "reads_one", "gather_concat", "gather_one"],
+         ["c[i], 10-file concat", "m[i], one memmap", "c[idx] gather", "m[idx] gather"]),
         ("join 4 x 512 MiB", ["concat_cli", "concat_cp"], ["npystream concat", "cp 2 GiB"]),
     ]
     for ax, (title, keys, labels) in zip(axes, groups):
         keys_l = [(k, lab) for k, lab in zip(keys, labels) if k in res]
         vals = [res[k]["seconds"] for k, _ in keys_l]
-        colors = ["#d62728" if k in ("lazy", "save_npy", "reads_concat", "concat_cli") else "#7f7f7f"
+        colors = ["#d62728" if k in ("lazy", "save_npy", "reads_concat", "gather_concat", "concat_cli")
+                  else "#7f7f7f"
                   for k, _ in keys_l]
         bars = ax.bar([lab for _, lab in keys_l], vals, color=colors)
         for bar, (k, _) in zip(bars, keys_l):
@@ -311,8 +313,8 @@ def draw(res: dict[str, dict], path: str, load: str) -> None:
         ax.set_ylabel("seconds (lower is better)")
         ax.set_ylim(0, max(vals) * 1.3 if vals else 1)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"npystream lazy/concat, 2-core VM, page cache warm; labels: time and peak anonymous "
-                 f"memory (load average {load})", fontsize=10)
+    fig.suptitle(f"npystream lazy/concat (red) vs alternatives: best of {repeat} runs, 2-core shared VM, "
+                 f"page cache warm; labels: time, peak anonymous memory (load average {load})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -383,9 +385,10 @@ def main() -> None:
         print(f"\nlatency of (lazy(a)*2+b)[123456]: median {res['index']['latency_us']:.1f} us")
 
         def ratio(x: str, y: str) -> str:
-            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x"
+            med = statistics.median(res[x]["all"]) / statistics.median(res[y]["all"])
+            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x (medians {med:.2f}x)"
 
-        print("\nratios (target):")
+        print("\nratios of the best runs (target):")
         print(f"  lazy / fused loop  {ratio('lazy', 'fused')} (<= 1.3x)")
         print(f"  lazy / numpy eager {ratio('lazy', 'numpy')} (<= 0.3x)")
         print(f"  lazy / dask        {ratio('lazy', 'dask')} (<= 0.2x)")
@@ -396,7 +399,7 @@ def main() -> None:
               f"gather {ratio('gather_concat', 'gather_one')}")
         print(f"  npystream concat / cp {ratio('concat_cli', 'concat_cp')} (<= 1.5x)")
         if ns.chart:
-            draw(res, ns.chart, load_s)
+            draw(res, ns.chart, load_s, ns.repeat)
             print(f"chart: {ns.chart}")
     finally:
         if not ns.keep and not ns.child:
