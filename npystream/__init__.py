@@ -13,6 +13,7 @@ from npystream.errors import (
     FormatError,
     NotSeekableError,
     NpyStreamError,
+    ShapeError,
     StoreNotFoundError,
     TruncatedError,
     UnsafePickleError,
@@ -36,6 +37,13 @@ _EXPORTS: dict[str, str] = {
     "save_objects": "npystream.formats.objwriter",
     "convert": "npystream.conversion",
     "verify": "npystream.verification",
+    "lazy": "npystream.deferred",
+    "LazyArray": "npystream.deferred",
+    "save_npy": "npystream.deferred",
+    "create_npy": "npystream.formats.fixed",
+    "append_npy": "npystream.formats.fixed",
+    "concat": "npystream.concatenation",
+    "ConcatArray": "npystream.concatenation",
 }
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "FormatError",
     "NotSeekableError",
     "NpyStreamError",
+    "ShapeError",
     "StoreNotFoundError",
     "TruncatedError",
     "UnsafePickleError",

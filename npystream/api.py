@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from npystream.errors import FormatError
+from npystream.errors import FormatError, UnsupportedError
 from npystream.formats.npy import MAGIC, read_header
 from npystream.sources import GZIP_MAGIC, open_source, read_upto
 
@@ -40,8 +40,21 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
     ``.npy`` files; stores and archives are read-only.  Keyword ``options`` go
     to the reader: the safety options (``trusted``, ``allowed_globals``,
     ``encoding``, ``fix_imports``) and ``zero_copy`` for object arrays,
-    ``max_header_size`` for headers.
+    ``max_header_size`` for headers.  ``lazy=True`` returns a fixed-dtype
+    ``.npy`` as a :class:`npystream.LazyArray` over its memmap (deferred
+    arithmetic, fused block-wise reductions).
     """
+    if options.pop("lazy", False):
+        arr = open(file, mode, **options)
+        if not isinstance(arr, np.ndarray):
+            raise UnsupportedError(
+                f"lazy=True needs a fixed-dtype .npy, but this opens as a {type(arr).__name__}; "
+                "open it without lazy=True (object arrays: npystream.iter_objects)",
+                path=os.fspath(file) if isinstance(file, (str, os.PathLike)) else None,
+            )
+        from npystream.deferred import lazy
+
+        return lazy(arr)
     if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
         from npystream.formats.ragged import RaggedArray
 

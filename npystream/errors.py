@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedError",
     "StoreNotFoundError",
     "CastError",
+    "ShapeError",
 ]
 
 
@@ -83,3 +84,7 @@ class StoreNotFoundError(NpyStreamError, FileNotFoundError):
 
 class CastError(NpyStreamError, TypeError):
     """An element does not fit a writer's dtype/kind and no casting rule allows it."""
+
+
+class ShapeError(NpyStreamError, ValueError):
+    """Arrays whose shapes (or dtypes) do not fit together: they do not broadcast or concatenate."""

@@ -24,7 +24,7 @@ from npystream.errors import NpyStreamError
 __all__ = ["main", "COMMANDS"]
 
 # Explicit, ordered list (no plugin registry): module names under npystream.cli.
-COMMANDS: tuple[str, ...] = ("info", "convert", "verify", "demo", "head", "index")
+COMMANDS: tuple[str, ...] = ("info", "convert", "verify", "demo", "head", "index", "concat")
 
 
 def build_parser() -> argparse.ArgumentParser:

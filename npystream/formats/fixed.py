@@ -31,12 +31,24 @@ stream only the contiguous axis can be read with bounded memory (row 0 of a
 Fortran file is spread over the whole file), so ``axis=0`` on a Fortran
 stream raises :class:`~npystream.errors.UnsupportedError` and names
 ``axis=-1``; blocks along the last axis come back Fortran-contiguous.
+
+**Writing.**  :func:`create_npy` writes a complete header (the one encoder in
+:mod:`npystream.formats.npy`, with room for the first axis to grow), sizes the
+file and returns a writable ``np.memmap``.  :func:`append_npy` grows axis 0 of
+a C-order file in place, in this order: rows written after the data the header
+describes (overwriting any tail an interrupted append left), fsync, then the
+first ``data_offset`` bytes rewritten with the longer shape in one ``pwrite``
+(:func:`~npystream.formats.npy.encode_header_in_place`), fsync.  A reader, or a
+process killed at any instant, sees the old or the new shape, and the header
+never promises more bytes than the file holds.  A header with no room left is
+rewritten once into a temporary file that replaces the original.
 """
 
 from __future__ import annotations
 
 import builtins
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +59,7 @@ from npystream.formats.npy import MAX_HEADER_SIZE, NpyHeader, read_header
 from npystream.sources import ByteSource, MemorySource, StreamSource, open_source
 
 __all__ = ["open_npy", "iter_batches", "batches_from_source", "read_array", "BatchIterator",
+           "create_npy", "append_npy",
            "DEFAULT_BATCH_BYTES"]
 
 DEFAULT_BATCH_BYTES = 8 << 20  # 8 MiB: large enough to amortise per-block cost, small next to RAM
@@ -416,3 +429,190 @@ def iter_batches(
     src = open_source(source)
     return batches_from_source(src, batch_size, batch_bytes=batch_bytes, axis=axis,
                                owned=src is not source, max_header_size=max_header_size)
+
+
+# --------------------------------------------------------------------------- #
+# writing: create a .npy to fill through a memmap, append rows in place
+# --------------------------------------------------------------------------- #
+
+_APPEND_BLOCK_BYTES = 8 << 20  # rows are written in blocks of about this many bytes
+
+
+def _writable_dtype(dtype: Any, what: str, path: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise UnsupportedError(
+            f"{what} needs a fixed dtype, got {dtype} (Python objects); write object arrays with "
+            "npystream.save_objects(path, elements)",
+            path=path,
+        )
+    return dtype
+
+
+def create_npy(path: Any, shape: Any, dtype: Any = np.float64, fortran_order: bool = False, *,
+               overwrite: bool = False) -> np.memmap:
+    """Create a new ``.npy`` of ``shape``/``dtype`` and return it as a writable ``np.memmap``.
+
+    The header is complete and correct before the data is written, so
+    ``np.add(a, 2, out=create_npy("b.npy", a.shape, a.dtype))`` leaves a file
+    any numpy reads.  The file is sized with ``ftruncate`` (sparse, zero-filled)
+    and appears under its name only with its full header (temp + rename).
+    The header leaves room for the first axis to grow (:func:`append_npy`).
+    An existing ``path`` is refused unless ``overwrite=True``.
+    """
+    from npystream._atomic import atomic_output
+    from npystream.formats.npy import encode_header
+
+    name = os.fspath(path)
+    dtype = _writable_dtype(dtype, "create_npy", name)
+    shape = (int(shape),) if _is_int(shape) else tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape {shape} has a negative dimension")
+    header = encode_header(dtype, shape, fortran_order)
+    nbytes = math.prod(shape) * dtype.itemsize
+    with atomic_output(name, overwrite=overwrite) as tmp:
+        with builtins.open(tmp, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + nbytes)
+    if nbytes == 0:
+        # np.memmap cannot map zero bytes: the file is complete, an empty array stands for it
+        return np.zeros(shape, dtype=dtype, order="F" if fortran_order else "C")  # type: ignore[return-value]
+    return np.memmap(name, dtype=dtype, mode="r+", offset=len(header), shape=shape,
+                     order="F" if fortran_order else "C")
+
+
+def append_npy(path: Any, rows: Any, *, durable: bool = True) -> tuple[int, ...]:
+    """Append ``rows`` along axis 0 to the C-order ``.npy`` at ``path``, in place; return the new shape.
+
+    ``rows`` has the file's trailing shape (``(k, *shape[1:])``, or one row of
+    ``shape[1:]``) and its dtype (lists are converted to it).  Crash safety:
+    the rows are written after the current data and (``durable``) fsynced, and
+    only then is the shape in the header rewritten, in place, in one write of
+    the first ``data_offset`` bytes -- so a process killed at any instant
+    leaves a file ``np.load`` reads with either the old or the new row count
+    (bytes after the data the header describes are ignored, and overwritten
+    by the next append).  When the header has no room for the longer shape,
+    the file is rewritten once into a temporary with a roomy header and
+    renamed over the original.  Fortran-order files, 0-d files and rows of
+    another trailing shape or dtype raise :class:`~npystream.errors.NpyStreamError`.
+    """
+    from npystream._atomic import atomic_output
+    from npystream.errors import CastError, ShapeError
+    from npystream.formats.npy import encode_header, encode_header_in_place
+
+    name = os.fspath(path)
+    header = read_header(name)
+    _refuse_pickled(header, name, "append_npy")
+    if header.fortran_order and len(header.shape) > 1:
+        raise UnsupportedError(
+            f"cannot append rows to a Fortran-ordered array (shape {header.shape}): its rows are "
+            "not contiguous on disk; rewrite it in C order first (npystream.save_npy(new, "
+            "np.ascontiguousarray(...)))",
+            path=name,
+        )
+    if not header.shape:
+        raise UnsupportedError("cannot append rows to a 0-d array (it has no first axis)", path=name)
+    tail = header.shape[1:]
+    if not (hasattr(rows, "shape") and hasattr(rows, "dtype")):
+        try:
+            rows = np.asarray(rows, dtype=header.dtype)
+        except (ValueError, TypeError) as exc:
+            raise CastError(f"cannot convert the rows to the file's dtype {header.dtype}: {exc}",
+                            path=name) from None
+    rshape = tuple(rows.shape)
+    if rshape == tail:
+        rows = np.asarray(rows).reshape((1, *tail))
+        rshape = (1, *tail)
+    if rshape[1:] != tail or len(rshape) != len(header.shape):
+        raise ShapeError(
+            f"rows of shape {rshape} do not fit a file of shape {header.shape}: expected "
+            f"(k, {', '.join(map(str, tail))}{',' if len(tail) == 1 else ''})" if tail else
+            f"rows of shape {rshape} do not fit a file of shape {header.shape}: expected (k,)",
+            path=name,
+        )
+    if not np.can_cast(np.dtype(rows.dtype), header.dtype, casting="equiv"):
+        raise CastError(
+            f"rows have dtype {np.dtype(rows.dtype)}, the file holds {header.dtype}; convert them "
+            f"with rows.astype({header.dtype.str!r}) if that is what you mean",
+            path=name,
+        )
+    old_end = header.data_offset + header.nbytes
+    size = os.path.getsize(name)
+    if size < old_end:
+        raise TruncatedError(
+            f"the file is {size} bytes but its header promises {old_end}; not appending to a "
+            "truncated file", path=name, offset=size,
+        )
+    k = rshape[0]
+    new_shape = (header.shape[0] + k, *tail)
+    row_bytes = math.prod(tail) * header.dtype.itemsize
+    step = max(1, _APPEND_BLOCK_BYTES // row_bytes) if row_bytes else max(k, 1)
+
+    def write_rows(f: Any) -> None:
+        for i in range(0, k, step):
+            block = np.ascontiguousarray(np.asarray(rows[i:i + step]), dtype=header.dtype)
+            f.write(block.data if block.size else b"")
+
+    new_header = encode_header_in_place(header, new_shape)
+    if new_header is None:
+        fresh = encode_header(header.dtype, new_shape)
+        with atomic_output(name, overwrite=True) as tmp, builtins.open(tmp, "wb") as out, \
+                builtins.open(name, "rb") as src:
+            out.write(fresh)
+            out.flush()
+            _copy_range(src.fileno(), out.fileno(), header.data_offset, header.nbytes,
+                        dst_offset=len(fresh))
+            out.seek(len(fresh) + header.nbytes)
+            write_rows(out)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+        return new_shape
+    with builtins.open(name, "r+b") as f:
+        f.seek(old_end)
+        write_rows(f)
+        f.truncate()
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+        os.pwrite(f.fileno(), new_header, 0)  # one write of < 1 page: the shape flips at once
+        if durable:
+            os.fsync(f.fileno())
+    return new_shape
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress: Any = None,
+                dst_offset: int | None = None) -> None:
+    """Copy ``count`` bytes from ``src_fd`` at ``offset`` to ``dst_fd`` (at its position, or at
+    ``dst_offset``) in the kernel: ``copy_file_range``, else ``sendfile``, else read/write."""
+    chunk = 1 << 30 if progress is None else 64 << 20
+    if dst_offset is None:
+        dst_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    done = 0
+    mode = "cfr" if hasattr(os, "copy_file_range") else "sendfile"
+    while done < count:
+        want = min(chunk, count - done)
+        n = 0
+        if mode == "cfr":
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)
+            except OSError:
+                mode = "sendfile"
+                continue
+        elif mode == "sendfile":
+            try:
+                os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+                n = os.sendfile(dst_fd, src_fd, offset + done, want)
+            except OSError:
+                mode = "rw"
+                continue
+        else:
+            data = os.pread(src_fd, min(want, 8 << 20), offset + done)
+            n = os.pwrite(dst_fd, data, dst_offset + done) if data else 0
+        if n <= 0:
+            raise TruncatedError(f"source ended after {offset + done} bytes, {count - done} bytes short",
+                                 offset=offset + done)
+        done += n
+        if progress is not None:
+            progress.add(n)
+    os.lseek(dst_fd, dst_offset + count, os.SEEK_SET)

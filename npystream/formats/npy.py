@@ -45,6 +45,7 @@ __all__ = [
     "read_header",
     "parse_header",
     "encode_header",
+    "encode_header_in_place",
     "open_with_header",
     "MAX_HEADER_SIZE",
     "ARRAY_ALIGN",
@@ -268,6 +269,11 @@ def open_with_header(file: Any, *, max_header_size: int = MAX_HEADER_SIZE) -> tu
         raise
 
 
+def _dict_text(dtype: Any, shape: tuple[int, ...], fortran_order: bool) -> str:
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    return f"{{'descr': {descr!r}, 'fortran_order': {bool(fortran_order)!r}, 'shape': {shape!r}, }}"
+
+
 def encode_header(
     dtype: Any,
     shape: tuple[int, ...],
@@ -286,10 +292,8 @@ def encode_header(
     end); ``grow=False`` omits that padding.  ``version=None`` picks the
     oldest version that can hold the header, as numpy does.
     """
-    dtype = np.dtype(dtype)
     shape = tuple(int(x) for x in shape)
-    descr = np.lib.format.dtype_to_descr(dtype)
-    text = f"{{'descr': {descr!r}, 'fortran_order': {bool(fortran_order)!r}, 'shape': {shape!r}, }}"
+    text = _dict_text(dtype, shape, fortran_order)
     if grow and shape:
         text += " " * max(0, GROWTH_DIGITS - len(repr(shape[-1 if fortran_order else 0])))
     versions = [version] if version is not None else [(1, 0), (2, 0), (3, 0)]
@@ -314,3 +318,24 @@ def encode_header(
         return MAGIC + bytes(ver) + length_struct.pack(hlen) + body + b" " * pad + b"\n"
     raise ValueError("header does not fit any .npy version")  # pragma: no cover - 4 GiB header
 
+
+
+def encode_header_in_place(header: NpyHeader, shape: tuple[int, ...]) -> bytes | None:
+    """A preamble for ``shape`` exactly ``header.data_offset`` bytes long, or None when it does not fit.
+
+    Same version, dtype and order as ``header``; the dict is padded with spaces
+    up to the old length, so overwriting the first ``data_offset`` bytes of the
+    file changes the shape and nothing else (how :func:`npystream.append_npy`
+    grows a file in place).  Files written by ``np.save`` or npystream leave
+    room for :data:`GROWTH_DIGITS` digits in the growing axis.
+    """
+    length_struct, encoding = _VERSIONS[header.version]
+    prefix = len(MAGIC) + 2 + length_struct.size
+    hlen = header.data_offset - prefix
+    try:
+        body = _dict_text(header.dtype, tuple(int(x) for x in shape), header.fortran_order).encode(encoding)
+    except UnicodeEncodeError:  # pragma: no cover - the old header held the same field names
+        return None
+    if len(body) + 1 > hlen or hlen >= 1 << (8 * length_struct.size):
+        return None
+    return MAGIC + bytes(header.version) + length_struct.pack(hlen) + body + b" " * (hlen - len(body) - 1) + b"\n"
