@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "save_objects": "npystream.formats.objwriter",
     "convert": "npystream.conversion",
     "verify": "npystream.verification",
+    "batches": "npystream.loader",
+    "BatchLoader": "npystream.loader",
 }
 
 __all__ = [
