@@ -143,20 +143,21 @@ def _gather_runs_py(src: np.ndarray, dst: np.ndarray, starts: np.ndarray, counts
         dst.reshape(-1)[np.repeat(dst_starts, counts) + within] = src[np.repeat(starts, counts) + within]
 
 
-def _gather_pad(src: np.ndarray, dst: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+def _gather_pad(sp: Any, src: np.ndarray, dst: np.ndarray, starts: np.ndarray, counts: np.ndarray,
                 row_items: int, pad: np.ndarray) -> None:
-    sp = speedups()
+    """C gather when ``sp`` (the accelerator) is given and the buffers allow it, else the numpy twin."""
     if sp is not None and src.flags.c_contiguous and dst.dtype == src.dtype and src.dtype.itemsize:
-        sp.gather_pad(src, dst, np.ascontiguousarray(starts, dtype=np.int64),
-                      np.ascontiguousarray(counts, dtype=np.int64), row_items, src.dtype.itemsize,
-                      pad.tobytes())
+        if starts.dtype != np.int64 or not starts.flags.c_contiguous:
+            starts = np.ascontiguousarray(starts, dtype=np.int64)
+        if counts.dtype != np.int64 or not counts.flags.c_contiguous:
+            counts = np.ascontiguousarray(counts, dtype=np.int64)
+        sp.gather_pad(src, dst, starts, counts, row_items, src.dtype.itemsize, pad.tobytes())
     else:
         _gather_pad_py(src, dst, starts, counts, row_items, pad)
 
 
-def _gather_runs(src: np.ndarray, dst: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+def _gather_runs(sp: Any, src: np.ndarray, dst: np.ndarray, starts: np.ndarray, counts: np.ndarray,
                  dst_starts: np.ndarray) -> None:
-    sp = speedups()
     if sp is not None and src.flags.c_contiguous and dst.dtype == src.dtype and src.dtype.itemsize:
         sp.gather_runs(src, dst, np.ascontiguousarray(starts, dtype=np.int64),
                        np.ascontiguousarray(counts, dtype=np.int64),
@@ -284,8 +285,8 @@ class _RaggedField(_Field):
             np.minimum(lengths, opts.max_len, out=lengths)
             counts = lengths * inner
         out = np.empty((b, width, *trailing), dtype=self.values.dtype)
-        _gather_pad(self.values, out, starts, counts, width * inner, opts.pad_for(self.values.dtype,
-                                                                               self.label))
+        _gather_pad(opts.sp, self.values, out, starts, counts, width * inner,
+                    opts.pad_for(self.values.dtype, self.label))
         return {"values": out, "lengths": lengths}
 
     def fingerprint(self) -> str:
@@ -509,7 +510,15 @@ def _contiguous_view(r: Any) -> bool:
 
 class _Options:
     __slots__ = ("batch_size", "shuffle", "seed", "rank", "world_size", "drop_last", "collate",
-                 "pad_value", "max_len", "truncate", "bucket", "block_size", "_pads")
+                 "pad_value", "max_len", "truncate", "bucket", "block_size", "sp", "_pads")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "sp"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.sp = speedups()
 
     def pad_for(self, dtype: np.dtype, label: str) -> np.ndarray:
         key = (dtype, label)
@@ -626,6 +635,7 @@ class BatchLoader:
         self._bucket_cache: tuple[int, int, list[np.ndarray]] | None = None
         self._pack_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._fingerprint: str | None = None
+        self._len_cache: tuple[int, int] | None = None
         if opts.collate == "pack":
             self._pack_field = next(iter(fields.values()))
 
@@ -633,6 +643,7 @@ class BatchLoader:
         state = self.__dict__.copy()
         state["_lock"] = None
         state["_order_cache"] = state["_bucket_cache"] = state["_pack_cache"] = None
+        state["_len_cache"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -671,6 +682,14 @@ class BatchLoader:
         return self._order().num_samples
 
     def __len__(self) -> int:
+        cached = self._len_cache
+        if cached is not None and cached[0] == self._epoch:
+            return cached[1]
+        n = self._count_batches()
+        self._len_cache = (self._epoch, n)
+        return n
+
+    def _count_batches(self) -> int:
         opts = self._opts
         if opts.collate == "pack":
             total = int(self._pack_plan()[1][-1])
@@ -776,7 +795,7 @@ class BatchLoader:
         vals = f.values
         out = np.empty(per, dtype=vals.dtype)
         real = int(counts.sum())
-        _gather_runs(vals, out, starts + skip, counts, dst)
+        _gather_runs(opts.sp, vals, out, starts + skip, counts, dst)
         out[real:] = opts.pad_for(vals.dtype, f.label)
         # split pieces at row boundaries: segments
         first_row = dst // width
@@ -940,6 +959,7 @@ def batches(
     """
     opts = _Options()
     opts._pads = {}
+    opts.sp = speedups()  # the C gathers, unless NPYSTREAM_PURE_PYTHON is set (read once per loader)
     opts.batch_size = _positive("batch_size", batch_size)
     if shuffle not in (True, False, "full", "block") or isinstance(shuffle, (int, float)) and \
             not isinstance(shuffle, bool):
