@@ -100,7 +100,7 @@ def test_epoch_covers_every_element(store, shuffle, world, drop_last):
                                              (300, False)])
 def test_unshuffled_shards_follow_distributed_sampler(store, world, drop_last):
     path, elems = store
-    for rank in sorted({0, 1, world - 1}):
+    for rank in sorted({0, min(1, world - 1), world - 1}):
         loader = npystream.batches(path, 4, world_size=world, rank=rank, drop_last=drop_last)
         want = distributed_sampler_positions(len(elems), world, rank, drop_last)
         assert loader.num_samples == len(want)
