@@ -328,14 +328,11 @@ class _RowsField(_Field):
         self.n = len(source)
 
     def __getstate__(self) -> dict[str, Any]:
+        """A memmap pickles as "map this file again" (pickling a np.memmap would copy its data)."""
         src = self.source
-        if isinstance(src, np.memmap) and getattr(src, "filename", None):
-            base = src if src.base is None or not isinstance(src.base, np.memmap) else src
-            return {"label": self.label, "memmap": (src.filename, int(getattr(base, "offset", 0)),
-                                                    src.dtype.descr if src.dtype.fields else
-                                                    src.dtype.str, src.shape,
-                                                    "F" if src.flags.f_contiguous and
-                                                    not src.flags.c_contiguous else "C")}
+        spec = _memmap_spec(src) if isinstance(src, np.memmap) else None
+        if spec is not None:
+            return {"label": self.label, "memmap": spec}
         return {"label": self.label, "source": src}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -366,6 +363,19 @@ class _RowsField(_Field):
         ends = self.rows(np.array([0, self.n - 1])) if self.n else np.empty(0)
         return _digest("rows", tuple(getattr(src, "shape", (self.n,))), str(getattr(src, "dtype", "")),
                        np.ascontiguousarray(ends).view(np.uint8)[:8192])
+
+
+def _memmap_spec(m: np.memmap) -> tuple[Any, ...] | None:
+    """(filename, offset, dtype descr, shape, order) that map ``m``'s bytes again, or None."""
+    root = m
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    filename = getattr(root, "filename", None)
+    if not filename or not isinstance(root, np.memmap) or not (m.flags.c_contiguous or m.flags.f_contiguous):
+        return None
+    offset = int(getattr(root, "offset", 0)) + (m.ctypes.data - root.ctypes.data)
+    descr = m.dtype.descr if m.dtype.fields else m.dtype.str
+    return (filename, offset, descr, m.shape, "C" if m.flags.c_contiguous else "F")
 
 
 def _width(lengths: np.ndarray, ids: np.ndarray, opts: _Options, label: str) -> int:

@@ -140,7 +140,8 @@ def test_block_shuffle_is_a_permutation_with_locality(tmp_path):
     assert order != list(range(n))
     # each window holds the ids of exactly 16 whole blocks (fewer in the last window)
     starts = loader._order()._win_starts.tolist()
-    assert starts[0] == 0 and starts[-1] == n and len(starts) == -(-(-(-n // 64)) // 16) + 1
+    nblocks = -(-n // 64)
+    assert starts[0] == 0 and starts[-1] == n and len(starts) == -(-nblocks // 16) + 1
     for lo, hi in zip(starts, starts[1:]):
         blocks = {i // 64 for i in order[lo:hi]}
         assert len(blocks) <= L.WINDOW_BLOCKS
@@ -523,6 +524,29 @@ def test_resume_in_a_new_process_after_sigkill(store, tmp_path):
     full.set_epoch(1)
     assert before + after == ids_of(full)
     assert len(before) == 5
+
+
+def test_loader_pickles_for_spawned_workers(tmp_path, store):
+    import pickle
+
+    path, elems = store
+    rows = np.arange(len(elems) * 2, dtype=np.int16).reshape(-1, 2)
+    rpath = str(tmp_path / "rows.npy")
+    np.save(rpath, rows)
+    loader = npystream.batches({"t": npystream.RaggedArray(path), "r": np.load(rpath, mmap_mode="r")},
+                               8, shuffle=True, seed=3)
+    loader.set_epoch(4)
+    next(iter(loader))
+    again = pickle.loads(pickle.dumps(loader))
+    assert again.state_dict() == loader.state_dict()
+    for a, b in zip(again, loader):
+        np.testing.assert_array_equal(a["t"]["values"], b["t"]["values"])
+        np.testing.assert_array_equal(a["r"]["values"], rows[a["index"]])
+    assert isinstance(again._fields["r"].source, np.memmap)  # reopened, not copied
+    view = np.load(rpath, mmap_mode="r")[5:]
+    again = pickle.loads(pickle.dumps(npystream.batches(view, 4)))
+    assert isinstance(again._fields[""].source, np.memmap)
+    np.testing.assert_array_equal(again._fields[""].source, rows[5:])
 
 
 # --------------------------------------------------------------------------- prefetch, gathers
