@@ -18,7 +18,8 @@ against another's memory:
   batch_size=None, num_workers=0/2)``
 
 Throughput is samples (sequences) per second over the epoch, best of
-``--repeat`` epochs.  Memory is the peak of anonymous memory sampled every
+``--repeat`` epochs; CPU is user + system seconds of the process and its
+DataLoader workers for the epoch (less sensitive to other jobs on the machine).  Memory is the peak of anonymous memory sampled every
 5 ms during the epoch: ``RssAnon`` of the main process, and ``Pss_Anon`` summed
 over the main process and its DataLoader workers (shared copy-on-write pages
 counted once).  Padding efficiency (real tokens / padded tokens) is measured
@@ -283,15 +284,27 @@ def run_one(name: str, path: str, seed: int, repeat: int, d: str) -> dict[str, A
     else:
         raise SystemExit(f"unknown contender {name!r}")
     times = []
+    cpus = []
     samples = 0
     with Peak() as peak:
         for e in range(repeat):
+            c0 = cpu_seconds()
             t0 = time.perf_counter()
             samples = epoch(e)
             times.append(time.perf_counter() - t0)
+            cpus.append(cpu_seconds() - c0)
     return {"name": name, "samples": samples, "epoch_s": min(times), "load_s": load_s,
-            "samples_per_s": samples / min(times), "rss_anon_mb": peak.rss / 2**20,
-            "tree_pss_anon_mb": peak.tree / 2**20}
+            "samples_per_s": samples / min(times), "cpu_s": min(cpus),
+            "rss_anon_mb": peak.rss / 2**20, "tree_pss_anon_mb": peak.tree / 2**20}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (DataLoader workers)."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def padding_efficiency(path: str, seed: int) -> dict[str, float]:
@@ -384,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"{name:20s} {r['samples_per_s']:>10,.0f} samples/s  epoch {r['epoch_s']:6.2f} s  "
+              f"CPU {r['cpu_s']:6.2f} s  "
               f"load {r['load_s']:6.2f} s  RssAnon {r['rss_anon_mb']:6.0f} MB  "
               f"tree Pss_Anon {r['tree_pss_anon_mb']:6.0f} MB", flush=True)
     eff = padding_efficiency(path, args.seed)
@@ -396,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     for ours, theirs in (("npystream", "inmem"), ("npystream-torch-2", "dataloader-2"),
                          ("npystream-torch-0", "dataloader-0")):
         if ours in by and theirs in by:
-            print(f"{ours} / {theirs}: {by[ours] / by[theirs]:.2f}x")
+            cpu = {r["name"]: r["cpu_s"] for r in results}
+            print(f"{ours} / {theirs}: {by[ours] / by[theirs]:.2f}x samples/s, "
+                  f"{cpu[theirs] / cpu[ours]:.2f}x less CPU per epoch")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"results": results, "padding": eff, "resume_s": lat, "loadavg": load,

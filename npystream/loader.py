@@ -747,6 +747,8 @@ class BatchLoader:
         order = self._order()
         ids = order.ids(np.arange(order.num_samples, dtype=np.int64))
         lens = self._pack_field.lengths(ids)
+        if self._n < 2**31:
+            ids = ids.astype(np.int32)  # 4 + 8 bytes per sample of the rank: ids and token counts
         if self._opts.truncate:
             lens = np.minimum(lens, self._opts.max_len)
         cum = np.zeros(len(ids) + 1, dtype=np.int64)

@@ -170,8 +170,9 @@ def _build() -> dict[str, type]:
                         f"the state was saved by worker {resume['worker']} of {resume['num_workers']}, "
                         f"this is worker {w} of {k}; resume with num_workers={resume['num_workers']}")
                 first = resume["next"]
-            else:
-                first = self.loader.position + w
+            else:  # a finished epoch starts again from batch 0, as the loader's own loop does
+                pos = self.loader.position
+                first = (pos if pos < len(self.loader) else 0) + w
             loader = self.loader
             n = len(loader)
             convert = to_tensors if info is None else to_shared_batch

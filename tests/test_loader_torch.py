@@ -43,6 +43,8 @@ def test_dataloader_workers_yield_the_loaders_batches(store, workers):
         got.append(b["index"].tolist())
     assert got == want  # same batches, same order: workers take turns, none overlaps
     assert len(ds) == len(want)
+    again = [b["index"].tolist() for b in DataLoader(ds, batch_size=None, num_workers=workers)]
+    assert again == want  # a finished epoch runs again from its first batch
 
 
 def test_shards_equal_distributed_sampler(store):
