@@ -8,7 +8,8 @@
     workers never overlap and the DataLoader, which takes one batch from each
     worker in turn, yields batches p, p + 1, ... in order, each exactly once.
     Arrays become tensors with ``torch.from_numpy`` (zero-copy from the batch
-    buffer; non-native byte orders are converted).  ``state_dict`` /
+    buffer; non-native byte orders are converted); from a worker, a batch travels
+    as its pickled arrays (:class:`WorkerBatch`) and becomes tensors on arrival.  ``state_dict`` /
     ``load_state_dict`` make it a ``Stateful`` dataset for
     ``torchdata.stateful_dataloader.StatefulDataLoader``, which saves and
     restores each worker's position: resuming continues with exactly the next
@@ -31,7 +32,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["BatchDataset", "ElementDataset", "SharedBatch", "to_tensors"]  # noqa: F822 - built on first access
+__all__ = ["BatchDataset", "ElementDataset", "WorkerBatch", "to_tensors"]  # noqa: F822 - built on first access
 
 
 def to_tensors(batch: Any) -> Any:
@@ -52,86 +53,24 @@ def to_tensors(batch: Any) -> Any:
     return batch
 
 
-class SharedBatch:
-    """A batch laid out in ONE shared-memory storage, for the trip from a DataLoader worker.
+class WorkerBatch:
+    """A batch on its way from a DataLoader worker: pickles as its numpy arrays, unpickles as tensors.
 
-    Pickling sends the storage once (one shared-memory file, one descriptor) with the
-    layout; unpickling in the main process gives back the plain dict of tensors, each a
-    view of that storage.  torch sends every storage -- every tensor, even views of one
-    storage -- through its own descriptor hand-over, which costs far more than the
-    batch's compute; one hand-over per batch is several times cheaper.
+    torch sends a tensor from a worker as a shared-memory file whose descriptor the main
+    process fetches from the worker in a round trip per tensor; on a busy machine those
+    round trips cost milliseconds per batch, far more than reading it.  A batch's arrays
+    pickled by value go through the worker's result pipe in the same message as the rest:
+    two memory copies, no round trip.  The main process gets the plain dict of tensors
+    (``torch.from_numpy`` of the received arrays, zero-copy).
     """
 
-    __slots__ = ("buf", "layout")
+    __slots__ = ("batch",)
 
-    def __init__(self, buf: Any, layout: Any) -> None:
-        self.buf = buf
-        self.layout = layout
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
 
     def __reduce__(self) -> Any:
-        return (unpack_batch, (self.buf, self.layout))
-
-    def unpack(self) -> Any:
-        """The dict (or list, or tensor) of tensors this batch holds."""
-        return unpack_batch(self.buf, self.layout)
-
-
-def unpack_batch(buf: Any, layout: Any) -> Any:
-    """Views of ``buf`` (a uint8 tensor) as ``layout`` describes them (see :class:`SharedBatch`)."""
-    import torch
-
-    if isinstance(layout, tuple) and layout and layout[0] == "\0tensor":
-        _, pos, nbytes, dtype, shape = layout
-        return buf[pos:pos + nbytes].view(getattr(torch, dtype)).view(shape)
-    if isinstance(layout, dict):
-        return {k: unpack_batch(buf, v) for k, v in layout.items()}
-    if isinstance(layout, list):
-        return [unpack_batch(buf, v) for v in layout]
-    return layout
-
-
-def to_shared_batch(batch: Any) -> SharedBatch:
-    """Copy the numpy arrays of ``batch`` into one shared-memory storage (see :class:`SharedBatch`)."""
-    import numpy as np
-    import torch
-
-    align = 64
-    sizes = []
-
-    def measure(x: Any) -> None:
-        if isinstance(x, np.ndarray):
-            sizes.append(-(-x.nbytes // align) * align)
-        elif isinstance(x, dict):
-            for v in x.values():
-                measure(v)
-        elif isinstance(x, list):
-            for v in x:
-                measure(v)
-
-    measure(batch)
-    total = max(sum(sizes), align)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    storage = new_shared(total) if new_shared is not None else torch.UntypedStorage(total)
-    buf = torch.empty(0, dtype=torch.uint8).set_(storage)
-    raw = buf.numpy()
-    pos = 0
-
-    def place(x: Any) -> Any:
-        nonlocal pos
-        if isinstance(x, np.ndarray):
-            dt = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
-            raw[pos:pos + x.nbytes].view(dt).reshape(x.shape)[...] = x
-            tdtype = str(torch.from_numpy(np.empty(0, dt)).dtype).removeprefix("torch.")
-            out = ("\0tensor", pos, x.nbytes, tdtype, tuple(x.shape))
-            pos += -(-x.nbytes // align) * align
-            return out
-        if isinstance(x, dict):
-            return {k: place(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [place(v) for v in x]
-        return x
-
-    return SharedBatch(buf, place(batch))
+        return (to_tensors, (self.batch,))
 
 
 def _build() -> dict[str, type]:
@@ -175,7 +114,7 @@ def _build() -> dict[str, type]:
                 first = (pos if pos < len(self.loader) else 0) + w
             loader = self.loader
             n = len(loader)
-            convert = to_tensors if info is None else to_shared_batch
+            convert = to_tensors if info is None else WorkerBatch
             self._next = first
             for b in range(first, n, k):
                 batch = convert(loader.read_batch(b))

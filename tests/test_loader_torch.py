@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import npystream  # noqa: E402
-from npystream.torch import BatchDataset, ElementDataset, SharedBatch, to_tensors  # noqa: E402
+from npystream.torch import BatchDataset, ElementDataset, WorkerBatch  # noqa: E402
 
 
 @pytest.fixture
@@ -114,17 +114,12 @@ def test_element_dataset_pickles_and_reopens(store):
     assert item["label"] == 8 and np.array_equal(item["tokens"], elems[4])
 
 
-def test_shared_batch_round_trip():
+def test_worker_batch_arrives_as_tensors():
     batch = {"values": np.arange(12, dtype=">i4").reshape(3, 4), "lengths": np.array([4, 2, 0]),
-             "f": {"x": np.ones((2, 2), dtype=np.float16)}, "list": [np.arange(3, dtype=np.uint8)]}
-    from npystream.torch import to_shared_batch
-
-    shared = to_shared_batch(batch)
-    assert isinstance(shared, SharedBatch)
-    out = pickle.loads(pickle.dumps(shared))
-    ref = to_tensors(batch)
-    assert out["values"].dtype == torch.int32 and torch.equal(out["values"], ref["values"])
-    assert torch.equal(out["lengths"], ref["lengths"]) and torch.equal(out["f"]["x"], ref["f"]["x"])
-    assert torch.equal(out["list"][0], ref["list"][0])
-    storages = {t.untyped_storage().data_ptr() for t in (out["values"], out["lengths"], out["f"]["x"])}
-    assert len(storages) == 1
+             "f": {"x": np.ones((2, 2), dtype=np.float16)}, "list": [np.arange(3, dtype=np.uint8)],
+             "n": 3}
+    out = pickle.loads(pickle.dumps(WorkerBatch(batch)))
+    assert out["values"].dtype == torch.int32 and out["values"].tolist() == batch["values"].tolist()
+    assert torch.equal(out["lengths"], torch.tensor([4, 2, 0]))
+    assert out["f"]["x"].dtype == torch.float16 and out["list"][0].tolist() == [0, 1, 2]
+    assert out["n"] == 3
