@@ -266,8 +266,8 @@ class _RaggedField(_Field):
             return {"values": np.ascontiguousarray(out), "lengths": np.ones(b, dtype=np.int64)}
         if self.shapes is not None:
             shp = self.shapes[ids]
-            trailing = tuple(shp[0, 1:].tolist()) if b else tuple(self.shapes[0, 1:].tolist()) \
-                if self.n else ()
+            first = shp if b else self.shapes
+            trailing = tuple(first[0, 1:].tolist()) if len(first) else ()
             if b and (shp[:, 1:] != shp[0, 1:]).any():
                 bad = int(np.flatnonzero((shp[:, 1:] != shp[0, 1:]).any(axis=1))[0])
                 raise CastError(
@@ -495,7 +495,7 @@ def _make_field(source: Any, label: str) -> _Field:
             raise ValueError(f"{label}: a 0-d array has no rows to batch")
         if source.dtype == object:
             return _ElementsField(source, label, lambda ids: list(source[ids]), None,
-                                  _digest("ndarray-object", source.shape, id(source)))
+                                  _digest("ndarray-object", source.shape))
         return _RowsField(source, label)
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         return _RowsField(source, label)
