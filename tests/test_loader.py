@@ -667,3 +667,20 @@ def test_empty_store(tmp_path):
     npystream.save_ragged(path, iter([]))
     loader = npystream.batches(path, 4, shuffle=True)
     assert len(loader) == 0 and list(loader) == []
+
+
+def test_module_doctests():
+    import doctest
+
+    result = doctest.testmod(L)
+    assert result.attempted >= 1 and result.failed == 0
+
+
+def test_shuffle_true_switches_to_block_above_the_limit(store, monkeypatch):
+    path, elems = store
+    assert npystream.batches(path, 8, shuffle=True).state_dict()["shuffle"] == "full"
+    monkeypatch.setattr(L, "FULL_SHUFFLE_LIMIT", 100)
+    loader = npystream.batches(path, 8, shuffle=True, block_size=16)
+    assert loader.state_dict()["shuffle"] == "block"
+    assert sorted(sum(ids_of(loader), [])) == list(range(len(elems)))
+    assert loader._order()._perm is None  # no O(N) permutation was drawn
