@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "append_npy": "npystream.formats.fixed",
     "concat": "npystream.concatenation",
     "ConcatArray": "npystream.concatenation",
+    "batches": "npystream.loader",
+    "BatchLoader": "npystream.loader",
 }
 
 __all__ = [

@@ -306,6 +306,7 @@ static PyMethodDef build_methods[] = {
 
 int npystream_direct_init(PyObject *module); /* _speedups_direct.c */
 int npystream_io_init(PyObject *module);     /* _speedups_io.c */
+int npystream_gather_init(PyObject *module); /* _speedups_gather.c */
 
 int
 npystream_build_init(PyObject *module)
@@ -313,6 +314,8 @@ npystream_build_init(PyObject *module)
     if (npystream_io_init(module) < 0)
         return -1;
     if (npystream_direct_init(module) < 0)
+        return -1;
+    if (npystream_gather_init(module) < 0)
         return -1;
     if (str_setstate == NULL) {
         str_setstate = PyUnicode_InternFromString("__setstate__");
