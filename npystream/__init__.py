@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "save_objects": "npystream.formats.objwriter",
     "convert": "npystream.conversion",
     "verify": "npystream.verification",
+    "to_dask": "npystream.dask",
 }
 
 __all__ = [
