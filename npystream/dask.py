@@ -288,8 +288,30 @@ class ObjectPartitions:
         return list(arr.iter_range(lo, hi))
 
 
+def detached(exc: NpyStreamError) -> NpyStreamError:
+    """A copy of ``exc`` without its ``__context__`` chain, for sending to another process.
+
+    The chain of an error raised inside the reader may loop back to itself
+    (an internal exception that holds the error it reports); ``tblib``, which
+    ``distributed`` installs to pickle exceptions, recurses forever on such
+    a loop.  Type, message, path, offset and index are kept.
+    """
+    copy = type(exc)(exc.message, path=exc.path, offset=exc.offset, index=exc.index)
+    copy.__dict__.update(exc.__dict__)
+    return copy
+
+
+def run_task(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, raising npystream's errors :func:`detached` (task bodies run through this)."""
+    try:
+        return fn(*args)
+    except NpyStreamError as exc:
+        err = detached(exc)
+    raise err  # outside the except block: no implicit __context__
+
+
 def _read_partition(parts: Any, k: int) -> list[Any]:
-    return parts.read(k)
+    return run_task(parts.read, k)
 
 
 def _bag_of(parts: Any, kind: str) -> Any:
@@ -567,7 +589,7 @@ def _open_options(path: str, options: dict[str, Any]) -> dict[str, Any]:
 def _write_bag_part(elements: Iterable[Any], path: str, k: int, writer_options: dict[str, Any]) -> str:
     from npystream.formats.ragged_parts import write_part
 
-    write_part(elements, path, where=f"partition {k}", **writer_options)
+    run_task(lambda: write_part(elements, path, where=f"partition {k}", **writer_options))
     return path
 
 
@@ -576,6 +598,17 @@ def _copy_part(plan: Any, k: int, tmp: str, done: Any = None) -> int:
 
     copy_part(plan, k, tmp)
     return k
+
+
+def _compute_writes(dask: Any, writes: list[Any], dst: str) -> None:
+    """Run the part writers; a CastError names the destination store (not the hidden part)."""
+    try:
+        dask.compute(*writes)
+    except CastError as exc:
+        err = CastError(exc.message, path=dst, index=exc.index)
+    else:
+        return
+    raise err
 
 
 def to_ragged(
@@ -625,7 +658,7 @@ def to_ragged(
         names = [os.path.join(staging, f"part-{k:06d}.ragged") for k in range(len(partitions))]
         writes = [dask.delayed(_write_bag_part, pure=False)(p, names[k], k, options)
                   for k, p in enumerate(partitions)]
-        dask.compute(*writes)
+        _compute_writes(dask, writes, dst)
         if not names:
             from npystream.formats.ragged import save_ragged
 
@@ -640,8 +673,8 @@ def to_ragged(
             ref = next(p for p in infos if p.count)
             redo = [k for k, p in enumerate(infos) if p.count and p.dtype != ref.dtype]
             again = dict(options, dtype=ref.dtype, kind="array")
-            dask.compute(*[dask.delayed(_write_bag_part, pure=False)(partitions[k], names[k], k, again)
-                           for k in redo])
+            _compute_writes(dask, [dask.delayed(_write_bag_part, pure=False)(partitions[k], names[k], k, again)
+                                   for k in redo], dst)
             infos = [describe_part(n) for n in names]
             mismatch = find_mismatch(infos)
         if mismatch is not None:

@@ -33,7 +33,7 @@ writes.  Memory: a part's offsets are shifted in chunks of 1 Mi elements.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,17 +90,19 @@ class Assembly:
     header_lens: tuple[int, int, int]
 
 
-def write_part(elements: Iterable[Any], path: str, *, where: str, first: int | None = None,
-               mode: str = "w", **writer_options: Any) -> int:
+def write_part(elements: Iterable[Any] | Callable[[int], Iterable[Any]], path: str, *, where: str,
+               first: int | None = None, mode: str = "w", **writer_options: Any) -> int:
     """Append ``elements`` to the part store at ``path``; return how many the part holds.
 
+    ``elements`` may be a function of the number of elements the part
+    already holds (``mode='a'`` resumes a part: it returns the rest).
     ``writer_options`` are :class:`RaggedWriter`'s.  A :class:`CastError`
     names ``where`` (e.g. ``"partition 3"``) and, when ``first`` (the global
     index of the part's first element) is known, the element's global index.
     """
     writer = RaggedWriter(path, mode=mode, **writer_options)
     try:
-        writer.extend(elements)
+        writer.extend(elements(len(writer)) if callable(elements) else elements)
     except CastError as exc:
         writer.abort()
         local = exc.index
