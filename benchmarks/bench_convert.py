@@ -2,7 +2,7 @@
 
 Workload (issue 5): the object ``.npy`` that ``np.save`` writes for 20,000
 float32 arrays with lengths uniform in [1,000, 49,000) (seed 0), about 2 GB.
-It is generated once into ``/work/benchdata/`` (or ``--dir``) with
+It is generated once into the benchmark data directory (``benchmarks/benchdata.py``, or ``--dir``) with
 :func:`generate_float32_objects`, which streams it with ``save_objects``
 (byte-identical to ``np.save``); ``benchmarks/bench_objects.py`` may import it.
 
@@ -22,7 +22,7 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 
 Ratios are from the same run.  Usage::
 
-    python benchmarks/bench_convert.py [--dir /work/benchdata] [--count 20000] [--repeat 5]
+    python benchmarks/bench_convert.py [--dir DIR] [--count 20000] [--repeat 5]
         [--src FILE.npy] [--rows to_ragged,ranges,stdin,to_npy] [--no-prewarm]
 
 Fresh memory for every run.  Each row writes about 2 GB of new page cache,
@@ -51,6 +51,7 @@ import sys
 import time
 
 import numpy as np
+from benchdata import data_dir
 
 from npystream.demo import measure
 
@@ -159,7 +160,7 @@ def _run(code: str, *args: str, stdin: str | None = None) -> tuple[float, float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default="/work/benchdata")
+    ap.add_argument("--dir", default=str(data_dir()))
     ap.add_argument("--count", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--src", help="an existing object .npy to convert instead of the generated one")

@@ -23,7 +23,7 @@ Usage::
 
     python benchmarks/bench_fixed.py [--size-gib 2] [--gz-mib 512] [--reps 3] [--batch-mib 8]
 
-Data goes to /work/benchdata/ (override with NPYSTREAM_BENCHDATA); it is created once.
+Data goes to the benchmark data directory (benchmarks/benchdata.py; override with NPYSTREAM_BENCHDATA); it is created once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import threading
 import time
 
 import numpy as np
+from benchdata import DATA as _DATA
 
-DATA_DIR = os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata")
+DATA_DIR = str(_DATA)
 
 
 def rss_anon_kib() -> int:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_objects.py --make          # write the seeded files to /work/benchdata/
+    python benchmarks/bench_objects.py --make          # write the seeded files to the benchmark data directory (benchmarks/benchdata.py)
     python benchmarks/bench_objects.py [--only 1,2,3] [--repeat 1]
 
 Every measurement runs in a fresh subprocess that samples its own RssAnon
@@ -30,7 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-DATA = Path(os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata"))
+from benchdata import DATA
+
 FILES = {
     1: DATA / "obj_float32_arrays.npy",
     2: DATA / "obj_int32_small.npy",

@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from benchdata import DATA as _DATA
 
-DATA = os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata")
+DATA = str(_DATA)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_objects.py --make        # (once) the seeded files in /work/benchdata/
+    python benchmarks/bench_objects.py --make        # (once) the seeded files in the benchmark data directory (benchmarks/benchdata.py)
     python benchmarks/bench_speedups.py [--only 1,2,3] [--repeat 3]
 
 For each file (memory-mapped, page cache warmed first) it times, in one
@@ -28,9 +28,9 @@ import sys
 import time
 import zlib
 from functools import partial
-from pathlib import Path
 
-DATA = Path(os.environ.get("NPYSTREAM_BENCHDATA", "/work/benchdata"))
+from benchdata import DATA
+
 FILES = {1: DATA / "obj_float32_arrays.npy", 2: DATA / "obj_int32_small.npy", 3: DATA / "obj_strings.npy"}
 
 

@@ -2,7 +2,7 @@
 
 Workload (issues 3 and 5): the 2 GB object ``.npy`` of 20,000 float32 arrays
 (lengths uniform in [1,000, 49,000), ``benchmarks/bench_convert.py`` generates
-it into ``/work/benchdata/obj_float32_arrays.npy``).  numpy writes 1000
+it into ``obj_float32_arrays.npy`` in the benchmark data directory (benchmarks/benchdata.py)).  numpy writes 1000
 elements per APPENDS batch, ~100 MB here, so a reader that holds a batch
 holds ~100 MB (more with bigger elements).  Rows, each a fresh process
 reading ``cat FILE`` on its stdin:
@@ -31,7 +31,9 @@ import tempfile
 import threading
 import time
 
-DEFAULT_SRC = "/work/benchdata/obj_float32_arrays.npy"
+from benchdata import DATA
+
+DEFAULT_SRC = str(DATA / "obj_float32_arrays.npy")
 
 ITER_CODE = """
 import sys, npystream

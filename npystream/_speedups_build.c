@@ -1,5 +1,5 @@
 /*
- * npystream._speedups (part 2, owner: "stream"): safe-mode array building in C.
+ * npystream._speedups: safe-mode array building in C.
  *
  * Linked into the same extension module as _speedups.c (setup.py compiles every
  * npystream/_speedups*.c); _speedups.c's PyInit calls npystream_build_init(module).
