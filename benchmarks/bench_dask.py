@@ -217,37 +217,52 @@ def bench_dask(d: str, size: int, repeat: int) -> None:
           f"({t_index / gb:.2f} s/GB), .nsidx {os.path.getsize(idx) / 1e6:.1f} MB "
           f"({os.path.getsize(idx) / 1e6 / gb:.1f} MB/GB)")
     single = []
+    single_cpu = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         total = sum(int(x.sum()) for x in npystream.iter_objects(src))
         single.append(time.perf_counter() - t)
+        single_cpu.append(time.process_time() - c)
+    base_cpu = statistics.median(single_cpu)
     print(f"  one process, iter_objects: median {statistics.median(single):.2f} s "
-          f"(runs {', '.join(f'{x:.2f}' for x in single)})")
+          f"(runs {', '.join(f'{x:.2f}' for x in single)}), CPU {base_cpu:.2f} s")
     base = statistics.median(single)
     for workers in (1, 2):
         t = time.perf_counter()
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
         t_start = time.perf_counter() - t
+        import psutil
+
         pids = list(client.run(os.getpid).values())
+        procs = [psutil.Process(pid) for pid in pids]
+
+        def cpu(procs: list = procs) -> list[float]:
+            return [sum(p.cpu_times()[:2]) for p in procs]
+
         try:
             times = []
+            paths = []
             peaks: dict[int, int] = {}
             for _ in range(repeat):
                 t = time.perf_counter()
+                c0, w0 = time.process_time(), cpu()
                 bag = npystream.to_dask(src)
                 sampler = _Sampler(pids)
                 got = bag.map(lambda x: int(x.sum())).sum().compute()
                 peak = sampler.stop()
                 times.append(time.perf_counter() - t)
+                paths.append(time.process_time() - c0 + max(b - a for a, b in zip(w0, cpu())))
                 for pid, v in peak.items():
                     peaks[pid] = max(peaks.get(pid, 0), v)
                 if got != total:
                     raise SystemExit(f"dask sum {got} != {total}")
             med = statistics.median(times)
+            path = statistics.median(paths)
             print(f"  LocalCluster({workers}): start-up {t_start:.2f} s; to_dask(f).map(sum).sum() median "
                   f"{med:.2f} s (runs {', '.join(f'{x:.2f}' for x in times)}), {bag.npartitions} partitions, "
-                  f"speed-up vs one process {base / med:.2f}x; peak RssAnon per worker "
+                  f"speed-up vs one process {base / med:.2f}x; critical path (client CPU + busiest worker CPU) "
+                  f"{path:.2f} s, {base_cpu / path:.2f}x; peak RssAnon per worker "
                   f"{', '.join(f'{v / 1e6:.0f} MB' for v in peaks.values())}")
         finally:
             client.close()

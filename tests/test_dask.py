@@ -23,6 +23,11 @@ da = pytest.importorskip("dask.array")
 db = pytest.importorskip("dask.bag")
 nd = pytest.importorskip("npystream.dask")
 
+# Only decoding object .npy files depends on the backend (C accelerator or pure Python);
+# the rest runs once, on the default path.
+once = pytest.mark.skipif(os.environ.get("NPYSTREAM_PURE_PYTHON") == "1",
+                          reason="backend-independent: runs on the C path only")
+
 
 @pytest.fixture(scope="module")
 def client():
@@ -64,6 +69,7 @@ def _objects(n: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- fixed dtypes
 
 
+@once
 @pytest.mark.parametrize("case", ["c", "fortran", "bigendian-structured", "zero-d", "empty"])
 def test_fixed_npy_matches_np_load(client, tmp_path, case):
     a = {
@@ -82,6 +88,7 @@ def test_fixed_npy_matches_np_load(client, tmp_path, case):
     assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
 
 
+@once
 def test_memmap_views_any_strides(client, tmp_path):
     a = np.arange(2400, dtype=np.float64).reshape(40, 60)
     p = tmp_path / "a.npy"
@@ -94,11 +101,13 @@ def test_memmap_views_any_strides(client, tmp_path):
     np.testing.assert_array_equal((x + 1).sum(axis=0).compute(), (a.T + 1).sum(axis=0))
 
 
+@once
 def test_in_memory_array_refused(tmp_path):
     with pytest.raises(TypeError, match="from_array"):
         npystream.to_dask(np.arange(3))
 
 
+@once
 def test_npz_members(client, tmp_path):
     p = tmp_path / "z.npz"
     x, y = np.arange(100.0).reshape(10, 10), np.ones(7, ">i2")
@@ -117,6 +126,7 @@ def test_npz_members(client, tmp_path):
         npystream.to_dask(f"{q}:x")
 
 
+@once
 def test_fixed_graph_holds_no_data(tmp_path):
     p = tmp_path / "big.npy"
     np.save(p, np.ones((50 << 20) // 8))
@@ -130,6 +140,7 @@ def test_fixed_graph_holds_no_data(tmp_path):
     assert abs(_graph_bytes(y) - size) < 1000
 
 
+@once
 def test_fixed_file_changed_or_missing(client, tmp_path):
     p = tmp_path / "a.npy"
     np.save(p, np.arange(100))
@@ -172,6 +183,7 @@ def test_object_empty_and_zero_d(client, tmp_path):
     assert npystream.to_dask(q).compute() == [{"a": 1}]
 
 
+@once
 def test_object_graph_grows_with_partitions_not_bytes(tmp_path):
     p = tmp_path / "big.npy"
     a = np.empty(12_500, dtype=object)
@@ -207,6 +219,7 @@ def test_object_hostile_partition_same_error_on_client(client, tmp_path):
     assert ok[250] == fractions.Fraction(1, 3)
 
 
+@once
 def test_object_file_changed_names_partition(client, tmp_path):
     p = tmp_path / "o.npy"
     np.save(p, _objects(200))
@@ -221,6 +234,7 @@ def test_object_file_changed_names_partition(client, tmp_path):
         bag.compute()
 
 
+@once
 def test_object_stream_refused(tmp_path):
     p = tmp_path / "o.npy"
     np.save(p, _objects(5))
@@ -232,6 +246,7 @@ def test_object_stream_refused(tmp_path):
 # --------------------------------------------------------------------------- ragged stores
 
 
+@once
 def test_ragged_bag_and_arrays(client, tmp_path):
     elems = [np.arange(i % 7, dtype="<u2") for i in range(300)]
     r = npystream.save_ragged(tmp_path / "r.ragged", elems)
@@ -248,6 +263,7 @@ def test_ragged_bag_and_arrays(client, tmp_path):
     assert npystream.to_dask(s).compute() == ["a", "bé", ""]
 
 
+@once
 def test_ragged_fixed_shape_as_array(client, tmp_path):
     elems = [np.full((3, 2), i, dtype=np.float32) for i in range(25)]
     r = npystream.save_ragged(tmp_path / "r.ragged", elems)
@@ -270,6 +286,7 @@ def _same_store_bytes(a, b) -> None:
                 assert fa.read() == fb.read(), part
 
 
+@once
 @pytest.mark.parametrize("kind", ["int32", "2d", "str", "object"])
 def test_to_ragged_byte_identical_to_save_ragged(client, tmp_path, kind):
     n = 333
@@ -288,6 +305,7 @@ def test_to_ragged_byte_identical_to_save_ragged(client, tmp_path, kind):
     assert sorted(os.listdir(tmp_path)) == ["par.ragged", "seq.ragged"]  # nothing left behind
 
 
+@once
 def test_to_ragged_empty_partitions_and_empty_bag(client, tmp_path):
     bag = db.from_sequence(range(40), npartitions=8).filter(lambda i: i < 5 or i > 33).map(
         lambda i: np.arange(i, dtype=np.int16))
@@ -301,6 +319,7 @@ def test_to_ragged_empty_partitions_and_empty_bag(client, tmp_path):
     _same_store_bytes(tmp_path / "e.ragged", tmp_path / "f.ragged")
 
 
+@once
 def test_to_ragged_cast_error_names_partition_and_element(client, tmp_path):
     elems = [np.arange(3, dtype=np.int32)] * 50 + [np.arange(3, dtype=np.int64)] * 50
     with pytest.raises(CastError) as seq:
@@ -324,6 +343,7 @@ def _fail_at(i):
     return np.arange(i % 5)
 
 
+@once
 def test_to_ragged_failed_task_leaves_nothing(client, tmp_path):
     bag = db.from_sequence(range(100), npartitions=5).map(_fail_at)
     with pytest.raises(RuntimeError, match="on purpose"):
@@ -334,6 +354,7 @@ def test_to_ragged_failed_task_leaves_nothing(client, tmp_path):
         nd.to_ragged(db.from_sequence([np.ones(1)]), tmp_path / "x.ragged")
 
 
+@once
 def test_to_npy_equals_np_save(client, tmp_path):
     a = np.arange(5 * 7 * 3, dtype=">i4").reshape(5, 7, 3)
     x = da.from_array(a, chunks=(2, 3, 2)) * 3
@@ -347,6 +368,7 @@ def test_to_npy_equals_np_save(client, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), (a * 3).T + 1)
 
 
+@once
 def test_to_npy_failed_task_leaves_nothing(client, tmp_path):
     def boom(block):
         if block.min() >= 40:
