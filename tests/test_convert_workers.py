@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -170,3 +171,43 @@ def test_dask_executor_same_bytes(tmp_path, small_partitions):
         trusted=False, allowed_globals=(), kind=None, cast=None, durable=False, label=str(src), executor="dask")
     convert(src, tmp_path / "seq.ragged")
     _same_store(tmp_path / "d.ragged", tmp_path / "seq.ragged")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NPYSTREAM_PURE_PYTHON") == "1", reason="backend-independent: runs once")
+def test_workers_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM while the workers write: exit 130, no DST, no staging directory, no worker left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    src = tmp_path / "o.npy"
+    _save(src, _ints(150_000))
+    dst = tmp_path / "out.ragged"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [os.path.dirname(os.path.dirname(npystream.__file__)), os.environ.get("PYTHONPATH")])))
+    for _attempt in range(3):  # a fast machine may finish before the signal lands: try again
+        proc = subprocess.Popen([sys.executable, "-m", "npystream", "convert", str(src), str(dst), "--workers", "2",
+                                 "-q"], env=env, stderr=subprocess.PIPE)
+        parts = None
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            parts = next((p for p in tmp_path.iterdir() if p.name.endswith(".parts.npystream-tmp")), None)
+            if parts is not None and any(q.name.startswith("part-") for q in parts.iterdir()):
+                break
+            time.sleep(0.01)
+        kids = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            break
+        shutil.rmtree(dst, ignore_errors=True)
+    else:
+        pytest.skip("every conversion finished before the signal landed")
+    assert proc.returncode == 130, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.npy"]
+    gone, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive

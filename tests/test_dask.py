@@ -99,6 +99,8 @@ def test_memmap_views_any_strides(client, tmp_path):
         np.testing.assert_array_equal(x.compute(), a[key])
     x = npystream.to_dask(m.T, chunks=(13, 9))
     np.testing.assert_array_equal((x + 1).sum(axis=0).compute(), (a.T + 1).sum(axis=0))
+    mm = np.load(p, mmap_mode="r")  # numpy's own memmap: its .filename and .offset
+    np.testing.assert_array_equal(npystream.to_dask(mm[7:, 1::4], chunks=5).compute(), a[7:, 1::4])
 
 
 @once
