@@ -478,6 +478,17 @@ def to_dask(
     Fixed dtypes give a ``dask.array.Array`` (``chunks`` as in
     ``dask.array.from_array``); object arrays and ragged stores a
     ``dask.bag.Bag`` of ~``partition_bytes`` per partition; archives a dict.
+
+    >>> import os, tempfile, numpy as np, npystream
+    >>> d = tempfile.mkdtemp()
+    >>> np.save(os.path.join(d, "a.npy"), np.arange(10.0))
+    >>> x = npystream.to_dask(os.path.join(d, "a.npy"), chunks=4)
+    >>> x.chunks, float(x.sum().compute(scheduler="sync"))
+    (((4, 4, 2),), 45.0)
+    >>> o = np.empty(3, dtype=object); o[:] = ["a", [1], {"b": 2}]
+    >>> np.save(os.path.join(d, "o.npy"), o)
+    >>> npystream.to_dask(os.path.join(d, "o.npy")).compute(scheduler="sync")
+    ['a', [1], {'b': 2}]
     """
     partition_bytes = _check_partition_bytes(partition_bytes)
     options = {"trusted": trusted, "allowed_globals": allowed_globals, "encoding": encoding}
@@ -632,6 +643,12 @@ def to_ragged(
     store into place.  Elements keep the bag's order; any failure leaves no
     store.  ``dtype``/``kind``/``cast``/``durable`` are
     :class:`~npystream.RaggedWriter`'s.
+
+    >>> import os, tempfile, numpy as np, dask.bag as db
+    >>> bag = db.from_sequence([np.arange(n, dtype=np.int16) for n in range(6)], npartitions=3)
+    >>> store = to_ragged(bag.map(lambda x: x * 2), os.path.join(tempfile.mkdtemp(), "b.ragged"))
+    >>> len(store), store[5].tolist()
+    (6, [0, 2, 4, 6, 8])
     """
     import dask
 

@@ -389,3 +389,11 @@ def test_errors_round_trip_pickle():
     e = UnsafePickleError("refused x.y", path="/a.npy", offset=9, index=4)
     f = pickle.loads(pickle.dumps(e))
     assert type(f) is UnsafePickleError and str(f) == str(e) and (f.path, f.offset, f.index) == ("/a.npy", 9, 4)
+
+
+@once
+def test_module_doctests():
+    import doctest
+
+    result = doctest.testmod(nd)
+    assert result.attempted > 5 and result.failed == 0
