@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "ConcatArray": "npystream.concatenation",
     "batches": "npystream.loader",
     "BatchLoader": "npystream.loader",
+    "to_dask": "npystream.dask",
 }
 
 __all__ = [

@@ -606,6 +606,7 @@ def convert(
     durable: bool = False,
     progress: bool | None = None,
     verify: bool = False,
+    workers: int = 1,
 ) -> ConvertResult:
     """Convert ``src`` to ``dst`` (see the module docstring for the directions); return what was done.
 
@@ -629,7 +630,12 @@ def convert(
     stderr is a terminal.  ``verify=True`` compares DST with SRC afterwards
     and raises :class:`~npystream.errors.FormatError` on a difference (DST
     is removed then: a failed conversion leaves nothing at DST).
+    ``workers > 1`` converts a plain object ``.npy`` to a ragged store on that
+    many local processes (:mod:`npystream.parallel_convert`; other sources
+    and directions run in one process).
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     src_s, dst_s = os.fspath(src), os.fspath(dst)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     parent = os.path.dirname(os.path.abspath(dst_s))
@@ -653,7 +659,15 @@ def convert(
     safety = {"trusted": policy.trusted, "allowed_globals": tuple(sorted(policy.allowed_globals)),
               "encoding": policy.encoding, "fix_imports": policy.fix_imports}
     t0 = time.perf_counter()
-    if info.kind == "object" and target == "ragged":
+    if workers > 1 and not (info.kind == "object" and target == "ragged" and _plain(info)):
+        workers = 1  # noted below: nothing to split
+        parallel_note = "--workers applies to a plain object .npy -> ragged store; converted in one process"
+    else:
+        parallel_note = None
+    if workers > 1:
+        res = _object_to_ragged_parallel(info, dst_s, workers=workers, overwrite=overwrite, resume=resume,
+                                         safety=safety, kind=kind, cast=cast, durable=durable, show=show)
+    elif info.kind == "object" and target == "ragged":
         res = _object_to_ragged(info, dst_s, overwrite=overwrite, resume=resume, safety=safety,
                                 kind=kind, cast=cast, durable=durable, show=show)
     elif info.kind == "ragged" and target == "npy":
@@ -668,6 +682,8 @@ def convert(
     else:
         raise _refuse(info, target)
     res.seconds = time.perf_counter() - t0
+    if parallel_note is not None:
+        res.notes.append(parallel_note)
     if info.counter is not None:
         res.bytes_in = info.counter.count
     if verify:
@@ -895,6 +911,29 @@ def _check_kind(kind: str | None, x: Any, index: int, label: str, given: bool) -
     want = _KIND_TYPES.get(kind or "")
     if want is not None and type(x) is not want:
         raise _kind_mismatch(x, index, kind or "", label, given)
+
+
+def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show: bool, safety: dict[str, Any],
+                               kind: str | None, **options: Any) -> ConvertResult:
+    from npystream.parallel_convert import convert_object_parallel
+
+    given = kind is not None
+    if not given:  # element 0 decides the kind, as in one process
+        elements = open_elements(info, **safety, start=0, views=True)
+        try:
+            first = next(elements, _END)
+        finally:
+            close_iter(elements)
+        kind = "object" if first is _END else _store_kind(first)
+    bar = _Progress(info.count, show, "convert")
+    try:
+        count, start, notes = convert_object_parallel(
+            info.path, dst, workers=workers, identity=info.identity, label=info.label, safety=safety,
+            kind=kind, element_type=_KIND_TYPES.get(kind), progress=lambda n: bar.add(n, 0), **options)
+    finally:
+        bar.close()
+    return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0, _tree_size(dst), 0.0,
+                         resumed_from=start, notes=notes)
 
 
 def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int,

@@ -57,6 +57,15 @@ class NpyStreamError(Exception):
         where = _where(path, offset, index)
         super().__init__(f"{where}: {message}" if where else message)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle with ``path``/``offset``/``index`` (errors cross process boundaries: Dask workers, pools)."""
+        return (_rebuild, (type(self), self.message, self.path, self.offset, self.index), self.__dict__)
+
+
+def _rebuild(cls: type, message: str, path: object, offset: int | None, index: int | None) -> NpyStreamError:
+    """Unpickling target of :meth:`NpyStreamError.__reduce__`."""
+    return cls(message, path=path, offset=offset, index=index)
+
 
 class FormatError(NpyStreamError, ValueError):
     """The bytes do not follow the format they claim (bad header, bad pickle, bad store)."""

@@ -587,6 +587,16 @@ class ObjectArray:
         return self._header.fortran_order
 
     @property
+    def path(self) -> str | None:
+        """The file on disk this array is (absolute), or None (zip members, streams, in-memory bytes)."""
+        return os.path.abspath(self._path) if self._path is not None else None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options that re-open this array the same way (safety options, ``zero_copy``, ``nsidx``)."""
+        return dict(self._options)
+
+    @property
     def name(self) -> str:
         """The source's name (path) for messages."""
         return self._src.name if self._src is not None else "<closed>"
@@ -880,6 +890,19 @@ class ObjectArray:
         if want_save and self._index_file is None:
             self._save_index()
         return self
+
+    def byte_partitions(self, nbytes: int) -> np.ndarray:
+        """Element boundaries ``[0, b1, ..., size]`` splitting the pickle into runs of about ``nbytes`` bytes.
+
+        Builds the offset index if needed (and saves it as ``FILE.npy.nsidx``,
+        so that other processes opening the file reuse it); each run can then
+        be read on its own with :meth:`iter_range` ``(b[k], b[k+1])``.
+        """
+        if isinstance(nbytes, (bool, np.bool_)) or not _is_intlike(nbytes) or nbytes < 1:
+            raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+        with self._lock:
+            self._build_index(save=None, rebuild=False)
+            return self._index.split_by_bytes(operator.index(nbytes))
 
     def _index_kind(self) -> str:
         # PickleIndex carries its own layout version in its "meta" array and

@@ -33,6 +33,16 @@ def safety_options(args: argparse.Namespace) -> dict[str, Any]:
             "encoding": args.encoding}
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def register(subparsers: Any) -> None:
     """Add the ``convert`` subcommand."""
     from npystream.conversion import SUPPORTED
@@ -56,6 +66,8 @@ def register(subparsers: Any) -> None:
                    help="allow elements of other dtypes to be cast to the store's dtype under this numpy casting rule")
     p.add_argument("--durable", action="store_true", help="fsync the output before renaming it into place (and a ragged store at every commit); slower")
     p.add_argument("--verify", action="store_true", help="compare DST with SRC element by element afterwards")
+    p.add_argument("--workers", type=_positive, default=1, metavar="N",
+                   help="convert a plain object .npy to a ragged store on N local processes (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")
     g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
@@ -73,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             args.src, args.dst, to=args.to, overwrite=args.overwrite, resume=args.resume,
             **safety_options(args), kind=args.kind,
             cast=args.cast, durable=args.durable, progress=progress, verify=args.verify,
+            workers=args.workers,
         )
     if not args.quiet:
         for note in res.notes:

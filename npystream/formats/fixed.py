@@ -151,8 +151,12 @@ def open_npy(src: ByteSource, header: NpyHeader, *, mode: str = "r") -> np.ndarr
     try:
         if isinstance(where, int):
             with builtins.open(where, "r+b" if mm_mode == "r+" else "rb", closefd=False) as f:
-                return np.memmap(f, dtype=header.dtype, mode=mm_mode, offset=offset,
-                                 shape=header.shape, order=order)
+                arr = np.memmap(f, dtype=header.dtype, mode=mm_mode, offset=offset,
+                                shape=header.shape, order=order)
+            path = getattr(src, "path", None)
+            if path is not None:  # numpy names no file for a descriptor; say which one it is
+                arr.filename = os.path.abspath(path)
+            return arr
         return np.memmap(where, dtype=header.dtype, mode=mm_mode, offset=offset,
                          shape=header.shape, order=order)
     except (ValueError, OverflowError) as exc:

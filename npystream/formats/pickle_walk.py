@@ -286,6 +286,22 @@ class PickleIndex:
             return int(self.starts[i + 1])
         return int(self.batch_ends[b])
 
+    def split_by_bytes(self, nbytes: int) -> np.ndarray:
+        """Element boundaries ``[0, b1, ..., count]`` cutting the pickle into runs of about ``nbytes``.
+
+        Run ``k`` is elements ``[b[k], b[k+1])``; a run ends at the first
+        element starting ``nbytes`` or more after the run's target start, so
+        an element larger than ``nbytes`` is a run of its own.  For splitting
+        a file into independent partitions (each decoded through this index).
+        """
+        if self.count == 0:
+            return np.zeros(1, dtype=np.int64)
+        first = int(self.starts[0])
+        total = int(self.batch_ends[-1]) - first
+        targets = first + np.arange(1, -(-total // nbytes), dtype=np.int64) * nbytes
+        cuts = np.searchsorted(self.starts, targets, side="left")
+        return np.unique(np.concatenate(([0], cuts, [self.count])).astype(np.int64))
+
     def batch_of(self, i: int) -> int:
         """The APPENDS batch holding element ``i``."""
         return int(np.searchsorted(self.batch_first, i, side="right")) - 1

@@ -210,6 +210,29 @@ def _dtype_from_meta(obj: Any, path: str) -> np.dtype:
         ) from None
 
 
+def meta_bytes(kind: Any, dtype: np.dtype, ndim: Any, count: int, nitems: int) -> bytes:
+    """The ``meta.json`` a writer publishes for ``count`` elements of ``nitems`` items (exact bytes)."""
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": _descr_to_json(dtype),
+        "ndim": ndim,
+        "count": count,
+        "nitems": nitems,
+    }
+    return (json.dumps(meta) + "\n").encode("utf-8")
+
+
+def part_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header of a part of ``shape``, with the length a writer reserves when it creates the store.
+
+    Writers size each part's header for any shape at creation and rewrite it
+    in place; a store assembled at once gets the very same bytes.
+    """
+    return _encode_part_header(dtype, shape, len(_encode_part_header(dtype, shape, None)))
+
+
 def _open_at(dir_fd: int, name: str, flags: int, mode: int = 0o644) -> int:
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
@@ -1411,16 +1434,7 @@ class RaggedWriter:
 
     def _meta(self, count: int, nitems: int) -> bytes:
         assert self._dtype is not None
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "kind": self._kind,
-            "dtype": _descr_to_json(self._dtype),
-            "ndim": self._ndim,
-            "count": count,
-            "nitems": nitems,
-        }
-        return (json.dumps(meta) + "\n").encode("utf-8")
+        return meta_bytes(self._kind, self._dtype, self._ndim, count, nitems)
 
     def _create(self) -> None:
         """Build the empty store in a hidden temp dir, then rename it into place."""
