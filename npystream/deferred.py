@@ -64,6 +64,7 @@ LazyArray(shape=(6,), dtype=float64, expr=add(multiply(<ndarray (6,) float64>, 2
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -891,7 +892,7 @@ class LazyArray:
         try:
             import dask.array  # noqa: F401
 
-            from npystream import dask as npy_dask
+            npy_dask = importlib.import_module("npystream.dask")  # not the package attribute: sys.modules decides
         except ImportError as exc:
             raise UnsupportedError(
                 f"LazyArray.to_dask() needs Dask and npystream's Dask adapter ({exc}); "

@@ -58,7 +58,7 @@ def test_python2_file_converts_and_verifies(py2, tmp_path):
 def test_python2_file_through_the_cli(py2, tmp_path, capsys):
     out = tmp_path / "a.ragged"
     assert main(["convert", str(py2), str(out), "--kind", "object"]) == 1
-    assert "encoding='latin1'" in capsys.readouterr().err
+    assert "--encoding latin1" in capsys.readouterr().err
     assert main(["convert", str(py2), str(out), "--encoding", "latin1", "--kind", "object", "-q"]) == 0
     assert main(["verify", str(py2), str(out), "--encoding", "latin1"]) == 0
     assert capsys.readouterr().out.strip() == "equal: 4 elements"
