@@ -170,6 +170,13 @@ def test_35_elements_last_one_names_itself(tmp_path):
             arr[34]
         assert info.value.index == 34 and "element 18" not in str(info.value)
         assert arr[33] == 33
+        for key in (slice(30, 35), [34, 1], slice(19, 35)):  # runs of elements name the same one
+            with pytest.raises(UnsafePickleError, match="collections.Counter") as info:
+                arr[key]
+            assert info.value.index == 34
+        with pytest.raises(UnsafePickleError, match="collections.Counter") as info:
+            list(arr.iter_range(19, 35))
+        assert info.value.index == 34
 
 
 def test_a_read_back_class_is_blamed_on_the_asker(tmp_path):
