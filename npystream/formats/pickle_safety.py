@@ -799,7 +799,7 @@ def _bytes_checked(ctx: LoadContext, *args: Any) -> bytes:
 # limits (module attributes, read at each call) or pass ``trusted=True`` for a
 # file you wrote.  See docs/limits.md.
 
-MAX_CALL_ITEMS = 1 << 24  # items set()/frozenset() may build from one argument: 16 Mi (~1 GB of set)
+MAX_CALL_ITEMS = 1 << 16  # items set()/frozenset() may build from a range (pickle never writes that: sets come as lists)
 MAX_EQUAL_HASHES = 1000  # items of one set/frozenset sharing one hash value (insertion is quadratic in it)
 _HASH_CHECK_FROM = 64  # smaller collections cannot cost much, whatever their hashes
 
