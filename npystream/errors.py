@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedError",
     "StoreNotFoundError",
     "CastError",
+    "StateMismatchError",
 ]
 
 
@@ -83,3 +84,7 @@ class StoreNotFoundError(NpyStreamError, FileNotFoundError):
 
 class CastError(NpyStreamError, TypeError):
     """An element does not fit a writer's dtype/kind and no casting rule allows it."""
+
+
+class StateMismatchError(NpyStreamError, ValueError):
+    """A saved loader state does not belong to this loader (another source, batch size, seed...)."""
