@@ -13,7 +13,8 @@ against another's memory:
   dataset (``save_to_disk``, memory-mapped by ``load_from_disk``),
   ``.shuffle(seed)``, ``with_format("numpy")``, ``.iter(64)``, a Python pad loop
 * ``npystream``       - ``npystream.batches(store, 64, shuffle=True)`` (and with
-  ``prefetch=2``)
+  ``prefetch=2``; ``npystream-pure``: the pure-Python/numpy gather,
+  ``NPYSTREAM_PURE_PYTHON=1``)
 * ``npystream-torch-0/2`` - ``DataLoader(npystream.torch.BatchDataset(...),
   batch_size=None, num_workers=0/2)``
 
@@ -49,7 +50,7 @@ import numpy as np
 
 BATCH = 64
 CONTENDERS = ["inmem", "dataloader-0", "dataloader-2", "hf-datasets", "npystream",
-              "npystream-prefetch", "npystream-torch-0", "npystream-torch-2"]
+              "npystream-pure", "npystream-prefetch", "npystream-torch-0", "npystream-torch-2"]
 
 
 # --------------------------------------------------------------------------- memory
@@ -278,6 +279,9 @@ def run_one(name: str, path: str, seed: int, repeat: int, d: str) -> dict[str, A
         epoch, load_s = run_hf(path, seed, d)
     elif name == "npystream":
         epoch, load_s = run_npystream(path, seed)
+    elif name == "npystream-pure":  # the numpy twin of the C gather
+        os.environ["NPYSTREAM_PURE_PYTHON"] = "1"
+        epoch, load_s = run_npystream(path, seed)
     elif name == "npystream-prefetch":
         epoch, load_s = run_npystream(path, seed, prefetch=2)
     elif name.startswith("npystream-torch-"):
@@ -349,9 +353,10 @@ def plot(results: list[dict[str, Any]], eff: dict[str, float], out: str, title: 
     colors = ["#1f77b4" if n.startswith("npystream") else "#999999" for n in names]
     ax.barh(names[::-1], rates[::-1], color=colors[::-1])
     for y, (rate, r) in enumerate(zip(rates[::-1], results[::-1])):
-        ax.text(rate, y, f" {rate:.0f}k/s, {r['tree_pss_anon_mb']:.0f} MB", va="center", fontsize=8)
+        ax.text(rate, y, f" {rate:.0f}k/s, CPU {r['cpu_s']:.2f} s, {r['tree_pss_anon_mb']:.0f} MB",
+                va="center", fontsize=8)
     ax.set_xlabel("thousand samples / s (one shuffled, padded epoch; higher is better)")
-    ax.set_xlim(0, max(rates) * 1.35)
+    ax.set_xlim(0, max(rates) * 1.6)
     ax.set_title(title, fontsize=9)
     labels = ["no bucket", "bucket=100"]
     ax2.bar(labels, [eff[k] * 100 for k in labels], color=["#999999", "#1f77b4"])

@@ -21,6 +21,7 @@ __all__ = [
     "StoreNotFoundError",
     "CastError",
     "ShapeError",
+    "StateMismatchError",
 ]
 
 
@@ -97,3 +98,7 @@ class CastError(NpyStreamError, TypeError):
 
 class ShapeError(NpyStreamError, ValueError):
     """Arrays whose shapes (or dtypes) do not fit together: they do not broadcast or concatenate."""
+
+
+class StateMismatchError(NpyStreamError, ValueError):
+    """A saved loader state does not belong to this loader (another source, batch size, seed...)."""

@@ -78,7 +78,7 @@ order, the epoch, the number of batches already yielded, and a fingerprint of
 the source (element count, and a hash of the offsets' head and tail).
 ``load_state_dict(state)`` continues with exactly the next batch; a state from
 another source, batch size, seed, shuffle, world size or collate raises
-:class:`StateMismatchError` naming the difference.  The rank may differ (all
+:class:`~npystream.errors.StateMismatchError` naming the difference.  The rank may differ (all
 ranks are at the same batch), so rank 0's state resumes every rank.
 
 Prefetch
@@ -102,18 +102,14 @@ from typing import Any
 import numpy as np
 
 from npystream._accel import speedups
-from npystream.errors import CastError, NpyStreamError, UnsupportedError
+from npystream.errors import CastError, StateMismatchError, UnsupportedError
 
-__all__ = ["batches", "BatchLoader", "StateMismatchError", "FULL_SHUFFLE_LIMIT", "WINDOW_BLOCKS"]
+__all__ = ["batches", "BatchLoader", "FULL_SHUFFLE_LIMIT", "WINDOW_BLOCKS"]
 
 FULL_SHUFFLE_LIMIT = 1 << 30  # above this many elements shuffle=True means shuffle="block"
 WINDOW_BLOCKS = 16  # blocks shuffled together in block-shuffle mode
 _STATE_VERSION = 1
 _COLLATES = ("pad", "pack", "list")
-
-
-class StateMismatchError(NpyStreamError, ValueError):
-    """A loader state does not belong to this loader (another source, batch size, seed...)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -466,7 +462,8 @@ def _open_path(path: str) -> Any:
     return arr
 
 
-def _make_field(source: Any, label: str) -> _Field:
+def make_field(source: Any, label: str) -> _Field:
+    """One source (path, reader, array, row source) behind the loader's field interface."""
     if isinstance(source, (str, os.PathLike)):
         source = _open_path(os.fspath(source))
     from npystream.formats.ragged import RaggedArray
@@ -1006,14 +1003,14 @@ def batches(
         for name, src in source.items():
             if not isinstance(name, str) or name == "index":
                 raise ValueError(f"dict source names must be strings other than 'index', got {name!r}")
-            fields[name] = _make_field(src, f"source[{name!r}]")
+            fields[name] = make_field(src, f"source[{name!r}]")
         lens = {name: f.n for name, f in fields.items()}
         if len(set(lens.values())) > 1:
             raise ValueError(f"the fields of a dict source must have equal lengths (aligned elements), "
                              f"got lengths {lens}")
         single = False
     else:
-        fields = {"": _make_field(source, getattr(source, "path", None) or
+        fields = {"": make_field(source, getattr(source, "path", None) or
                                    (os.fspath(source) if isinstance(source, (str, os.PathLike))
                                     else "source"))}
         single = True

@@ -29,6 +29,7 @@ not import torch.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -77,8 +78,8 @@ def _build() -> dict[str, type]:
     import numpy as np
     from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-    from npystream.errors import StoreNotFoundError
-    from npystream.loader import StateMismatchError, _make_field, batches
+    from npystream.errors import StateMismatchError, StoreNotFoundError
+    from npystream.loader import batches, make_field
 
     class BatchDataset(IterableDataset):
         """Batches of :func:`npystream.batches` split among DataLoader workers (see the module docstring)."""
@@ -113,14 +114,16 @@ def _build() -> dict[str, type]:
                 pos = self.loader.position
                 first = (pos if pos < len(self.loader) else 0) + w
             loader = self.loader
-            n = len(loader)
             convert = to_tensors if info is None else WorkerBatch
             self._next = first
-            for b in range(first, n, k):
+            if k == 1:  # the loader's own loop: it keeps its position (and restarts a finished epoch)
+                for batch in loader:
+                    self._next = loader.position
+                    yield convert(batch)
+                return
+            for b in range(first, len(loader), k):
                 batch = convert(loader.read_batch(b))
                 self._next = b + k
-                if k == 1:
-                    loader._pos = b + 1
                 yield batch
 
         def state_dict(self) -> dict[str, Any]:
@@ -156,9 +159,9 @@ def _build() -> dict[str, type]:
             if self._fields is None or self._pid != os.getpid():
                 spec = self._spec
                 if isinstance(spec, dict):
-                    self._fields = {k: _make_field(v, f"source[{k!r}]") for k, v in spec.items()}
+                    self._fields = {k: make_field(v, f"source[{k!r}]") for k, v in spec.items()}
                 else:
-                    self._fields = {"": _make_field(spec, str(getattr(spec, "path", "source")))}
+                    self._fields = {"": make_field(spec, str(getattr(spec, "path", "source")))}
                 self._pid = os.getpid()
             return self._fields
 
@@ -173,7 +176,7 @@ def _build() -> dict[str, type]:
 
         def __getitem__(self, i: int) -> Any:
             n = self._n
-            j = int(i)
+            j = operator.index(i)
             if j < 0:
                 j += n
             if not 0 <= j < n:

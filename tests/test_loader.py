@@ -473,11 +473,11 @@ def test_state_of_another_source_or_options_refused(store, tmp_path):
         npystream.batches(other, 8, shuffle=True).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size=8"):
         npystream.batches(path, 9, shuffle=True).load_state_dict(state)
-    with pytest.raises(L.StateMismatchError, match="seed"):
+    with pytest.raises(npystream.StateMismatchError, match="seed"):
         npystream.batches(path, 8, shuffle=True, seed=1).load_state_dict(state)
-    with pytest.raises(L.StateMismatchError, match="world_size"):
+    with pytest.raises(npystream.StateMismatchError, match="world_size"):
         npystream.batches(path, 8, shuffle=True, world_size=2).load_state_dict(state)
-    with pytest.raises(L.StateMismatchError, match="version"):
+    with pytest.raises(npystream.StateMismatchError, match="version"):
         npystream.batches(path, 8, shuffle=True).load_state_dict({"batch": 3})
     # rank may differ: all ranks are at the same batch
     state["batch"] = 2
