@@ -29,6 +29,9 @@
 #include <signal.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 #define QMAX 16 /* most writes queued at once */
 
@@ -78,6 +81,9 @@ wb_main(void *arg)
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals (Ctrl-C) go to Python's threads */
+#ifdef __linux__
+    prctl(PR_SET_NAME, "npystream-wb", 0, 0, 0); /* findable in /proc/self/task/N/comm */
+#endif
     pthread_mutex_lock(&w->mu);
     for (;;) {
         while (w->completed == w->submitted && !w->stop)

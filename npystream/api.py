@@ -106,7 +106,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
         from npystream.object_array import numpy_filename
 
         arr = open_npy(src, header, mode=mode, **options)
-        if isinstance(arr, np.memmap) and arr.filename is None and getattr(src, "path", None) is not None:
+        if isinstance(arr, np.memmap) and isinstance(file, (str, os.PathLike)) and getattr(src, "path", None) is not None:
             arr.filename = numpy_filename(file)  # as np.load(file, mmap_mode=...) has it
         if src is not file:  # the memmap holds its own mapping; release our file handle
             src.close()

@@ -924,7 +924,7 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
             first = next(elements, _END)
         finally:
             close_iter(elements)
-        kind = "object" if first is _END else _store_kind(first)
+        kind = None if first is _END else _store_kind(first)  # nothing to read: the writer's default, as in one process
     bar = _Progress(info.count, show, "convert")
     try:
         count, start, notes = convert_object_parallel(

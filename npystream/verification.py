@@ -87,6 +87,8 @@ def _equal(a: Any, b: Any, active: set[tuple[int, int]]) -> bool:
             active.discard(pair)
     if isinstance(a, np.generic):
         return a.tobytes() == b.tobytes()
+    if isinstance(a, slice):  # its parts may be arrays, whose == is elementwise
+        return all(_equal(x, y, active) for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)))
     if isinstance(a, float):
         return bool(a == b or (math.isnan(a) and math.isnan(b)))
     if isinstance(a, complex):

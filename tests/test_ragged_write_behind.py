@@ -26,13 +26,20 @@ def _items(n=300, seed=0):
 
 
 def _helpers():
-    """The writer helper threads: Python ones by name; the C helper is not a Python thread, so
-    with it, the process's threads beyond the Python ones (Linux's /proc/self/task)."""
+    """The writer helper threads: Python ones by name; the C helper is not a Python thread, but
+    names itself "npystream-wb" (on Linux: /proc/self/task/N/comm)."""
     named = [t for t in threading.enumerate() if t.name == "npystream-ragged-writer"]
     if ragged._C_WRITE_BEHIND is None or not os.path.isdir("/proc/self/task"):
         return named
-    extra = len(os.listdir("/proc/self/task")) - len(threading.enumerate())
-    return named + [None] * max(0, extra)
+    native = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() == "npystream-wb":
+                    native.append(None)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return named + native
 
 
 @pytest.fixture(params=["c", "python"])

@@ -872,7 +872,7 @@ def _collection_arg(args: Any, what: str) -> Any:
         items = arg  # already built by the pickle: its size is bounded by the file's bytes
     else:
         raise UnsafePickleError(
-            f"{what} of a {type(arg).__name__}; pickle writes a list (safe mode builds sets from "
+            f"{what} of a {_type_name(arg)}; pickle writes a list (safe mode builds sets from "
             "lists, tuples, sets, dicts, strings, bytes and ranges only)"
         )
     check_hash_spread(items, what)
@@ -890,7 +890,7 @@ def _frozenset_checked(ctx: LoadContext, *args: Any) -> frozenset[Any]:
 def _range_checked(ctx: LoadContext, *args: Any) -> range:
     # a range is lazy (three ints); what consumes it is checked (set, frozenset)
     if not 1 <= len(args) <= 3 or not all(type(a) is int for a in args):
-        raise UnsafePickleError(f"range called with {tuple(type(a).__name__ for a in args)}; pickle writes ints")
+        raise UnsafePickleError(f"range called with {tuple(_type_name(a) for a in args)}; pickle writes ints")
     return range(*args)
 
 
