@@ -156,8 +156,10 @@ ELEMENTS = _values(MAX_DEPTH)
 
 @st.composite
 def object_arrays(draw: Any) -> np.ndarray:
-    """An object array of 1-6 elements (or a 0-d one), reshaped N-D in C or Fortran order."""
+    """An object array of 1-7 elements (or a 0-d one), reshaped N-D in C or Fortran order."""
     items = draw(st.lists(ELEMENTS, min_size=1, max_size=6))
+    if draw(st.booleans()):  # one object in two elements: a memo back-reference across elements
+        items.append(items[0])
     n = len(items)
     shape = draw(st.sampled_from([(n,), (1, n), (n, 1), *([(2, n // 2)] if n % 2 == 0 else []), *([()] if n == 1 else [])]))
     return obj_array(items, shape=shape, order=draw(st.sampled_from(["C", "F"])))

@@ -763,6 +763,7 @@ class _Engine:
         self._one_parts = (self._one[0:1], self._one[1:2], self._one[2:3])
         self._vf_buf: Any = None
         self._vf: Any = None
+        self.memo_protos = False  # a load made placeholders that the memo may hold (see _realise_memo)
 
     # -- low level ---------------------------------------------------------------
     def _run_program(self, program: bytearray, elements: bool = True) -> Any:
@@ -772,16 +773,18 @@ class _Engine:
             if made is None:
                 return self.unpickler.load()
             made.clear()
-            if elements:
+            if elements and self.memo_protos:
                 self._realise_memo()
             try:
                 result = self.unpickler.load()
             except Exception as exc:
+                self.memo_protos = self.memo_protos or bool(made)
                 if not (elements and made) or isinstance(exc, NpyStreamError):
                     raise
                 # code of a class the policy resolved (trusted, or allowed by name) failed on a placeholder
                 self._fresh_unpickler()
                 return self._rerun_failed(program, made, exc)
+            self.memo_protos = self.memo_protos or bool(made)
             if made and elements:
                 result = self._trusted_rerun(program, result, made)
             return result
@@ -859,6 +862,7 @@ class _Engine:
         ``__setstate__``), which must receive the real object.  A placeholder
         without state is the outer array's, from the prefix: left alone.
         """
+        self.memo_protos = False
         memo = self.unpickler.memo.copy()
         if not any(type(v) is DtypeProto or (type(v) is ArrayProto and v) for v in memo.values()):
             return
