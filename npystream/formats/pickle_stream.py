@@ -118,6 +118,7 @@ class _Window:
         self.hi = 0  # bytes at and after hi are not read yet
         self.eof = False
         self.donated = False  # part of mem is an array's memory: never write into mem again
+        self.peak = 0  # bytes the recent batches needed (decaying): the buffer is not shrunk below them
 
     def discard_before(self, offset: int) -> None:
         """Bytes before file ``offset`` are no longer needed."""
@@ -151,7 +152,10 @@ class _Window:
         target = keep + room
         shift = -(payload - lo) % _ALIGN if payload >= 0 else 0  # align the big payload
         cap = len(self.mem)
-        if self.donated or cap > 4 * max(target + shift, WINDOW_MIN):
+        # a stream of big batches reuses one buffer (its pages are touched once); after a big batch
+        # followed by small ones, the peak decays and the buffer shrinks
+        self.peak = max(target + shift, self.peak - self.peak // 4)
+        if self.donated or cap > 4 * max(self.peak, WINDOW_MIN):
             new_cap = target + shift if payload >= 0 else 2 * target  # a fresh (or smaller) buffer
         elif target + shift <= cap and (lo >= cap // 4 or payload >= 0):
             new_cap = 0  # compact in place: the dead prefix is large
