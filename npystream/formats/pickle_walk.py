@@ -1782,12 +1782,14 @@ def load_pickle(data: Any, policy: SafetyPolicy, *, name: str = "<pickle>") -> A
     base = len(head) - skip  # offset in the envelope of data[0]
     wrapped = b"".join((head, view[skip:-1], b"t", _ONE_SUFFIX))
     global _ONE_CHECK
-    if _ONE_CHECK[0] is not policy:
-        _ONE_CHECK = (policy, make_global_check(policy), {})
-    done_head = _ONE_CHECK[2].get(proto)  # the state after the envelope: scanned once per policy and protocol
+    cached = _ONE_CHECK  # one read: another thread may replace it meanwhile
+    if cached[0] is not policy:
+        cached = _ONE_CHECK = (policy, make_global_check(policy), {})
+    done_head = cached[2].get(proto)  # the state after the envelope: scanned once per policy and protocol
     if done_head is None:
-        done_head = _ONE_CHECK[2][proto] = ScanState(1, _ONE_CHECK[1])
+        done_head = ScanState(1, cached[1])
         _scan(head, 0, len(head), 0, done_head)
+        cached[2][proto] = done_head
     st = ScanState.__new__(ScanState)
     for slot in _SCAN_SLOTS:
         value = getattr(done_head, slot)
