@@ -386,8 +386,10 @@ def main() -> None:
         print(f"\nlatency of (lazy(a)*2+b)[123456]: median {res['index']['latency_us']:.1f} us")
 
         def ratio(x: str, y: str) -> str:
-            med = statistics.median(res[x]["all"]) / statistics.median(res[y]["all"])
-            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x (medians {med:.2f}x)"
+            # the two rows of a round ran back to back: the median of the per-round ratios moves
+            # least with the machine's other jobs
+            rounds = statistics.median(a / b for a, b in zip(res[x]["all"], res[y]["all"]))
+            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x (median per round {rounds:.2f}x)"
 
         print("\nratios of the best runs (target):")
         print(f"  lazy / fused loop  {ratio('lazy', 'fused')} (<= 1.3x)")
