@@ -22,7 +22,7 @@ block sizes (how ``npystream.deferred.BLOCK_ELEMENTS`` was chosen).
 
 Usage::
 
-    python benchmarks/bench_lazy.py [--dir DIR] [--repeat 3] [--chart docs/bench_lazy.png]
+    python benchmarks/bench_lazy.py [--dir DIR] [--repeat 3] [--repeat-fast 7] [--chart docs/bench_lazy.png]
                                     [--block-sweep] [--keep]
 
 Data (about 6 GiB) goes to ``--dir`` (default ~/.cache/npystream-bench) and is
@@ -283,7 +283,7 @@ def measure(group: list[str], d: str, repeat: int, args: dict[str, str] | None =
     return {g: best(r) | {"all": [round(x["seconds"], 3) for x in r]} for g, r in runs.items()}
 
 
-def draw(res: dict[str, dict], path: str, load: str, repeat: int) -> None:
+def draw(res: dict[str, dict], path: str, load: str, repeat: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +323,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=os.path.expanduser("~/.cache/npystream-bench"))
     ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the (slow) sum group")
+    ap.add_argument("--repeat-fast", type=int, default=7, help="runs of the other groups")
     ap.add_argument("--chart", help="write the bar chart PNG here")
     ap.add_argument("--block-sweep", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the data for the next run")
@@ -360,12 +361,12 @@ def main() -> None:
         warm(p["a"], p["b"])
         res.update(measure(sum_rows, ns.dir, ns.repeat))
         warm(p["a"], p["b"])
-        res.update(measure(["save_npy", "cp"], ns.dir, ns.repeat))
+        res.update(measure(["save_npy", "cp"], ns.dir, ns.repeat_fast))
         res.update(measure(["index"], ns.dir, 1))
         warm(p["one"], *rows)
-        res.update(measure(["reads_concat", "reads_one", "gather_concat", "gather_one"], ns.dir, ns.repeat))
+        res.update(measure(["reads_concat", "reads_one", "gather_concat", "gather_one"], ns.dir, ns.repeat_fast))
         warm(p["big"], *parts)
-        res.update(measure(["concat_cli", "concat_cp"], ns.dir, ns.repeat))
+        res.update(measure(["concat_cli", "concat_cp"], ns.dir, ns.repeat_fast))
         load = os.getloadavg()
         load_s = ", ".join(f"{x:.2f}" for x in load)
         print(f"\nload average after the run: {load_s}")
@@ -385,8 +386,10 @@ def main() -> None:
         print(f"\nlatency of (lazy(a)*2+b)[123456]: median {res['index']['latency_us']:.1f} us")
 
         def ratio(x: str, y: str) -> str:
-            med = statistics.median(res[x]["all"]) / statistics.median(res[y]["all"])
-            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x (medians {med:.2f}x)"
+            # the two rows of a round ran back to back: the median of the per-round ratios moves
+            # least with the machine's other jobs
+            rounds = statistics.median(a / b for a, b in zip(res[x]["all"], res[y]["all"]))
+            return f"{res[x]['seconds'] / res[y]['seconds']:.2f}x (median per round {rounds:.2f}x)"
 
         print("\nratios of the best runs (target):")
         print(f"  lazy / fused loop  {ratio('lazy', 'fused')} (<= 1.3x)")
@@ -399,7 +402,7 @@ def main() -> None:
               f"gather {ratio('gather_concat', 'gather_one')}")
         print(f"  npystream concat / cp {ratio('concat_cli', 'concat_cp')} (<= 1.5x)")
         if ns.chart:
-            draw(res, ns.chart, load_s, ns.repeat)
+            draw(res, ns.chart, load_s, f"{ns.repeat}/{ns.repeat_fast}")
             print(f"chart: {ns.chart}")
     finally:
         if not ns.keep and not ns.child:

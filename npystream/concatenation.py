@@ -241,6 +241,8 @@ class ConcatArray:
         for p in parts:
             starts.append(starts[-1] + int(p.shape[axis]))
         self.offsets: tuple[int, ...] = tuple(starts)
+        # parts whose c[i] is a view of the part (ndarray rows, no cast): the fast path
+        self._row_views = [self._cast is None and isinstance(p, np.ndarray) and p.ndim > 1 for p in parts]
         self._starts = starts[:-1]
         shape = list(parts[0].shape)
         shape[axis] = starts[-1]
@@ -330,9 +332,8 @@ class ConcatArray:
             if not 0 <= i < n:
                 raise IndexError(f"index {int(key)} is out of bounds for axis 0 with size {n}")
             p = bisect.bisect_right(self._starts, i) - 1
-            part = self.parts[p]
-            if self._cast is None and len(part.shape) > 1 and isinstance(part, np.ndarray):
-                return part[i - self._starts[p]]  # a view: no byte is read here, so no fstat
+            if self._row_views[p]:
+                return self.parts[p][i - self._starts[p]]  # a view: no byte read, so no fstat
             return self._part_result(p, i - self._starts[p])
         entries, axis_pos = self._expand(key)
         sel = entries[axis_pos]

@@ -64,6 +64,7 @@ LazyArray(shape=(6,), dtype=float64, expr=add(multiply(<ndarray (6,) float64>, 2
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -441,14 +442,6 @@ class _Evaluator:
         return value, False
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 # --------------------------------------------------------------------------- #
 # reductions
 # --------------------------------------------------------------------------- #
@@ -516,7 +509,9 @@ def _reduce(x: LazyArray, kind: str, axis: Any = None, dtype: Any = None, out: A
     res_dtype = np.asarray(probe).dtype
     ev = _Evaluator(node, shape)
     k, inner, _ = _block_keys(shape, ev.block)
-    with np.errstate(all="ignore") if kind in ("var", "std", "mean") else _nullcontext():
+    # var/std/mean combine partial moments: their intermediate overflow/0-division warnings
+    # would not be numpy's; plain reductions keep numpy's own warnings
+    with np.errstate(all="ignore") if kind in ("var", "std", "mean") else contextlib.nullcontext():
         if axis is None:
             result = _reduce_all(ev, kind, shape, k, inner, res_dtype, extra, ddof)
         else:

@@ -50,13 +50,18 @@ def same(got, want):
 
 
 def as_kind(arr, kind, tmp_path, name="x"):
-    """The same values as a plain array, a memmap of a .npy, or a 2-part concat view."""
+    """The same values as a plain array, a memmap of a .npy, or a 2-part concat view (axis 0 or last)."""
     if kind == "array":
         return arr
     if kind == "memmap":
         path = tmp_path / f"{name}.npy"
         np.save(path, arr)
         return np.load(path, mmap_mode="r")
+    if kind == "concat_last":  # a concat view along the last axis: rows stitched from parts
+        if arr.ndim < 2 or arr.shape[-1] < 2:
+            return arr
+        cut = arr.shape[-1] // 2
+        return npystream.concat([arr[..., :cut], arr[..., cut:]], axis=arr.ndim - 1)
     if arr.ndim == 0 or arr.shape[0] < 2:
         return arr
     cut = arr.shape[0] // 2
@@ -179,7 +184,8 @@ index_keys = st.one_of(
 
 
 @HSETTINGS
-@given(key=index_keys, kind=st.sampled_from(["array", "memmap", "concat"]), bcast=st.booleans())
+@given(key=index_keys, kind=st.sampled_from(["array", "memmap", "concat", "concat_last"]),
+       bcast=st.booleans())
 def test_index_push_down_matches_numpy(tmp_path, key, kind, bcast):
     a = np.arange(9 * 4 * 3, dtype=np.float64).reshape(9, 4, 3)
     b = np.arange(3, dtype=np.int32) if bcast else np.arange(9 * 4 * 3, dtype=np.int32).reshape(9, 4, 3)
@@ -256,7 +262,7 @@ def close(got, want, dtype):
 
 
 @HSETTINGS
-@given(data=st.data(), kind=st.sampled_from(["array", "memmap", "concat"]),
+@given(data=st.data(), kind=st.sampled_from(["array", "memmap", "concat", "concat_last"]),
        red=st.sampled_from(REDUCTIONS))
 def test_reductions_match_numpy(tmp_path, data, kind, red):
     dt = np.dtype(data.draw(st.sampled_from([np.bool_, np.int8, np.uint8, np.int32, np.int64,

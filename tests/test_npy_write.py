@@ -120,6 +120,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # four child interpreters: about 3-5 s
 def test_sigkill_at_any_instant_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "grow.npy"
     rng = np.random.default_rng(0)
