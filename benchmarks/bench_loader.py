@@ -360,7 +360,7 @@ def plot(results: list[dict[str, Any]], eff: dict[str, float], out: str, title: 
     ax.set_title(title, fontsize=9)
     labels = ["no bucket", "bucket=100"]
     ax2.bar(labels, [eff[k] * 100 for k in labels], color=["#999999", "#1f77b4"])
-    ax2.set_ylim(0, 100)
+    ax2.set_ylim(0, 112)
     ax2.set_ylabel("real tokens / padded tokens (%)")
     for x, k in enumerate(labels):
         ax2.text(x, eff[k] * 100 + 1, f"{eff[k] * 100:.0f}%", ha="center", fontsize=9)
