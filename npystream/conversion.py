@@ -841,10 +841,11 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
     from npystream.parallel_convert import convert_object_parallel
 
     bar = _Progress(info.count, show, "convert")
+    per_element = (info.size or 0) / max(info.count or 1, 1)  # partitions report elements: MB/s on average
     try:
         count, start, notes = convert_object_parallel(
             info.path, dst, workers=workers, identity=info.identity, label=info.label,
-            progress=lambda n: bar.add(n, 0), **options)
+            progress=lambda n: bar.add(n, int(n * per_element)), **options)
     finally:
         bar.close()
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0, _tree_size(dst), 0.0,
