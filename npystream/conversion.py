@@ -926,10 +926,12 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
             close_iter(elements)
         kind = None if first is _END else _store_kind(first)  # nothing to read: the writer's default, as in one process
     bar = _Progress(info.count, show, "convert")
+    per_element = (info.size or 0) / max(info.count or 1, 1)  # partitions report elements: MB/s on average
     try:
         count, start, notes = convert_object_parallel(
             info.path, dst, workers=workers, identity=info.identity, label=info.label, safety=safety,
-            kind=kind, element_type=_KIND_TYPES.get(kind), progress=lambda n: bar.add(n, 0), **options)
+            kind=kind, element_type=_KIND_TYPES.get(kind),
+            progress=lambda n: bar.add(n, int(n * per_element)), **options)
     finally:
         bar.close()
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0, _tree_size(dst), 0.0,

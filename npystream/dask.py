@@ -15,7 +15,11 @@ Reading -- :func:`to_dask`:
 * a ragged store -> ``dask.bag.Bag`` of its elements (:func:`ragged_arrays`
   gives its ``values``/``offsets`` as dask arrays, :func:`ragged_to_array` a
   ``(count, *shape)`` array when every element has the same shape);
-* a ``.npz`` archive -> ``{name: collection}`` for its members.
+* a ``.npz`` archive -> ``{name: collection}`` for its members;
+* a virtual concatenation (``npystream.concat``) -> ``dask.array.concatenate``
+  of its parts; a lazy expression (``npystream.lazy``) -> the same
+  expression over dask arrays, each leaf converted as above (an in-memory
+  operand of at most 1 MiB rides in the graph; a larger one is refused).
 
 Graphs hold paths, byte offsets, shapes, dtypes, element boundaries and each
 file's ``(size, mtime)`` when the graph was built -- never data: their
@@ -531,7 +535,7 @@ def _from_deferred(source: Any, chunks: Any, partition_bytes: int, options: dict
     """
     evaluate_with = getattr(source, "evaluate_with", None)
     if callable(evaluate_with) and type(source).__module__.startswith("npystream."):
-        return evaluate_with(lambda leaf: _to_dask(leaf, chunks, partition_bytes, options))
+        return evaluate_with(lambda leaf: _leaf(leaf, chunks, partition_bytes, options))
     parts = getattr(source, "parts", None)
     if parts is not None and type(source).__name__ == "ConcatArray" and type(source).__module__.startswith("npystream."):
         import dask.array as da
@@ -539,6 +543,24 @@ def _from_deferred(source: Any, chunks: Any, partition_bytes: int, options: dict
         return da.concatenate([_to_dask(p, chunks, partition_bytes, options) for p in parts],
                               axis=getattr(source, "axis", 0))
     return None
+
+
+_SMALL_LEAF = 1 << 20
+
+
+def _leaf(leaf: Any, chunks: Any, partition_bytes: int, options: dict[str, Any]) -> Any:
+    """A leaf of a lazy expression: by path when it lives in a file; a small in-memory array rides along."""
+    if isinstance(leaf, np.ndarray) and not isinstance(leaf, np.memmap):
+        if leaf.nbytes > _SMALL_LEAF:
+            raise TypeError(
+                f"a lazy expression has an in-memory array of {leaf.nbytes} bytes as an operand; a Dask "
+                "graph would carry it to every worker: save it (np.save) and use npystream.open(path), "
+                f"or keep in-memory operands under {_SMALL_LEAF} bytes"
+            )
+        import dask.array as da
+
+        return da.from_array(leaf, chunks=-1)
+    return _to_dask(leaf, chunks, partition_bytes, options)
 
 
 def _npz_member(archive: Any, name: str, chunks: Any, partition_bytes: int, options: dict[str, Any]) -> Any:

@@ -13,9 +13,11 @@ Plan (the same partitioning as :func:`npystream.to_dask`):
    into one store under a temporary name (:mod:`npystream.formats.ragged_parts`;
    the copies run on the workers too) and renames it into place.
 
-Workers are forked processes (``multiprocessing`` ``fork`` pool): they start
-in milliseconds and inherit the opened array with its index, so no task
-carries more than a few numbers.  A Dask ``LocalCluster`` (``executor='dask'``,
+Workers are forked processes (a ``concurrent.futures`` process pool with the
+``fork`` start method): they start in milliseconds and inherit the opened
+array with its index, so no task carries more than a few numbers; a worker
+that dies fails the conversion with a clear error (never a hang), and
+workers die with the client.  A Dask ``LocalCluster`` (``executor='dask'``,
 for measurements; ``benchmarks/bench_dask.py``) takes seconds to start,
 more than the whole conversion of a few hundred MB: see ``docs/scaling.md``.
 
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from npystream._atomic import refuse_existing, remove_path, temp_name
-from npystream.errors import CastError, FormatError
+from npystream.errors import CastError, FormatError, NpyStreamError
 
 __all__ = ["convert_object_parallel", "PARTS_TAG"]
 
@@ -120,18 +122,32 @@ def _quiet_worker() -> None:
 
 
 class _ForkPool:
-    """``run(fn, tasks)`` on forked processes; every task runs even if one fails (errors returned)."""
+    """``run(fn, tasks)`` on forked processes; every task runs even if one fails (errors returned).
+
+    A worker that dies (killed, out of memory) fails its task with
+    :class:`~npystream.errors.NpyStreamError` instead of leaving the client
+    waiting for a result that never comes.
+    """
 
     def __init__(self, workers: int) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self.pool = ctx.Pool(workers, initializer=_quiet_worker)
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_quiet_worker)
 
     def run(self, fn: Callable[[Any], Any], tasks: list[Any], on_done: Callable[[Any], None]) -> list[Any]:
-        pending = [self.pool.apply_async(fn, (t,)) for t in tasks]
+        from concurrent.futures.process import BrokenProcessPool
+
+        pending = [self.pool.submit(fn, t) for t in tasks]
         out: list[Any] = []
         for job in pending:
             try:
-                value = job.get()
+                value = job.result()
+            except BrokenProcessPool:
+                out.append(NpyStreamError(
+                    "a worker process died (killed, or out of memory?) before its partition was written; run "
+                    "again (with --resume to keep the finished partitions), or with fewer --workers"))
+                continue
             except Exception as exc:  # noqa: BLE001 - handed back to the caller, which picks one
                 out.append(exc)
                 continue
@@ -141,10 +157,17 @@ class _ForkPool:
 
     def close(self, ok: bool) -> None:
         if ok:
-            self.pool.close()
-        else:
-            self.pool.terminate()
-        self.pool.join()
+            self.pool.shutdown(wait=True)
+            return
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        terminate = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
+        if terminate is not None:
+            terminate()
+            return
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            proc.join()
 
 
 class _DaskPool:

@@ -161,6 +161,7 @@ def test_workers_flag_validation(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("NPYSTREAM_PURE_PYTHON") == "1", reason="backend-independent: runs once")
 def test_dask_executor_same_bytes(tmp_path, small_partitions):
     pytest.importorskip("distributed")
     src = tmp_path / "o.npy"
@@ -212,3 +213,18 @@ def test_workers_sigterm_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.npy"]
     gone, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive
+
+
+def _die_in_partition_1(task):
+    if task[3] == 1:
+        os._exit(9)  # a worker killed mid-task (the OOM killer, kill -9)
+    return _real_convert_part(task)
+
+
+def test_workers_dead_worker_is_an_error_not_a_hang(tmp_path, small_partitions, monkeypatch):
+    src = tmp_path / "o.npy"
+    _save(src, _ints(3000))
+    monkeypatch.setattr(parallel_convert, "_convert_part", _die_in_partition_1)
+    with pytest.raises(npystream.NpyStreamError, match="worker process died"):
+        convert(src, tmp_path / "out.ragged", workers=2)
+    assert sorted(os.listdir(tmp_path)) == ["o.npy"]

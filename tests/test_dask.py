@@ -397,3 +397,30 @@ def test_module_doctests():
 
     result = doctest.testmod(nd)
     assert result.attempted > 5 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- lazy expressions, concatenations
+
+
+@once
+def test_lazy_expression_and_concat(request, tmp_path):
+    deferred = pytest.importorskip("npystream.deferred")
+    concatenation = pytest.importorskip("npystream.concatenation")
+    request.getfixturevalue("client")  # the cluster only when there is something to run on it
+    a = np.arange(1000.0).reshape(100, 10)
+    b = np.full((100, 10), 3.0)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    ma, mb = np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")
+    x = deferred.lazy(ma) * 2 + np.sqrt(deferred.lazy(mb))
+    got = nd.to_dask(x, chunks=30)
+    assert isinstance(got, da.Array)
+    np.testing.assert_allclose(got.compute(), a * 2 + np.sqrt(b))
+    np.testing.assert_allclose(x.to_dask().compute(), a * 2 + np.sqrt(b))
+    for axis in (0, 1):
+        c = concatenation.concat([ma, mb], axis=axis)
+        np.testing.assert_array_equal(nd.to_dask(c, chunks=30).compute(), np.concatenate([a, b], axis=axis))
+    y = deferred.lazy(concatenation.concat([ma, mb])) + np.arange(10.0)  # a small in-memory operand rides along
+    np.testing.assert_allclose(nd.to_dask(y).compute(), np.concatenate([a, b]) + np.arange(10.0))
+    with pytest.raises(TypeError, match="in-memory array"):
+        nd.to_dask(deferred.lazy(ma) + np.ones((200, 100, 10)))
