@@ -455,17 +455,32 @@ def replay(files: list[str]) -> int:
 
 
 def _atheris_main(argv: list[str]) -> None:  # pragma: no cover - needs atheris
+    """libFuzzer over the same target, coverage-guided, starting from a corpus of generated seeds."""
     import atheris
 
-    with atheris.instrument_imports():
-        import npystream  # noqa: F401
-    path = tempfile.mktemp(prefix="npystream-atheris-")
+    with atheris.instrument_imports(include=["npystream"]):
+        import npystream.api  # noqa: F401 - every reader the target reaches, instrumented
+        import npystream.formats.fixed  # noqa: F401
+        import npystream.formats.npz  # noqa: F401
+        import npystream.formats.pickle_stream  # noqa: F401
+        import npystream.formats.pickle_walk  # noqa: F401
+        import npystream.formats.ragged  # noqa: F401
+        import npystream.object_array  # noqa: F401
+        import npystream.objects  # noqa: F401
+    workdir = tempfile.mkdtemp(prefix="npystream-atheris-")
+    path = os.path.join(workdir, "input")
+    if not any(not a.startswith("-") for a in argv):  # no corpus directory given: seed one
+        corpus = os.path.join(workdir, "corpus")
+        os.makedirs(corpus)
+        rng = random.Random(0)
+        for i in range(200):
+            with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
+                f.write(rng.choice(SEEDS)(rng))
+        argv = [*argv, corpus]
 
     def one(data: bytes) -> None:
-        try:
-            exercise(data, path)
-        except MemoryError:
-            raise
+        exercise(data, path)
+
     atheris.Setup([sys.argv[0], *argv], one)
     atheris.Fuzz()
 

@@ -20,6 +20,8 @@ Two ways to reach those bytes:
 * :func:`iter_batches` -- consecutive blocks along axis 0: views of the
   memmap for mappable files, fresh arrays read with ``readinto`` for streams
   (pipes, stdin, gzip, deflated zip members), so memory stays at one block.
+  A stream must end where its header says (bytes after the data, or garbage
+  after the last gzip member, raise ``FormatError``, as ``convert`` does).
 
 **Fortran order.**  A block is always ``a[i:i + n]`` along the axis you ask
 for (default ``axis=0``, numpy's ``a[i:j]``), whatever the storage order, so

@@ -96,6 +96,10 @@ raises :class:`~npystream.errors.UnsupportedError` naming the element and the
 fix (read the file from a seekable source, where the liveness pass makes
 every back-reference exact).  Elements before it have been yielded.
 
+A standalone pickle (an element of a ragged store of kind "object") is
+checked by the same scanner and limits before it is unpickled:
+:func:`load_pickle` scans it as element 0 of a one-element envelope.
+
 Coordinates: offsets are byte offsets in the source; ``header.data_offset``
 is the first pickle byte.
 """

@@ -29,6 +29,9 @@ the shape to grow in place: writers rewrite it with the same length.
     therefore byte-identical to their concatenation along the first axis.
     For ``str`` (UTF-8), ``bytes`` and ``object`` (one pickle per element,
     written with cloudpickle) the dtype is ``|u1`` and offsets count bytes.
+    Readers load an object element with the ``.npy`` reader's scanner and
+    safe unpickler (``pickle_walk.load_pickle``): one object, nothing after
+    its STOP, the same limits.
 ``offsets.npy``
     1-D ``<i8`` of length n + 1: ``offsets[0] == 0``, non-decreasing,
     ``offsets[n] == meta["nitems"]``; offsets count items of the value dtype.
@@ -51,10 +54,14 @@ the shape to grow in place: writers rewrite it with the same length.
     number of committed value items.  Readers MUST refuse a ``format`` other
     than ``"npystream.ragged"`` and a ``version`` they do not know.
 
+Every file of a store is a regular file inside it: readers refuse symlinks,
+FIFOs and directories in their place.
+
 ``meta.json`` is the single source of truth.  The parts MAY be longer than
 it says (data of an interrupted write; the header shape may then exceed
 ``count``), never shorter.  A reader takes ``count`` and ``nitems`` from
-``meta.json``, checks each part's header (magic, dtype, order) and size,
+``meta.json``, checks each part's header (magic, dtype, order, a shape that holds at
+least what ``meta.json`` publishes) and size,
 maps exactly ``(count + 1) * 8`` bytes of offsets and ``nitems`` values, and
 checks that the offsets start at 0, never decrease and end at ``nitems``
 (and that each shape's product is its element's length).
