@@ -325,22 +325,10 @@ class _RowsField(_Field):
         self.n = len(source)
 
     def __getstate__(self) -> dict[str, Any]:
-        """A memmap pickles as "map this file again" (pickling a np.memmap would copy its data)."""
-        src = self.source
-        spec = _memmap_spec(src) if isinstance(src, np.memmap) else None
-        if spec is not None:
-            return {"label": self.label, "memmap": spec}
-        return {"label": self.label, "source": src}
+        return {"label": self.label, "source": portable(self.source)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.label = state["label"]
-        if "memmap" in state:
-            filename, offset, descr, shape, order = state["memmap"]
-            dtype = np.dtype([tuple(f) for f in descr]) if isinstance(descr, list) else np.dtype(descr)
-            self.source = np.memmap(filename, dtype=dtype, mode="r", offset=offset,
-                                    shape=tuple(shape), order=order)
-        else:
-            self.source = state["source"]
+        self.__dict__.update(state)
         self.n = len(self.source)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -362,17 +350,39 @@ class _RowsField(_Field):
                        np.ascontiguousarray(ends).view(np.uint8)[:8192])
 
 
-def _memmap_spec(m: np.memmap) -> tuple[Any, ...] | None:
-    """(filename, offset, dtype descr, shape, order) that map ``m``'s bytes again, or None."""
-    root = m
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    filename = getattr(root, "filename", None)
-    if not filename or not isinstance(root, np.memmap) or not (m.flags.c_contiguous or m.flags.f_contiguous):
-        return None
-    offset = int(getattr(root, "offset", 0)) + (m.ctypes.data - root.ctypes.data)
-    descr = m.dtype.descr if m.dtype.fields else m.dtype.str
-    return (filename, offset, descr, m.shape, "C" if m.flags.c_contiguous else "F")
+def portable(source: Any) -> Any:
+    """``source`` ready for pickling: a file-backed np.memmap becomes "map this file again"
+    (pickling a memmap copies its data); everything else is returned as it is (RaggedArray
+    and ObjectArray already pickle as "open this path again")."""
+    if isinstance(source, np.memmap):
+        root = source
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        filename = getattr(root, "filename", None)
+        if filename and isinstance(root, np.memmap) and \
+                (source.flags.c_contiguous or source.flags.f_contiguous):
+            offset = int(getattr(root, "offset", 0)) + (source.ctypes.data - root.ctypes.data)
+            descr = source.dtype.descr if source.dtype.fields else source.dtype.str
+            return _MappedAgain((filename, offset, descr, source.shape,
+                                 "C" if source.flags.c_contiguous else "F"))
+    if isinstance(source, Mapping):
+        return {k: portable(v) for k, v in source.items()}
+    return source
+
+
+class _MappedAgain:
+    """Pickles as the spec of a memmap; unpickles as that memmap, mapped again."""
+
+    def __init__(self, spec: tuple[Any, ...]) -> None:
+        self.spec = spec
+
+    def __reduce__(self) -> Any:
+        return (_map_again, self.spec)
+
+
+def _map_again(filename: str, offset: int, descr: Any, shape: Any, order: str) -> np.memmap:
+    dtype = np.dtype([tuple(f) for f in descr]) if isinstance(descr, list) else np.dtype(descr)
+    return np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order=order)
 
 
 def _width(lengths: np.ndarray, ids: np.ndarray, opts: _Options, label: str) -> int:
@@ -463,6 +473,18 @@ def _open_path(path: str) -> Any:
     return arr
 
 
+class _Take:
+    """``obj[ids]`` (as a list if ``as_list``): a picklable fetch, so loaders travel to spawned workers."""
+
+    def __init__(self, obj: Any, as_list: bool) -> None:
+        self.obj = obj
+        self.as_list = as_list
+
+    def __call__(self, ids: np.ndarray) -> Any:
+        got = self.obj[ids]
+        return list(got) if self.as_list else got
+
+
 def make_field(source: Any, label: str) -> _Field:
     """One source (path, reader, array, row source) behind the loader's field interface."""
     if isinstance(source, (str, os.PathLike)):
@@ -477,8 +499,8 @@ def make_field(source: Any, label: str) -> _Field:
         lens = source.shapes[:, 0].copy() if source.kind == "array" and source.ndim >= 1 \
             else source.lengths
         return _ElementsField(
-            source, label, lambda ids: source[ids],
-            (lambda ids: lens[ids]) if source.kind != "object" and source.ndim >= 1 else None,
+            source, label, _Take(source, False),
+            _Take(lens, False) if source.kind != "object" and source.ndim >= 1 else None,
             _digest("ragged-elements", len(source), source.kind, lens[:1025], lens[-1025:]))
     if isinstance(source, ObjectArray):
         if len(source.shape) != 1:
@@ -492,7 +514,7 @@ def make_field(source: Any, label: str) -> _Field:
         if source.ndim == 0:
             raise ValueError(f"{label}: a 0-d array has no rows to batch")
         if source.dtype == object:
-            return _ElementsField(source, label, lambda ids: list(source[ids]), None,
+            return _ElementsField(source, label, _Take(source, True), None,
                                   _digest("ndarray-object", source.shape))
         return _RowsField(source, label)
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):

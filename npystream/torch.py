@@ -79,7 +79,7 @@ def _build() -> dict[str, type]:
     from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
     from npystream.errors import StateMismatchError, StoreNotFoundError
-    from npystream.loader import batches, make_field
+    from npystream.loader import batches, make_field, portable
 
     class BatchDataset(IterableDataset):
         """Batches of :func:`npystream.batches` split among DataLoader workers (see the module docstring)."""
@@ -169,7 +169,7 @@ def _build() -> dict[str, type]:
             spec = self._spec
             if isinstance(spec, (str, os.PathLike)) and not os.path.exists(spec):
                 raise StoreNotFoundError("no such file or ragged store", path=spec)
-            return {"_spec": spec, "_n": self._n, "_fields": None, "_pid": None}
+            return {"_spec": portable(spec), "_n": self._n, "_fields": None, "_pid": None}
 
         def __len__(self) -> int:
             return self._n

@@ -684,3 +684,21 @@ def test_shuffle_true_switches_to_block_above_the_limit(store, monkeypatch):
     assert loader.state_dict()["shuffle"] == "block"
     assert sorted(sum(ids_of(loader), [])) == list(range(len(elems)))
     assert loader._order()._perm is None  # no O(N) permutation was drawn
+
+
+def test_element_sources_pickle(tmp_path):
+    import pickle
+
+    sp = str(tmp_path / "s.ragged")
+    npystream.save_ragged(sp, ["a", "bc", "def"])
+    arr = np.empty(3, dtype=object)
+    arr[:] = [np.arange(2), np.arange(3), np.arange(1)]
+    op = str(tmp_path / "o.npy")
+    np.save(op, arr, allow_pickle=True)
+    for src, collate in ((sp, "list"), (arr, "pad"), (op, "pad")):
+        loader = npystream.batches(src, 2, collate=collate, shuffle=True)
+        again = pickle.loads(pickle.dumps(loader))
+        for a, b in zip(again, loader):
+            assert a["index"].tolist() == b["index"].tolist()
+            assert [np.asarray(x).tolist() for x in a["values"]] == \
+                [np.asarray(x).tolist() for x in b["values"]]

@@ -123,3 +123,28 @@ def test_worker_batch_arrives_as_tensors():
     assert torch.equal(out["lengths"], torch.tensor([4, 2, 0]))
     assert out["f"]["x"].dtype == torch.float16 and out["list"][0].tolist() == [0, 1, 2]
     assert out["n"] == 3
+
+
+def test_spawned_workers_reopen_the_store(store):
+    path, elems = store
+    ds = BatchDataset(npystream.RaggedArray(path), 32, shuffle=True, seed=1)
+    want = [b["index"].tolist() for b in npystream.batches(path, 32, shuffle=True, seed=1)]
+    dl = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    got = []
+    for b in dl:
+        check(b, elems)
+        got.append(b["index"].tolist())
+    assert got == want
+
+
+def test_element_dataset_pickles_memmaps_as_maps(tmp_path, store):
+    path, elems = store
+    rows = np.arange((len(elems) + 1) * 3, dtype=np.float32).reshape(-1, 3)
+    rpath = str(tmp_path / "rows.npy")
+    np.save(rpath, rows)
+    ds = ElementDataset({"tokens": path, "rows": np.load(rpath, mmap_mode="r")[1:]})
+    again = pickle.loads(pickle.dumps(ds))
+    assert isinstance(again._spec["rows"], np.memmap)  # mapped again, not copied
+    item = again[4]
+    np.testing.assert_array_equal(item["rows"], rows[5])
+    np.testing.assert_array_equal(item["tokens"], elems[4])
