@@ -20,10 +20,7 @@ sys.path.insert(0, str(ROOT / "fuzz"))
 import fuzz_npystream  # noqa: E402
 
 PURE = os.environ.get("NPYSTREAM_PURE_PYTHON", "").strip() not in ("", "0")
-KNOWN = {
-    # the pipe reader sizes its window from a length field (issue 11 item 4, pipe part: fixed separately)
-    "memory@formats.pickle_stream._rearrange",
-}
+KNOWN: set[str] = set()  # the pipe window's MemoryError (issue 11 item 4) is fixed: the window grows as bytes arrive
 
 
 @pytest.mark.slow
