@@ -17,9 +17,9 @@ order, scalar type and metadata, shape, memory order, aliasing).
 The pure-Python backend runs the same test under ``NPYSTREAM_PURE_PYTHON=1``
 (``tests/run.sh`` runs the suite on both).  Example counts come from the
 hypothesis profile (``ci`` by default; ``--hypothesis-profile=dev`` for a
-long run).  Containers nest at most ``MAX_DEPTH`` levels here: the element
-scanner still refuses some nestings deeper than about five levels (a
-separate fix); raise it once that lands.
+long run).  Containers mix freely up to ``MAX_DEPTH`` levels; ``DEEP_SPINES``
+adds chains of one-child containers up to ``MAX_SPINE`` (20) levels deep
+around any element, the shapes whose bounds streams cannot see early.
 """
 
 from __future__ import annotations
@@ -151,7 +151,29 @@ def _values(depth: int) -> st.SearchStrategy[Any]:
     return st.one_of(LEAVES, _containers(_values(depth - 1)))
 
 
-ELEMENTS = _values(MAX_DEPTH)
+MAX_SPINE = 20  # levels of one-child containers around an element (issue: "nested ... to depth 20")
+_WRAPS = (
+    lambda x: [x],
+    lambda x: (x,),
+    lambda x: {0: x},
+    lambda x: (1, x),
+    lambda x: [x, None, x],
+    lambda x: collections.OrderedDict(k=x),
+    lambda x: obj_array([x]),
+)
+
+
+@st.composite
+def _deep_spine(draw: Any) -> Any:
+    """A leaf or small container wrapped in 5-20 levels of randomly chosen one-child containers."""
+    x = draw(_values(1))
+    for _ in range(draw(st.integers(5, MAX_SPINE))):
+        x = draw(st.sampled_from(_WRAPS))(x)
+    return x
+
+
+DEEP_SPINES = _deep_spine()
+ELEMENTS = st.one_of(_values(MAX_DEPTH), DEEP_SPINES)
 
 
 @st.composite
