@@ -53,13 +53,15 @@ of raw bytes, one decoded run (``CHUNK_BYTES``) and the retained memo
 
 from __future__ import annotations
 
+import mmap
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from npystream.errors import FormatError, UnsafePickleError, UnsupportedError
+from npystream.errors import FormatError, NpyStreamError, UnsafePickleError, UnsupportedError
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_ops import (
     _BYTES_OPS,
@@ -103,7 +105,19 @@ HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes 
 WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
 _ROOM_AFTER_BIG = 2 * STREAM_READ  # room left after a big opcode for the opcodes that follow it
 _ALIGN = 64  # a big payload starts at this alignment in its window buffer
+SPILL_ABOVE = 32 << 20  # an open batch holding more raw bytes than this moves to a temporary file
 _NO_LIVE: dict[int, int] = {}
+
+
+def _new_buffer(n: int) -> np.ndarray:
+    """``n`` writeable bytes of their own anonymous map (page-aligned; back to the system when unreferenced).
+
+    Not from ``malloc``: glibc raises its mmap threshold to the size of each
+    mapped block freed (up to 32 MiB), so after a window grew through 8 and 16
+    MiB every later allocation below that size would come from the heap,
+    which then keeps tens of MiB of freed memory untrimmed.
+    """
+    return np.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE), dtype=np.uint8)  # private: anonymous memory, counted as such
 
 
 class _Window:
@@ -111,7 +125,7 @@ class _Window:
 
     def __init__(self, src: ByteSource, offset: int) -> None:
         self.src = src
-        self.mem = np.empty(WINDOW_MIN, dtype=np.uint8)
+        self.mem = _new_buffer(WINDOW_MIN)
         self.buf = memoryview(self.mem)
         self.base = offset  # file offset of buf[0]
         self.lo = 0  # bytes before lo are no longer needed
@@ -119,6 +133,7 @@ class _Window:
         self.eof = False
         self.donated = False  # part of mem is an array's memory: never write into mem again
         self.peak = 0  # bytes the recent batches needed (decaying): the buffer is not shrunk below them
+        self.spilled: tuple[Any, int] | None = None  # (map, file offset of its byte 0) while a spilled batch decodes
 
     def discard_before(self, offset: int) -> None:
         """Bytes before file ``offset`` are no longer needed."""
@@ -160,9 +175,10 @@ class _Window:
         elif target + shift <= cap and (lo >= cap // 4 or payload >= 0):
             new_cap = 0  # compact in place: the dead prefix is large
         else:
-            new_cap = target + shift if payload >= 0 else max(target, 2 * keep)  # live data grows: geometric
+            # live data grows: geometric, but not past what the reader holds before it spills (SPILL_ABOVE)
+            new_cap = target + shift if payload >= 0 else max(target, min(2 * keep, SPILL_ABOVE + 2 * STREAM_READ))
         if new_cap:
-            mem = np.empty(max(new_cap, WINDOW_MIN), dtype=np.uint8)
+            mem = _new_buffer(max(new_cap, WINDOW_MIN))
             buf = memoryview(mem)
             if keep:
                 buf[shift : shift + keep] = self.buf[lo:hi]
@@ -188,6 +204,10 @@ class _Window:
 
     def payload(self, offset: int, n: int) -> memoryview:
         """Bytes ``[offset, offset + n)`` (file offsets) as a writeable buffer no one else uses."""
+        if self.spilled is not None:  # a copy: the temporary file is reused for the next batch
+            view, base = self.spilled
+            a = offset - base
+            return np.array(view[a : a + n]).data
         a = offset - self.base
         if n >= HAND_OFF and 2 * n >= len(self.mem):
             self.donated = True  # this buffer is now (mostly) the array: the next fill moves on
@@ -205,6 +225,110 @@ class _WindowPayloads:
 
     def __getitem__(self, key: slice) -> memoryview:
         return self.window.payload(key.start, key.stop - key.start)
+
+
+class _Spill:
+    """The open batch's raw bytes ``[base, base + size)`` (file offsets) in an unlinked temporary file.
+
+    Written in order as the scanner passes them, read back through a
+    read-only map (file-backed pages the kernel can drop, not anonymous
+    memory), then truncated and reused for the next big batch.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file: Any = None
+        self.base = -1  # file offset of the temporary file's byte 0; -1: nothing spilled
+        self.size = 0
+        self.map: mmap.mmap | None = None
+        self.view: memoryview | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.base >= 0
+
+    def _fail(self, what: str, exc: OSError) -> NpyStreamError:
+        where = tempfile.gettempdir()
+        return NpyStreamError(
+            f"could not {what} the temporary file that holds a streamed batch in {where!r} ({exc.strerror or exc}); "
+            f"a stream keeps a batch of more than {SPILL_ABOVE >> 20} MiB of raw bytes there instead of in memory: "
+            "set TMPDIR to a directory on a disk with room for one batch (or read the file from a seekable source, "
+            "which needs no batch)",
+            path=self.path,
+            offset=self.base + self.size if self.active else None,
+        )
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Append ``data``, the bytes at file ``offset`` (the first write fixes ``base``)."""
+        if not self.active:
+            self.base = offset
+            self.size = 0
+        if offset != self.base + self.size:  # pragma: no cover - reader invariant
+            raise RuntimeError(f"spill out of order: {offset} after {self.base + self.size}")
+        if not len(data):
+            return
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile()
+            self.file.write(data)
+        except OSError as exc:
+            raise self._fail("write", exc) from None
+        self.size += len(data)
+
+    def open_view(self) -> tuple[memoryview, int]:
+        """(a read-only view of the spilled bytes, the file offset of its byte 0)."""
+        if not self.size:
+            return memoryview(b""), self.base
+        try:
+            self.file.flush()
+            self.map = mmap.mmap(self.file.fileno(), self.size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise self._fail("map", exc if isinstance(exc, OSError) else OSError(str(exc))) from None
+        self.view = memoryview(self.map)
+        return self.view, self.base
+
+    def release(self, start: int, end: int) -> None:
+        """Decoded bytes ``[start, end)`` (file offsets) are not read again: drop their pages from the map."""
+        if self.map is None or not hasattr(self.map, "madvise"):
+            return
+        a = (start - self.base) // mmap.PAGESIZE * mmap.PAGESIZE
+        b = min(end - self.base, self.size)
+        if b > a:
+            try:
+                self.map.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, AttributeError, ValueError):  # pragma: no cover - advice only
+                pass
+
+    def reset(self) -> None:
+        """Forget the batch: unmap, then truncate the file for the next one (a new file if the map is still in use)."""
+        if self.view is not None:
+            try:
+                self.view.release()
+            except BufferError:  # pragma: no cover - an export of the view is alive: the map stays open
+                pass
+            self.view = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # something still views the map: leave it that file, start a new one
+                self.file = None
+            self.map = None
+        if self.file is not None and self.size:
+            try:
+                self.file.seek(0)
+                self.file.truncate(0)
+            except OSError as exc:
+                raise self._fail("truncate", exc) from None
+        self.base = -1
+        self.size = 0
+
+    def close(self) -> None:
+        try:
+            self.reset()
+        finally:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
 
 
 def _pending_opcode(buf: Any, pos: int, hi: int) -> tuple[int, int]:
@@ -387,6 +511,7 @@ class _StreamReader:
         self.path = src.name
         self.st = ScanState(header.count, make_global_check(policy))
         self.win = _Window(src, header.data_offset)
+        self.spill = _Spill(self.path)  # the open batch's bytes once they exceed SPILL_ABOVE
         self.pos = 0  # scan position (window index)
         self.engine: _Engine | None = None
         self.pinned: set[int] = set()
@@ -406,7 +531,8 @@ class _StreamReader:
             index=index,
         )
 
-    def _start_engine(self) -> _Engine:
+    def _start_engine(self, buf: Any, base: int) -> _Engine:
+        """The engine, made on first use from the prefix bytes in ``buf`` (``buf[0]`` is at file offset ``base``)."""
         if self.engine is None:
             win = self.win
             eng = _Engine(
@@ -420,16 +546,19 @@ class _StreamReader:
                 proto=self.st.proto,
             )
             eng.resolver = self._unsupported
-            eng.decode_prefix(win.buf, win.base, self.header.data_offset, self.st.body_start)
+            eng.decode_prefix(buf, base, self.header.data_offset, self.st.body_start)
             self.pinned.update(eng.rw.slot_of)
             self.engine = eng
         return self.engine
 
     # -- decoding ------------------------------------------------------------------
-    def _decode(self, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, first: int, memo_end: int) -> Iterator[list[Any]]:
-        """Decode elements ``first ..`` (``[starts[j], ends[j])``) in runs of about ``CHUNK_BYTES``; yield the lists."""
-        eng = self._start_engine()
-        win = self.win
+    def _decode(
+        self, buf: Any, base: int, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, first: int, memo_end: int
+    ) -> Iterator[list[Any]]:
+        """Decode elements ``first ..`` (``[starts[j], ends[j])`` of ``buf``, whose byte 0 is at file offset ``base``)
+        in runs of about ``CHUNK_BYTES``; yield the lists."""
+        eng = self._start_engine(buf, base)
+        spill = self.spill if self.spill.map is not None else None
         rw = eng.rw
         k = min(len(starts), self.stop - first)
         i = 0
@@ -441,14 +570,14 @@ class _StreamReader:
             m_hi = int(memos[j]) if j < len(starts) else memo_end
             live = None
             if (b - a) >= LARGE_ELEMENT_BYTES * (j - i):
-                skip, _ = _payload_memos(win.buf, a - win.base, b - win.base, m_lo)
+                skip, _ = _payload_memos(buf, a - base, b - base, m_lo)
                 if skip:
                     live = dict.fromkeys(range(m_lo, m_hi), -1)
                     for m in skip:
                         del live[m]
             rw.live = live
             try:
-                items = eng.decode_run(win.buf, win.base, starts[i:j], ends[i:j], memos[i:j], first + i)
+                items = eng.decode_run(buf, base, starts[i:j], ends[i:j], memos[i:j], first + i)
             except _Partial as part:
                 self.yielded += len(part.items)
                 self.failed = True  # an element failed to build: no tentative elements after it
@@ -456,6 +585,8 @@ class _StreamReader:
                 raise part.error from None
             finally:
                 rw.live = None
+            if spill is not None:
+                spill.release(a, b)
             self.held.extend(range(m_lo, m_hi))
             self._retain(b)
             self.yielded += len(items)
@@ -488,10 +619,43 @@ class _StreamReader:
             ends = np.empty(k, dtype=np.int64)
             ends[:-1] = starts[1:]
             ends[-1] = end
-            yield from self._decode(starts, ends, memo_at, self.first, memo_end)
+            buf, base = self._batch_bytes(end)
+            try:
+                yield from self._decode(buf, base, starts, ends, memo_at, self.first, memo_end)
+            finally:
+                del buf
+                self._end_spill()
         self._retain(end)
         self.first += k
+        self._end_spill()
         self.win.discard_before(end)
+
+    # -- the spill file ------------------------------------------------------------------
+    def _spill_scanned(self) -> None:
+        """The scanner is past ``pos``: move the open batch's bytes before it from the window to the spill file."""
+        win = self.win
+        self.spill.write(win.buf[win.lo : self.pos], win.base + win.lo)
+        win.discard_before(win.base + self.pos)
+
+    def _batch_bytes(self, end: int) -> tuple[Any, int]:
+        """(buffer, file offset of its byte 0) holding the open batch up to file offset ``end``."""
+        win = self.win
+        spill = self.spill
+        if not spill.active:
+            return win.buf, win.base
+        if spill.view is not None:  # mapped already (the engine's prefix came from it)
+            return spill.view, spill.base
+        stop = min(max(end - win.base, win.lo), win.hi)
+        spill.write(win.buf[win.lo : stop], win.base + win.lo)
+        win.discard_before(win.base + stop)
+        buf, base = spill.open_view()
+        win.spilled = (buf, base)
+        return buf, base
+
+    def _end_spill(self) -> None:
+        self.win.spilled = None
+        if self.spill.active:
+            self.spill.reset()
 
     # -- the pass ----------------------------------------------------------------------
     def _scan_all(self) -> Iterator[list[Any]]:
@@ -504,7 +668,8 @@ class _StreamReader:
             except ScanError as err:
                 raise _scan_exc(err, path) from None
             if st.status == ST_BATCH:
-                self._start_engine()
+                if self.engine is None:
+                    self._start_engine(*self._batch_bytes(st.batch_end))
                 starts = _take(st.starts)
                 memo_at = _take(st.memo_at)
                 yield from self._close_batch(starts, memo_at, st.batch_end, st.memo)
@@ -513,11 +678,16 @@ class _StreamReader:
                 self.pos, extra, tail = win.after_stop(self.pos)
                 _finish(st, self.header, path, end, end + extra, tail)
                 if self.engine is None:
-                    self._start_engine()  # validates the header part of an empty array
+                    try:  # validates the header part of an empty array
+                        self._start_engine(*self._batch_bytes(end))
+                    finally:
+                        self._end_spill()
                 return
             else:
                 if self.yielded >= self.stop and self.engine is not None:
                     win.discard_before(win.base + self.pos)  # nothing more to decode: keep what the scanner needs
+                elif self.spill.active or win.hi - win.lo > SPILL_ABOVE:
+                    self._spill_scanned()  # the open batch is big: its scanned bytes go to disk
                 if win.eof:
                     raise _truncated(path, win.base + self.pos, st)
                 self.pos = win.fill(self.pos)
@@ -531,6 +701,9 @@ class _StreamReader:
             if not self.failed:  # damage the scanner found: the elements before it whose extent is certain
                 yield from self._tentative(exc)
             raise
+        finally:
+            self.win.spilled = None
+            self.spill.close()
 
     def _tentative(self, exc: Exception) -> Iterator[list[Any]]:
         """After damage inside a batch: the elements before it whose extent is certain, one by one."""
@@ -540,14 +713,14 @@ class _StreamReader:
         p_starts, p_memo, p_end = _pending(st, exc, self.header.count)
         if not len(p_starts):
             return
-        eng = self._start_engine()
-        win = self.win
+        buf, base = self._batch_bytes(p_end)
+        eng = self._start_engine(buf, base)
         p_ends = np.append(p_starts[1:], p_end)
         for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
             if self.first + j >= self.stop:
                 return
             try:
-                item = eng.decode_run(win.buf, win.base, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], self.first + j)[0]
+                item = eng.decode_run(buf, base, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], self.first + j)[0]
             except _Partial:
                 return
             if _looks_partial(item):
