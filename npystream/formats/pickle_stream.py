@@ -191,6 +191,11 @@ class _Window:
         self.hi = shift + keep
         return pos - lo + shift
 
+    def shrink(self, pos: int) -> int:
+        """Move the live bytes to a fresh small buffer (the big one goes); returns the moved scan position."""
+        self.peak = 0
+        return self._rearrange(pos, STREAM_READ, -1)
+
     def after_stop(self, pos: int) -> tuple[int, int, bytes]:
         """After the STOP ending at window index ``pos``: read until two bytes follow it or the data ends.
 
@@ -636,6 +641,8 @@ class _StreamReader:
         win = self.win
         self.spill.write(win.buf[win.lo : self.pos], win.base + win.lo)
         win.discard_before(win.base + self.pos)
+        if len(win.mem) > SPILL_ABOVE + 4 * STREAM_READ and win.hi - win.lo <= STREAM_READ:
+            self.pos = win.shrink(self.pos)  # a big opcode grew the window; its bytes are on disk now
 
     def _batch_bytes(self, end: int) -> tuple[Any, int]:
         """(buffer, file offset of its byte 0) holding the open batch up to file offset ``end``."""
