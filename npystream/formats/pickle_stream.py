@@ -6,8 +6,8 @@ through a *window* of raw pickle bytes, elements are decoded by the same
 :class:`~npystream.formats.pickle_walk._Engine` as on seekable files, and memo
 values are kept across batches only within the ``RETAIN_*`` budget.
 
-Exact elements, one batch in memory
------------------------------------
+Exact elements, one batch held (on disk when big)
+-------------------------------------------------
 numpy writes 1000 elements per ``MARK ... APPENDS`` batch.  Element
 boundaries are only *certain* at the batch's closing APPENDS: a later TUPLE2/3,
 BUILD, SETITEM, APPEND or REDUCE may still fold the stack slots seen so far
@@ -17,13 +17,30 @@ bytes before the folds are the same as those of the elements a, b, c, ...).
 No lookahead of bounded length tells them apart, so this reader never
 guesses:
 
-* **Batches.**  The window keeps the raw bytes of the open batch; when its
-  APPENDS arrives the batch's elements are decoded (in runs of about
-  ``CHUNK_BYTES``), yielded, and its bytes dropped.  Memory note: a stream
-  holds one batch of raw bytes, up to 1000 elements (100 MB for 100 KB
-  arrays, about twice that while the window grows); a file of big elements
-  read from a seekable source costs one element instead (its offset index
-  makes the bounds known before decoding).
+* **Batches.**  The open batch's raw bytes are kept; when its APPENDS
+  arrives the batch's elements are decoded (in runs of about
+  ``CHUNK_BYTES``), yielded, and its bytes dropped.  A file of big elements
+  read from a seekable source never holds a batch (its offset index makes
+  the bounds known before decoding).
+* **Spill.**  While the open batch holds at most ``SPILL_ABOVE`` bytes
+  (32 MiB) they stay in the window.  Past that, the bytes the scanner has
+  passed move, at every read, to an unlinked temporary file
+  (:func:`tempfile.TemporaryFile`, in :func:`tempfile.gettempdir`: ``TMPDIR``
+  chooses it), so the window stays small; at the APPENDS the rest follows
+  and the batch is decoded exactly as in memory, from a read-only ``mmap``
+  of the file (file-backed pages the kernel may drop, released behind the
+  decoder with ``MADV_DONTNEED``), then the file is truncated and reused
+  for the next big batch.  Elements never view the file: array payloads
+  come out as copies (what the in-memory path hands out for all but a
+  window-filling payload), so the types and flags are those of the
+  in-memory path.  Anonymous memory: about ``SPILL_ABOVE`` plus one element,
+  whatever the batch (a 200 MB batch of 200 KB arrays: about 80 MiB,
+  against about 275 MiB in memory); disk: one batch.  A temporary file that
+  cannot be made, written or mapped (disk full, missing directory) raises
+  :class:`~npystream.errors.NpyStreamError` naming the directory and
+  ``TMPDIR``.  Do not point ``TMPDIR`` at a tmpfs (``/dev/shm``): its pages
+  are memory.  ``SPILL_ABOVE`` is a module constant; raise it to trade
+  memory for disk writes.
 * **Memo.**  A batch's memo writes go, once decoded, through
   ``_Engine.retain``: globals, dtypes and small values are kept (within the
   ``RETAIN_*`` budget), the rest released.  So back-references within a
@@ -32,7 +49,11 @@ guesses:
   (read from a seekable source).
 * **Window.**  One buffer (``numpy.empty``: pages cost memory only once
   written) that is compacted in place when its dead prefix is large, grown
-  geometrically when live data fills it, and shrunk after a large element.
+  geometrically when live data fills it (up to about ``SPILL_ABOVE``: more
+  is spilled), kept while batches spill (a fresh buffer per batch would
+  fault in its pages again, and each freed one raises glibc's mmap
+  threshold, leaving freed heap untrimmed), and shrunk after a large
+  element.
   An opcode longer than the window (a big array's raw bytes) grows it once to
   the exact size its length field announces *after those bytes have
   arrived*: the window grows by what was read, never by a length field
@@ -45,9 +66,13 @@ guesses:
   most of the window becomes the array's memory itself (the window then moves
   to a fresh buffer), smaller ones are copied once.  So one 300 MB element
   costs about 300 MB, not the 4 copies of window, program, ``bytes`` and array.
+  Past ``SPILL_ABOVE`` the big opcode's window is released once its bytes
+  are on disk, and the array is one copy from the map: still one element's
+  memory at a time.
 
-Reads stay at ``STREAM_READ`` granularity.  Peak memory is about one batch
-of raw bytes, one decoded run (``CHUNK_BYTES``) and the retained memo
+Reads stay at ``STREAM_READ`` granularity.  Peak anonymous memory is about
+the open batch's raw bytes up to ``SPILL_ABOVE``, the largest opcode (one
+array's raw bytes), one decoded run (``CHUNK_BYTES``) and the retained memo
 (``RETAIN_BYTES``).
 """
 
@@ -105,19 +130,10 @@ HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes 
 WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
 _ROOM_AFTER_BIG = 2 * STREAM_READ  # room left after a big opcode for the opcodes that follow it
 _ALIGN = 64  # a big payload starts at this alignment in its window buffer
-SPILL_ABOVE = 32 << 20  # an open batch holding more raw bytes than this moves to a temporary file
+# an open batch holding more raw bytes than this moves to a temporary file (memory bound of a stream;
+# a batch below it is decoded from memory without a write)
+SPILL_ABOVE = 32 << 20
 _NO_LIVE: dict[int, int] = {}
-
-
-def _new_buffer(n: int) -> np.ndarray:
-    """``n`` writeable bytes of their own anonymous map (page-aligned; back to the system when unreferenced).
-
-    Not from ``malloc``: glibc raises its mmap threshold to the size of each
-    mapped block freed (up to 32 MiB), so after a window grew through 8 and 16
-    MiB every later allocation below that size would come from the heap,
-    which then keeps tens of MiB of freed memory untrimmed.
-    """
-    return np.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE), dtype=np.uint8)  # private: anonymous memory, counted as such
 
 
 class _Window:
@@ -125,7 +141,7 @@ class _Window:
 
     def __init__(self, src: ByteSource, offset: int) -> None:
         self.src = src
-        self.mem = _new_buffer(WINDOW_MIN)
+        self.mem = np.empty(WINDOW_MIN, dtype=np.uint8)
         self.buf = memoryview(self.mem)
         self.base = offset  # file offset of buf[0]
         self.lo = 0  # bytes before lo are no longer needed
@@ -178,7 +194,7 @@ class _Window:
             # live data grows: geometric, but not past what the reader holds before it spills (SPILL_ABOVE)
             new_cap = target + shift if payload >= 0 else max(target, min(2 * keep, SPILL_ABOVE + 2 * STREAM_READ))
         if new_cap:
-            mem = _new_buffer(max(new_cap, WINDOW_MIN))
+            mem = np.empty(max(new_cap, WINDOW_MIN), dtype=np.uint8)
             buf = memoryview(mem)
             if keep:
                 buf[shift : shift + keep] = self.buf[lo:hi]
@@ -643,6 +659,8 @@ class _StreamReader:
         win.discard_before(win.base + self.pos)
         if len(win.mem) > SPILL_ABOVE + 4 * STREAM_READ and win.hi - win.lo <= STREAM_READ:
             self.pos = win.shrink(self.pos)  # a big opcode grew the window; its bytes are on disk now
+        else:  # keep the buffer for the next big batch (its pages are touched once, not per batch)
+            win.peak = max(win.peak, len(win.mem))
 
     def _batch_bytes(self, end: int) -> tuple[Any, int]:
         """(buffer, file offset of its byte 0) holding the open batch up to file offset ``end``."""
