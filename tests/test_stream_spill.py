@@ -212,3 +212,15 @@ def test_big_batch_through_cat_stays_under_100_mb(tmp_path):
     path.unlink()
     assert code == 0
     assert 0 < peak < 100_000_000, f"peak RssAnon {peak / 2**20:.0f} MiB"
+
+
+def test_spilled_gzip_equals_np_load(spills, tmp_path):
+    """Another forward-only source spills the same way: a gzip file."""
+    import gzip
+
+    data = _npy(obj_array(_mixed()))
+    gz = tmp_path / "mixed.npy.gz"
+    gz.write_bytes(gzip.compress(data, compresslevel=1))
+    want = expected_elements(np.load(io.BytesIO(data), allow_pickle=True))
+    assert_same_elements(list(npystream.iter_objects(gz)), want)
+    assert len(spills) >= 3
