@@ -23,7 +23,7 @@ from objcases import assert_same_elements, expected_elements, npy_preamble, obj_
 
 import npystream
 from npystream import FormatError
-from npystream.formats import pickle_ops
+from npystream.formats import pickle_ops, pickle_stream
 
 
 def _npy(arr: np.ndarray, protocol: int | None = None) -> bytes:
@@ -296,14 +296,19 @@ def _spines(draw):
     filler=hs.sampled_from([0, 3, 995, 1200]),
     where=hs.integers(0, 1200),
     protocol=hs.sampled_from([None, 2, 4, 5]),
+    spill_above=hs.sampled_from([None, 256 << 10]),
 )
-def test_pipe_equals_np_load_on_nested_structures(items, filler, where, protocol):
+def test_pipe_equals_np_load_on_nested_structures(items, filler, where, protocol, spill_above):
     """Nested structures (chains up to depth 22 around arrays up to 2.6 MB), placed anywhere among
-    small elements (batch bounds of 1000 included), through a real pipe: every element np.load's."""
+    small elements (batch bounds of 1000 included), through a real pipe: every element np.load's;
+    also with the open batch spilled to a temporary file above a lowered SPILL_ABOVE."""
     elements: list = [_chain(v, d) for v, d in items]
     pos = min(where, filler)
     elements = [*range(pos), *elements, *range(filler - pos)]
     data = _npy(obj_array(elements), protocol=protocol)
-    got, exc = _through_pipe(data)
+    with pytest.MonkeyPatch.context() as mp:
+        if spill_above is not None:
+            mp.setattr(pickle_stream, "SPILL_ABOVE", spill_above)
+        got, exc = _through_pipe(data)
     assert exc is None, exc
     assert_same_elements(got, _expected(data))

@@ -6,8 +6,8 @@ through a *window* of raw pickle bytes, elements are decoded by the same
 :class:`~npystream.formats.pickle_walk._Engine` as on seekable files, and memo
 values are kept across batches only within the ``RETAIN_*`` budget.
 
-Exact elements, one batch in memory
------------------------------------
+Exact elements, one batch held (on disk when big)
+-------------------------------------------------
 numpy writes 1000 elements per ``MARK ... APPENDS`` batch.  Element
 boundaries are only *certain* at the batch's closing APPENDS: a later TUPLE2/3,
 BUILD, SETITEM, APPEND or REDUCE may still fold the stack slots seen so far
@@ -17,13 +17,30 @@ bytes before the folds are the same as those of the elements a, b, c, ...).
 No lookahead of bounded length tells them apart, so this reader never
 guesses:
 
-* **Batches.**  The window keeps the raw bytes of the open batch; when its
-  APPENDS arrives the batch's elements are decoded (in runs of about
-  ``CHUNK_BYTES``), yielded, and its bytes dropped.  Memory note: a stream
-  holds one batch of raw bytes, up to 1000 elements (100 MB for 100 KB
-  arrays, about twice that while the window grows); a file of big elements
-  read from a seekable source costs one element instead (its offset index
-  makes the bounds known before decoding).
+* **Batches.**  The open batch's raw bytes are kept; when its APPENDS
+  arrives the batch's elements are decoded (in runs of about
+  ``CHUNK_BYTES``), yielded, and its bytes dropped.  A file of big elements
+  read from a seekable source never holds a batch (its offset index makes
+  the bounds known before decoding).
+* **Spill.**  While the open batch holds at most ``SPILL_ABOVE`` bytes
+  (32 MiB) they stay in the window.  Past that, the bytes the scanner has
+  passed move, at every read, to an unlinked temporary file
+  (:func:`tempfile.TemporaryFile`, in :func:`tempfile.gettempdir`: ``TMPDIR``
+  chooses it), so the window stays small; at the APPENDS the rest follows
+  and the batch is decoded exactly as in memory, from a read-only ``mmap``
+  of the file (file-backed pages the kernel may drop, released behind the
+  decoder with ``MADV_DONTNEED``), then the file is truncated and reused
+  for the next big batch.  Elements never view the file: array payloads
+  come out as copies (what the in-memory path hands out for all but a
+  window-filling payload), so the types and flags are those of the
+  in-memory path.  Anonymous memory: about ``SPILL_ABOVE`` plus one element,
+  whatever the batch (a 200 MB batch of 200 KB arrays: about 80 MiB,
+  against about 275 MiB in memory); disk: one batch.  A temporary file that
+  cannot be made, written or mapped (disk full, missing directory) raises
+  :class:`~npystream.errors.NpyStreamError` naming the directory and
+  ``TMPDIR``.  Do not point ``TMPDIR`` at a tmpfs (``/dev/shm``): its pages
+  are memory.  ``SPILL_ABOVE`` is a module constant; raise it to trade
+  memory for disk writes.
 * **Memo.**  A batch's memo writes go, once decoded, through
   ``_Engine.retain``: globals, dtypes and small values are kept (within the
   ``RETAIN_*`` budget), the rest released.  So back-references within a
@@ -32,7 +49,11 @@ guesses:
   (read from a seekable source).
 * **Window.**  One buffer (``numpy.empty``: pages cost memory only once
   written) that is compacted in place when its dead prefix is large, grown
-  geometrically when live data fills it, and shrunk after a large element.
+  geometrically when live data fills it (up to about ``SPILL_ABOVE``: more
+  is spilled), kept while batches spill (a fresh buffer per batch would
+  fault in its pages again, and each freed one raises glibc's mmap
+  threshold, leaving freed heap untrimmed), and shrunk after a large
+  element.
   An opcode longer than the window (a big array's raw bytes) grows it once to
   the exact size its length field announces *after those bytes have
   arrived*: the window grows by what was read, never by a length field
@@ -45,21 +66,27 @@ guesses:
   most of the window becomes the array's memory itself (the window then moves
   to a fresh buffer), smaller ones are copied once.  So one 300 MB element
   costs about 300 MB, not the 4 copies of window, program, ``bytes`` and array.
+  Past ``SPILL_ABOVE`` the big opcode's window is released once its bytes
+  are on disk, and the array is one copy from the map: still one element's
+  memory at a time.
 
-Reads stay at ``STREAM_READ`` granularity.  Peak memory is about one batch
-of raw bytes, one decoded run (``CHUNK_BYTES``) and the retained memo
+Reads stay at ``STREAM_READ`` granularity.  Peak anonymous memory is about
+the open batch's raw bytes up to ``SPILL_ABOVE``, the largest opcode (one
+array's raw bytes), one decoded run (``CHUNK_BYTES``) and the retained memo
 (``RETAIN_BYTES``).
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from npystream.errors import FormatError, UnsafePickleError, UnsupportedError
+from npystream.errors import FormatError, NpyStreamError, UnsafePickleError, UnsupportedError
 from npystream.formats.npy import NpyHeader
 from npystream.formats.pickle_ops import (
     _BYTES_OPS,
@@ -103,6 +130,9 @@ HAND_OFF = 16 << 20  # a payload this big that fills most of the window becomes 
 WINDOW_MIN = 4 * STREAM_READ  # smallest window buffer
 _ROOM_AFTER_BIG = 2 * STREAM_READ  # room left after a big opcode for the opcodes that follow it
 _ALIGN = 64  # a big payload starts at this alignment in its window buffer
+# an open batch holding more raw bytes than this moves to a temporary file (memory bound of a stream;
+# a batch below it is decoded from memory without a write)
+SPILL_ABOVE = 32 << 20
 _NO_LIVE: dict[int, int] = {}
 
 
@@ -119,6 +149,7 @@ class _Window:
         self.eof = False
         self.donated = False  # part of mem is an array's memory: never write into mem again
         self.peak = 0  # bytes the recent batches needed (decaying): the buffer is not shrunk below them
+        self.spilled: tuple[Any, int] | None = None  # (map, file offset of its byte 0) while a spilled batch decodes
 
     def discard_before(self, offset: int) -> None:
         """Bytes before file ``offset`` are no longer needed."""
@@ -160,7 +191,8 @@ class _Window:
         elif target + shift <= cap and (lo >= cap // 4 or payload >= 0):
             new_cap = 0  # compact in place: the dead prefix is large
         else:
-            new_cap = target + shift if payload >= 0 else max(target, 2 * keep)  # live data grows: geometric
+            # live data grows: geometric, but not past what the reader holds before it spills (SPILL_ABOVE)
+            new_cap = target + shift if payload >= 0 else max(target, min(2 * keep, SPILL_ABOVE + 2 * STREAM_READ))
         if new_cap:
             mem = np.empty(max(new_cap, WINDOW_MIN), dtype=np.uint8)
             buf = memoryview(mem)
@@ -175,6 +207,11 @@ class _Window:
         self.hi = shift + keep
         return pos - lo + shift
 
+    def shrink(self, pos: int) -> int:
+        """Move the live bytes to a fresh small buffer (the big one goes); returns the moved scan position."""
+        self.peak = 0
+        return self._rearrange(pos, STREAM_READ, -1)
+
     def after_stop(self, pos: int) -> tuple[int, int, bytes]:
         """After the STOP ending at window index ``pos``: read until two bytes follow it or the data ends.
 
@@ -188,6 +225,10 @@ class _Window:
 
     def payload(self, offset: int, n: int) -> memoryview:
         """Bytes ``[offset, offset + n)`` (file offsets) as a writeable buffer no one else uses."""
+        if self.spilled is not None:  # a copy: the temporary file is reused for the next batch
+            view, base = self.spilled
+            a = offset - base
+            return np.array(view[a : a + n]).data
         a = offset - self.base
         if n >= HAND_OFF and 2 * n >= len(self.mem):
             self.donated = True  # this buffer is now (mostly) the array: the next fill moves on
@@ -205,6 +246,110 @@ class _WindowPayloads:
 
     def __getitem__(self, key: slice) -> memoryview:
         return self.window.payload(key.start, key.stop - key.start)
+
+
+class _Spill:
+    """The open batch's raw bytes ``[base, base + size)`` (file offsets) in an unlinked temporary file.
+
+    Written in order as the scanner passes them, read back through a
+    read-only map (file-backed pages the kernel can drop, not anonymous
+    memory), then truncated and reused for the next big batch.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file: Any = None
+        self.base = -1  # file offset of the temporary file's byte 0; -1: nothing spilled
+        self.size = 0
+        self.map: mmap.mmap | None = None
+        self.view: memoryview | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.base >= 0
+
+    def _fail(self, what: str, exc: OSError) -> NpyStreamError:
+        where = tempfile.gettempdir()
+        return NpyStreamError(
+            f"could not {what} the temporary file that holds a streamed batch in {where!r} ({exc.strerror or exc}); "
+            f"a stream keeps a batch of more than {SPILL_ABOVE >> 20} MiB of raw bytes there instead of in memory: "
+            "set TMPDIR to a directory on a disk with room for one batch (or read the file from a seekable source, "
+            "which needs no batch)",
+            path=self.path,
+            offset=self.base + self.size if self.active else None,
+        )
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Append ``data``, the bytes at file ``offset`` (the first write fixes ``base``)."""
+        if not self.active:
+            self.base = offset
+            self.size = 0
+        if offset != self.base + self.size:  # pragma: no cover - reader invariant
+            raise RuntimeError(f"spill out of order: {offset} after {self.base + self.size}")
+        if not len(data):
+            return
+        try:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile()
+            self.file.write(data)
+        except OSError as exc:
+            raise self._fail("write", exc) from None
+        self.size += len(data)
+
+    def open_view(self) -> tuple[memoryview, int]:
+        """(a read-only view of the spilled bytes, the file offset of its byte 0)."""
+        if not self.size:
+            return memoryview(b""), self.base
+        try:
+            self.file.flush()
+            self.map = mmap.mmap(self.file.fileno(), self.size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise self._fail("map", exc if isinstance(exc, OSError) else OSError(str(exc))) from None
+        self.view = memoryview(self.map)
+        return self.view, self.base
+
+    def release(self, start: int, end: int) -> None:
+        """Decoded bytes ``[start, end)`` (file offsets) are not read again: drop their pages from the map."""
+        if self.map is None or not hasattr(self.map, "madvise"):
+            return
+        a = (start - self.base) // mmap.PAGESIZE * mmap.PAGESIZE
+        b = min(end - self.base, self.size)
+        if b > a:
+            try:
+                self.map.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, AttributeError, ValueError):  # pragma: no cover - advice only
+                pass
+
+    def reset(self) -> None:
+        """Forget the batch: unmap, then truncate the file for the next one (a new file if the map is still in use)."""
+        if self.view is not None:
+            try:
+                self.view.release()
+            except BufferError:  # pragma: no cover - an export of the view is alive: the map stays open
+                pass
+            self.view = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # something still views the map: leave it that file, start a new one
+                self.file = None
+            self.map = None
+        if self.file is not None and self.size:
+            try:
+                self.file.seek(0)
+                self.file.truncate(0)
+            except OSError as exc:
+                raise self._fail("truncate", exc) from None
+        self.base = -1
+        self.size = 0
+
+    def close(self) -> None:
+        try:
+            self.reset()
+        finally:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
 
 
 def _pending_opcode(buf: Any, pos: int, hi: int) -> tuple[int, int]:
@@ -387,6 +532,7 @@ class _StreamReader:
         self.path = src.name
         self.st = ScanState(header.count, make_global_check(policy))
         self.win = _Window(src, header.data_offset)
+        self.spill = _Spill(self.path)  # the open batch's bytes once they exceed SPILL_ABOVE
         self.pos = 0  # scan position (window index)
         self.engine: _Engine | None = None
         self.pinned: set[int] = set()
@@ -406,7 +552,8 @@ class _StreamReader:
             index=index,
         )
 
-    def _start_engine(self) -> _Engine:
+    def _start_engine(self, buf: Any, base: int) -> _Engine:
+        """The engine, made on first use from the prefix bytes in ``buf`` (``buf[0]`` is at file offset ``base``)."""
         if self.engine is None:
             win = self.win
             eng = _Engine(
@@ -420,16 +567,19 @@ class _StreamReader:
                 proto=self.st.proto,
             )
             eng.resolver = self._unsupported
-            eng.decode_prefix(win.buf, win.base, self.header.data_offset, self.st.body_start)
+            eng.decode_prefix(buf, base, self.header.data_offset, self.st.body_start)
             self.pinned.update(eng.rw.slot_of)
             self.engine = eng
         return self.engine
 
     # -- decoding ------------------------------------------------------------------
-    def _decode(self, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, first: int, memo_end: int) -> Iterator[list[Any]]:
-        """Decode elements ``first ..`` (``[starts[j], ends[j])``) in runs of about ``CHUNK_BYTES``; yield the lists."""
-        eng = self._start_engine()
-        win = self.win
+    def _decode(
+        self, buf: Any, base: int, starts: np.ndarray, ends: np.ndarray, memos: np.ndarray, first: int, memo_end: int
+    ) -> Iterator[list[Any]]:
+        """Decode elements ``first ..`` (``[starts[j], ends[j])`` of ``buf``, whose byte 0 is at file offset ``base``)
+        in runs of about ``CHUNK_BYTES``; yield the lists."""
+        eng = self._start_engine(buf, base)
+        spill = self.spill if self.spill.map is not None else None
         rw = eng.rw
         k = min(len(starts), self.stop - first)
         i = 0
@@ -441,14 +591,14 @@ class _StreamReader:
             m_hi = int(memos[j]) if j < len(starts) else memo_end
             live = None
             if (b - a) >= LARGE_ELEMENT_BYTES * (j - i):
-                skip, _ = _payload_memos(win.buf, a - win.base, b - win.base, m_lo)
+                skip, _ = _payload_memos(buf, a - base, b - base, m_lo)
                 if skip:
                     live = dict.fromkeys(range(m_lo, m_hi), -1)
                     for m in skip:
                         del live[m]
             rw.live = live
             try:
-                items = eng.decode_run(win.buf, win.base, starts[i:j], ends[i:j], memos[i:j], first + i)
+                items = eng.decode_run(buf, base, starts[i:j], ends[i:j], memos[i:j], first + i)
             except _Partial as part:
                 self.yielded += len(part.items)
                 self.failed = True  # an element failed to build: no tentative elements after it
@@ -456,6 +606,8 @@ class _StreamReader:
                 raise part.error from None
             finally:
                 rw.live = None
+            if spill is not None:
+                spill.release(a, b)
             self.held.extend(range(m_lo, m_hi))
             self._retain(b)
             self.yielded += len(items)
@@ -488,10 +640,47 @@ class _StreamReader:
             ends = np.empty(k, dtype=np.int64)
             ends[:-1] = starts[1:]
             ends[-1] = end
-            yield from self._decode(starts, ends, memo_at, self.first, memo_end)
+            buf, base = self._batch_bytes(end)
+            try:
+                yield from self._decode(buf, base, starts, ends, memo_at, self.first, memo_end)
+            finally:
+                del buf
+                self._end_spill()
         self._retain(end)
         self.first += k
+        self._end_spill()
         self.win.discard_before(end)
+
+    # -- the spill file ------------------------------------------------------------------
+    def _spill_scanned(self) -> None:
+        """The scanner is past ``pos``: move the open batch's bytes before it from the window to the spill file."""
+        win = self.win
+        self.spill.write(win.buf[win.lo : self.pos], win.base + win.lo)
+        win.discard_before(win.base + self.pos)
+        if len(win.mem) > SPILL_ABOVE + 4 * STREAM_READ and win.hi - win.lo <= STREAM_READ:
+            self.pos = win.shrink(self.pos)  # a big opcode grew the window; its bytes are on disk now
+        else:  # keep the buffer for the next big batch (its pages are touched once, not per batch)
+            win.peak = max(win.peak, len(win.mem))
+
+    def _batch_bytes(self, end: int) -> tuple[Any, int]:
+        """(buffer, file offset of its byte 0) holding the open batch up to file offset ``end``."""
+        win = self.win
+        spill = self.spill
+        if not spill.active:
+            return win.buf, win.base
+        if spill.view is not None:  # mapped already (the engine's prefix came from it)
+            return spill.view, spill.base
+        stop = min(max(end - win.base, win.lo), win.hi)
+        spill.write(win.buf[win.lo : stop], win.base + win.lo)
+        win.discard_before(win.base + stop)
+        buf, base = spill.open_view()
+        win.spilled = (buf, base)
+        return buf, base
+
+    def _end_spill(self) -> None:
+        self.win.spilled = None
+        if self.spill.active:
+            self.spill.reset()
 
     # -- the pass ----------------------------------------------------------------------
     def _scan_all(self) -> Iterator[list[Any]]:
@@ -504,7 +693,8 @@ class _StreamReader:
             except ScanError as err:
                 raise _scan_exc(err, path) from None
             if st.status == ST_BATCH:
-                self._start_engine()
+                if self.engine is None:
+                    self._start_engine(*self._batch_bytes(st.batch_end))
                 starts = _take(st.starts)
                 memo_at = _take(st.memo_at)
                 yield from self._close_batch(starts, memo_at, st.batch_end, st.memo)
@@ -513,11 +703,16 @@ class _StreamReader:
                 self.pos, extra, tail = win.after_stop(self.pos)
                 _finish(st, self.header, path, end, end + extra, tail)
                 if self.engine is None:
-                    self._start_engine()  # validates the header part of an empty array
+                    try:  # validates the header part of an empty array
+                        self._start_engine(*self._batch_bytes(end))
+                    finally:
+                        self._end_spill()
                 return
             else:
                 if self.yielded >= self.stop and self.engine is not None:
                     win.discard_before(win.base + self.pos)  # nothing more to decode: keep what the scanner needs
+                elif self.spill.active or win.hi - win.lo > SPILL_ABOVE:
+                    self._spill_scanned()  # the open batch is big: its scanned bytes go to disk
                 if win.eof:
                     raise _truncated(path, win.base + self.pos, st)
                 self.pos = win.fill(self.pos)
@@ -531,6 +726,9 @@ class _StreamReader:
             if not self.failed:  # damage the scanner found: the elements before it whose extent is certain
                 yield from self._tentative(exc)
             raise
+        finally:
+            self.win.spilled = None
+            self.spill.close()
 
     def _tentative(self, exc: Exception) -> Iterator[list[Any]]:
         """After damage inside a batch: the elements before it whose extent is certain, one by one."""
@@ -540,14 +738,14 @@ class _StreamReader:
         p_starts, p_memo, p_end = _pending(st, exc, self.header.count)
         if not len(p_starts):
             return
-        eng = self._start_engine()
-        win = self.win
+        buf, base = self._batch_bytes(p_end)
+        eng = self._start_engine(buf, base)
         p_ends = np.append(p_starts[1:], p_end)
         for j in range(len(p_starts)):  # tentative: one by one, stop at the first doubtful one
             if self.first + j >= self.stop:
                 return
             try:
-                item = eng.decode_run(win.buf, win.base, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], self.first + j)[0]
+                item = eng.decode_run(buf, base, p_starts[j : j + 1], p_ends[j : j + 1], p_memo[j : j + 1], self.first + j)[0]
             except _Partial:
                 return
             if _looks_partial(item):
