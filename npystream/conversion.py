@@ -49,7 +49,7 @@ import numpy as np
 from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
 from npystream.formats.npy import read_header
-from npystream.sources import DECOMPRESS_ERRORS, GZIP_MAGIC
+from npystream.sources import DECOMPRESS_ERRORS, sniff
 from npystream.sources import read_upto as _read_upto
 
 __all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
@@ -241,7 +241,7 @@ def describe_source(spec: str) -> SourceInfo:
         head = _read_upto(raw, 2)
         replay = _Replay(head, raw)
         stream: Any = io.BufferedReader(replay, buffer_size=_COPY_CHUNK)
-        compressed = head == GZIP_MAGIC
+        compressed = sniff(head) == "gzip"
         if compressed:
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
         header, stream = _peek_header(stream, "<stdin>")
@@ -268,7 +268,8 @@ def describe_source(spec: str) -> SourceInfo:
                 "mtime_ns": st.st_mtime_ns}
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic[:2] == b"PK":
+    kind = sniff(magic)
+    if kind == "zip":
         with zipfile.ZipFile(path) as zf:
             if member is None:
                 return SourceInfo(spec, "npz", path, size=st.st_size, path=path, identity=identity)
@@ -282,7 +283,7 @@ def describe_source(spec: str) -> SourceInfo:
                           compressed=info.compress_type != zipfile.ZIP_STORED, identity=identity)
     if member is not None:
         raise FormatError(f"{path} is not a .npz archive, so {spec!r} names no member", path=path)
-    compressed = magic[:2] == GZIP_MAGIC
+    compressed = kind == "gzip"
     if compressed:
         with gzip.open(path, "rb") as g:
             header = read_header(g)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from npystream.errors import FormatError, TruncatedError, UnsupportedError
-from npystream.sources import ByteSource, open_source
+from npystream.sources import ByteSource, open_source, sniff
 
 __all__ = [
     "MAGIC",
@@ -192,7 +192,7 @@ def _read_from(src: ByteSource, max_header_size: int) -> NpyHeader:
     if magic != MAGIC:
         hint = (
             "; it looks like a zip (.npz) archive: open it with npystream.open(path)"
-            if magic.startswith(b"PK")
+            if sniff(magic) == "zip"
             else ""
         )
         raise _fail(
