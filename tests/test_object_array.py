@@ -437,12 +437,12 @@ def test_nsidx_read_only_directory(tmp_path, monkeypatch):
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(folder, os.W_OK):  # running as root: simulate the refusal instead
-            import tempfile
+            from npystream import _atomic
 
             def refuse(*a, **k):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(_atomic, "temp_name", refuse)
         with npystream.open(path) as arr:
             assert_same_element(arr[999], expected_elements(loaded)[999])
             assert "in memory" in repr(arr)
