@@ -67,23 +67,11 @@ SUPPORTED = (
 _PARTIAL_TAG = "partial"
 
 
-# Up to this many elements, the off-by-default _READ_RANGES path reads a plain file through
-# an ObjectArray's offset index (24 bytes per element: 48 MB at the limit).
-_INDEX_LIMIT = 2_000_000
-_CHUNK = 64
 _WRITER_BUFFER = 1 << 20
-# Reading elements from the file instead of copying them out of the map (off: measured
-# slower here).  With _READ_RANGES, elements of at least _RANGE_MIN bytes that are zero-copy
-# views of the source file have their bytes read from it (RaggedWriter.append_from_file:
-# preadv into the writer's buffer, copy_file_range for elements larger than the buffer):
-# no page faults on the map and no copy in user space.  On the development VM (Linux 6.18,
-# ext4) it costs more kernel time than it saves; the 2 GB benchmark, user + system CPU of
-# the whole conversion, medians of 4-5 interleaved runs: copy out of the map 1.46-1.52 s,
-# preadv 1.56-1.65 s, copy_file_range per element 1.85 s (cp: 0.66-0.78 s).  Kept, tested
-# and switchable so that `benchmarks/bench_convert.py --rows ranges` can re-measure it on
-# other kernels and file systems.
-_RANGE_MIN = 4 << 10
-_READ_RANGES = False
+# Elements are copied out of the source's map.  Reading large ones from the file instead
+# (RaggedWriter.append_from_file: preadv, copy_file_range) was measured slower on Linux 6.18 /
+# ext4 (2 GB benchmark, user + system CPU: 1.46-1.52 s vs 1.56-1.65 s preadv, 1.85 s
+# copy_file_range) and is not used here.
 # The ragged writer's pwrite()s run on a helper thread while the next buffer fills
 # (RaggedWriter(write_behind=True); the C helper, npystream._speedups.WriteBehind, keeps up
 # to 3 writes queued and never needs the GIL).  2 GB benchmark, Python helper, medians of 6
@@ -91,88 +79,6 @@ _READ_RANGES = False
 # with both cores busy, 2.23 s vs 2.03 s (a second core is what it needs).  C helper, whole
 # processes, 3 interleaved runs each: 0.70-0.77 s (Python helper 0.96-1.13 s).
 _WRITE_BEHIND = True
-
-
-def _indexable(src: SourceInfo) -> bool:
-    """Whether an object source is read through its offset index (zero-copy views)."""
-    return is_plain(src) and src.count is not None and src.count <= _INDEX_LIMIT
-
-
-class _IndexedSource:
-    """The elements of a plain object ``.npy`` from ``start``, as zero-copy views through its index.
-
-    With ``locate=True``, :attr:`fd` is an open descriptor of the source file
-    and :meth:`file_offset` says where a view's bytes lie in it (for
-    ``RaggedWriter.append_from_file``), or None when it is not a view of
-    the file.
-    """
-
-    def __init__(self, path: Any, start: int, opts: dict[str, Any], *, locate: bool) -> None:
-        from npystream.object_array import ObjectArray
-
-        self.fd: int | None = None
-        self._lo = self._hi = self._shift = 0
-        self._start = start
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if locate else None
-        try:
-            self._arr = ObjectArray(path, zero_copy="always", **opts)
-            try:
-                self._arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
-                located = fd is not None and self._locate(fd)
-            except BaseException:
-                self._arr.close()
-                raise
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        if located:
-            self.fd = fd
-        elif fd is not None:
-            os.close(fd)
-
-    def _locate(self, fd: int) -> bool:
-        mapping = self._arr.file_mapping()
-        if mapping is None:
-            return False
-        where, base, address, size = mapping
-        st = os.fstat(fd)
-        try:
-            now = os.stat(where) if isinstance(where, str) else os.fstat(where)
-        except OSError:
-            return False
-        # the views point into a map of the file at `where`: copy from it only if it is the
-        # file our descriptor reads (not replaced in between) and holds the mapped bytes
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or st.st_size < base + size:
-            return False
-        self._lo, self._hi, self._shift = address, address + size, base - address
-        return True
-
-    def __iter__(self) -> Iterator[Any]:
-        arr = self._arr
-        n = arr.size
-        for i in range(self._start, n, _CHUNK):
-            chunk = arr.get(range(i, min(n, i + _CHUNK)))
-            yield from chunk
-            del chunk
-
-    def first(self) -> Any:
-        """The element at ``start`` (``_END`` when there is none)."""
-        arr = self._arr
-        return arr.get([self._start])[0] if self._start < arr.size else _END
-
-    def file_offset(self, x: Any) -> int | None:
-        """Where the bytes of ``x`` (a C-contiguous ndarray) lie in the file at :attr:`fd`, or None."""
-        p = x.__array_interface__["data"][0]
-        if self._lo <= p and p + x.nbytes <= self._hi:
-            return p + self._shift
-        return None
-
-    def close(self) -> None:
-        self._arr.close()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # --------------------------------------------------------------------------- #
@@ -514,45 +420,35 @@ def _object_to_ragged(
             if writer is not None:
                 start = count = len(writer)
                 bar.add(start, 0)
-            if _READ_RANGES and info.kind == "object" and _indexable(info):  # off by default
-                indexed = _IndexedSource(info.path, start, safety, locate=True)
-                try:
-                    if writer is None:  # a new store: the first element decides the kind unless one was given
-                        first = indexed.first()
-                        writer = open_writer(kind if given or first is _END else _store_kind(first))
-                    count = _append_indexed(writer, indexed, bar, count, info.label, given)
-                finally:
-                    indexed.close()
-            else:
-                elements = open_elements(info, **safety, start=start, views=True)
-                try:
-                    if writer is None:  # a new store: the first element decides the kind unless one was given
-                        x = next(elements, _END)
-                        writer = open_writer(kind if given or x is _END else _store_kind(x))
-                        if x is not _END:
-                            _check_kind(writer.kind, x, 0, info.label, given)
-                            writer.append(x)
-                            count += 1
-                            bar.add(1, _nbytes(x))
-                    append = writer.append
-                    store_kind = writer.kind
-                    want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
-                    if bar.bar is None and want is not None:  # no progress bar: nothing to count
-                        for x in elements:
-                            if type(x) is not want:
-                                raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
-                            append(x)
-                        count = len(writer)
-                    else:
-                        add = bar.add
-                        for x in elements:
-                            if want is not None and type(x) is not want:
-                                raise _kind_mismatch(x, count, store_kind, info.label, given)
-                            append(x)
-                            count += 1
-                            add(1, _nbytes(x))
-                finally:  # an error stops early: release the source now, not when collected
-                    close_iter(elements)
+            elements = open_elements(info, **safety, start=start, views=True)
+            try:
+                if writer is None:  # a new store: the first element decides the kind unless one was given
+                    x = next(elements, _END)
+                    writer = open_writer(kind if given or x is _END else _store_kind(x))
+                    if x is not _END:
+                        _check_kind(writer.kind, x, 0, info.label, given)
+                        writer.append(x)
+                        count += 1
+                        bar.add(1, _nbytes(x))
+                append = writer.append
+                store_kind = writer.kind
+                want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
+                if bar.bar is None and want is not None:  # no progress bar: nothing to count
+                    for x in elements:
+                        if type(x) is not want:
+                            raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
+                        append(x)
+                    count = len(writer)
+                else:
+                    add = bar.add
+                    for x in elements:
+                        if want is not None and type(x) is not want:
+                            raise _kind_mismatch(x, count, store_kind, info.label, given)
+                        append(x)
+                        count += 1
+                        add(1, _nbytes(x))
+            finally:  # an error stops early: release the source now, not when collected
+                close_iter(elements)
         except _KindMismatch:
             _close_quietly(writer)
             raise
@@ -627,50 +523,6 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
         bar.close()
     return ConvertResult(info.label, dst, "object -> ragged", count, info.size or 0, _tree_size(dst), 0.0,
                          resumed_from=start, notes=notes)
-
-
-def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int,
-                    label: str = "", given: bool = True) -> int:
-    """Append every element of ``indexed``; large views of the file are read from the file.
-
-    Returns ``count`` plus the number of elements appended.  Elements the
-    store's kind would change raise :class:`_KindMismatch`.
-    """
-    append = writer.append
-    kind = writer.kind
-
-    def checked(items: Any) -> Iterator[Any]:
-        for k, x in enumerate(items, count):
-            _check_kind(kind, x, k, label, given)
-            yield x
-
-    items = checked(indexed)
-    add = bar.add
-    fd = indexed.fd
-    if fd is None:
-        for x in items:
-            append(x)
-            count += 1
-            add(1, _nbytes(x))
-        return count
-    from_file = writer.append_from_file
-    file_offset = indexed.file_offset
-    ndarray = np.ndarray
-    least = _RANGE_MIN
-    for x in items:
-        if type(x) is ndarray and x.nbytes >= least:
-            offset = file_offset(x)
-            if offset is not None:
-                from_file(x, fd, offset)
-            else:
-                append(x)
-            count += 1
-            add(1, x.nbytes)
-            continue
-        append(x)
-        count += 1
-        add(1, _nbytes(x))
-    return count
 
 
 def _close_quietly(writer: Any) -> None:
