@@ -59,7 +59,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
         kind, head = sniff_path(file)
         magic = head[: len(MAGIC)]
         if kind == "zip":
-            from npystream.object_array import NpzArchive
+            from npystream.archive import NpzArchive
 
             if mode != "r":
                 raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")
@@ -72,7 +72,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                 offset=0,
             )
     if _is_zip_file_object(file):
-        from npystream.object_array import NpzArchive
+        from npystream.archive import NpzArchive
 
         if mode != "r":
             raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")

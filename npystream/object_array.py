@@ -97,7 +97,6 @@ import numpy as np
 from npystream._atomic import atomic_output
 from npystream.errors import FormatError, NotSeekableError, TruncatedError
 from npystream.formats.npy import NpyHeader, read_header
-from npystream.formats.npz import NpzArchive as _NpzArchive
 from npystream.sources import (
     ByteSource,
     FileSource,
@@ -106,7 +105,7 @@ from npystream.sources import (
     open_source,
 )
 
-__all__ = ["ObjectArray", "NpzArchive", "FlatObjects", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for", "numpy_filename"]
+__all__ = ["ObjectArray", "FlatObjects", "NSIDX_SUFFIX", "NSIDX_VERSION", "index_path_for", "numpy_filename"]
 
 NSIDX_SUFFIX = ".nsidx"
 NSIDX_VERSION = 1
@@ -1042,22 +1041,3 @@ def _nest(items: list[Any], shape: tuple[int, ...]) -> list[Any]:
         return items
     step = len(items) // shape[0] if shape[0] else 0
     return [_nest(items[k * step : (k + 1) * step], shape[1:]) for k in range(shape[0])]
-
-
-class NpzArchive(_NpzArchive):
-    """A ``.npz`` opened lazily (:class:`npystream.formats.npz.NpzArchive`) whose object members open as :class:`ObjectArray`.
-
-    Stored object members give random access (and zero-copy views); deflated
-    ones stream.  The archive's safety options (``trusted``,
-    ``allowed_globals``...) apply to them.
-
-    >>> import os, tempfile, numpy as np
-    >>> p = os.path.join(tempfile.mkdtemp(), "o.npz")
-    >>> np.savez(p, o=np.array([1, "two"], dtype=object))
-    >>> with NpzArchive(p) as z, z["o"] as o:
-    ...     (type(o).__name__, list(o))
-    ('ObjectArray', [1, 'two'])
-    """
-
-    def _object_member(self, key: str, src: Any, header: NpyHeader) -> Any:
-        return ObjectArray(src, header=header, **self._object_options)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bridges", ("npystream.interop",)),
     ("formats", ("npystream.formats",)),
     ("uses", (
-        "npystream.elements", "npystream.objects", "npystream.object_array", "npystream.conversion",
+        "npystream.elements", "npystream.archive", "npystream.objects", "npystream.object_array", "npystream.conversion",
         "npystream.parallel_convert", "npystream.verification", "npystream.deferred",
         "npystream.concatenation", "npystream.loader", "npystream.torch", "npystream.dask",
         "npystream.demo",

@@ -57,7 +57,7 @@ __all__ = ["NpzArchive", "NpzMember"]
 
 _LOCAL = struct.Struct("<4s22xHH")  # signature, (skipped fixed fields), name length, extra length
 _LOCAL_MAGIC = b"PK\x03\x04"
-# Options passed on to ObjectArray for object-dtype members (see npystream.object_array.NpzArchive).
+# Options passed on to ObjectArray for object-dtype members (see npystream.archive.NpzArchive).
 _OBJECT_OPTIONS = frozenset({"trusted", "allowed_globals", "encoding", "fix_imports", "zero_copy", "nsidx"})
 _METHODS = {
     zipfile.ZIP_STORED: "stored",
@@ -228,7 +228,7 @@ class NpzArchive(Mapping[str, np.ndarray]):
         """The reader of an object member; it takes ownership of ``src``.
 
         Formats do not unpickle: this base refuses with a clear error, and
-        :class:`npystream.NpzArchive` (in :mod:`npystream.object_array`, what
+        :class:`npystream.NpzArchive` (in :mod:`npystream.archive`, what
         ``npystream.open`` returns) overrides it to return an
         :class:`~npystream.ObjectArray` with the archive's safety options.
         """
