@@ -13,9 +13,6 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 * ``cp SRC COPY``                                 (the bar: 1.5x)
 * ``npystream convert SRC DST.ragged``            (object .npy -> ragged store: zero-copy
   views of the mapped file copied into the writer's 1 MiB buffer, pwrite()n from there)
-* the same with ``npystream.conversion._READ_RANGES = True`` (row ``ranges``: large
-  elements read from the file with ``preadv`` into the buffer, ``copy_file_range`` for
-  those larger than it; off by default because it measured slower on the development VM)
 * ``cat SRC | npystream convert - DST2.ragged``   (the same through a pipe: no index, no
   zero-copy, one element at a time through ``iter_objects``)
 * ``npystream convert DST.ragged BACK.npy``       (ragged store -> object .npy)
@@ -23,7 +20,7 @@ memory (``RssAnon`` of the child, sampled every 2 ms):
 Ratios are from the same run.  Usage::
 
     python benchmarks/bench_convert.py [--dir DIR] [--count 20000] [--repeat 5]
-        [--src FILE.npy] [--rows to_ragged,ranges,stdin,to_npy] [--no-prewarm]
+        [--src FILE.npy] [--rows to_ragged,stdin,to_npy] [--no-prewarm]
 
 Fresh memory for every run.  Each row writes about 2 GB of new page cache,
 and on a virtual machine whose balloon device reports free pages to the host
@@ -59,7 +56,6 @@ LO, HI = 1_000, 49_000
 ROWS = {
     "cp": "cp",
     "to_ragged": "convert object .npy -> ragged",
-    "ranges": "  same, read from the file (_READ_RANGES)",
     "stdin": "cat | convert - (streamed) -> ragged",
     "to_npy": "convert ragged -> object .npy",
 }
@@ -106,8 +102,6 @@ _CONVERT = """
 import json, sys, time
 t = time.perf_counter()
 import npystream.conversion as conversion
-if sys.argv[3] == "ranges":  # off by default: elements read from the file (preadv/copy_file_range)
-    conversion._READ_RANGES = True
 r = conversion.convert(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "elements": r.elements}))
 """
@@ -197,7 +191,6 @@ def main() -> None:
     copy = os.path.join(a.dir, "bench_convert_cp.npy")
     store = os.path.join(a.dir, "bench_convert.ragged")
     back = os.path.join(a.dir, "bench_convert_back.npy")
-    ranged = store + ".ranges"
     rows: dict[str, list[tuple[float, float, int | None, float]]] = {name: [] for name in ROWS}
     for _ in range(a.repeat):  # interleaved: cp, then each conversion, then cp again next round
         _warm(src)
@@ -208,10 +201,6 @@ def main() -> None:
             _warm(src)
             _tree_rm(store)
             rows["to_ragged"].append(_run(_CONVERT, src, store, "default"))
-        if "ranges" in wanted:
-            _warm(src)
-            _tree_rm(ranged)
-            rows["ranges"].append(_run(_CONVERT, src, ranged, "ranges"))
         if "to_npy" in wanted:
             _tree_rm(back)
             rows["to_npy"].append(_run(_CONVERT, store, back, "default"))
@@ -224,16 +213,10 @@ def main() -> None:
         same = subprocess.run([sys.executable, "-m", "npystream", "verify", src, store],
                               capture_output=True, text=True)
         checks.append(f"verify SRC vs store: {same.stdout.strip() or same.stderr.strip()}")
-    if "to_ragged" in wanted and "ranges" in wanted:
-        parts = sorted(os.listdir(store))
-        ident = parts == sorted(os.listdir(ranged)) and all(
-            subprocess.run(["cmp", "-s", os.path.join(store, f), os.path.join(ranged, f)]).returncode == 0
-            for f in parts)
-        checks.append(f"store read from the file byte-identical to the default path's: {ident}")
     if "to_npy" in wanted:
         identical = subprocess.run(["cmp", "-s", src, back]).returncode == 0
         checks.append(f"ragged -> .npy output byte-identical to the source: {identical}")
-    for p in (copy, store, back, ranged):
+    for p in (copy, store, back):
         _tree_rm(p)
 
     def med(name: str, i: int) -> float:

@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "read_header": "npystream.formats.npy",
     "NpyHeader": "npystream.formats.npy",
     "iter_batches": "npystream.formats.fixed",
-    "NpzArchive": "npystream.formats.npz",
+    "NpzArchive": "npystream.archive",
     "iter_objects": "npystream.objects",
     "ObjectArray": "npystream.object_array",
     "RaggedArray": "npystream.formats.ragged",

@@ -13,7 +13,6 @@ Readers are imported lazily so ``import npystream`` stays cheap.
 
 from __future__ import annotations
 
-import builtins
 import os
 from typing import Any
 
@@ -21,16 +20,10 @@ import numpy as np
 
 from npystream.errors import FormatError, UnsupportedError
 from npystream.formats.npy import MAGIC, read_header
-from npystream.sources import GZIP_MAGIC, open_source, read_upto
+from npystream.sources import open_source, peek_head, sniff, sniff_path
 
 __all__ = ["open"]
 
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def _sniff_path(path: str) -> bytes:
-    with builtins.open(path, "rb") as f:
-        return f.read(6)
 
 
 def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.load-like API
@@ -63,14 +56,15 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                              "use npystream.RaggedWriter(path, mode='a') to append")
         return RaggedArray(file, **options)
     if isinstance(file, (str, os.PathLike)) and os.fspath(file) != "-" and os.path.isfile(file):
-        magic = _sniff_path(os.fspath(file))
-        if magic[:4] in _ZIP_MAGICS:
-            from npystream.formats.npz import NpzArchive
+        kind, head = sniff_path(file)
+        magic = head[: len(MAGIC)]
+        if kind == "zip":
+            from npystream.archive import NpzArchive
 
             if mode != "r":
                 raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")
             return NpzArchive(file, **options)
-        if magic[:2] != GZIP_MAGIC and not MAGIC.startswith(magic[: len(MAGIC)]):
+        if kind != "gzip" and not MAGIC.startswith(magic):
             raise FormatError(
                 f"not a .npy, .npz or gzip file: starts with {magic!r}, expected {MAGIC!r} "
                 "(.npy), b'PK' (.npz) or b'\\x1f\\x8b' (gzip)",
@@ -78,7 +72,7 @@ def open(file: Any, mode: str = "r", **options: Any) -> Any:  # noqa: A001 - np.
                 offset=0,
             )
     if _is_zip_file_object(file):
-        from npystream.formats.npz import NpzArchive
+        from npystream.archive import NpzArchive
 
         if mode != "r":
             raise ValueError(f".npz archives open read-only (mode='r'), got mode={mode!r}")
@@ -122,11 +116,8 @@ def _is_zip_file_object(file: Any) -> bool:
     if isinstance(file, (str, bytes, os.PathLike)) or not hasattr(file, "read"):
         return False
     try:
-        if not file.seekable():
+        if not file.seekable() or file.tell() != 0:
             return False
-        pos = file.tell()
-        head = read_upto(file, 4)
-        file.seek(pos)
     except (OSError, AttributeError, ValueError):
         return False
-    return pos == 0 and isinstance(head, (bytes, bytearray)) and bytes(head) in _ZIP_MAGICS
+    return sniff(peek_head(file)) == "zip"

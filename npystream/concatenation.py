@@ -102,7 +102,7 @@ def _open_file(item: Any) -> tuple[Any, _FilePart | None]:
     if not os.path.exists(name) and ":" in name:
         archive, member = name.rsplit(":", 1)
         if os.path.isfile(archive):
-            from npystream.formats.npz import NpzArchive
+            from npystream.archive import NpzArchive
 
             with NpzArchive(archive) as z:
                 arr = z[member]

@@ -31,26 +31,30 @@ committed elements of the source and continues.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
-import stat
 import sys
 import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
 import numpy as np
 
 from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
+from npystream.elements import (
+    COPY_CHUNK,
+    SourceInfo,
+    close_iter,
+    describe_source,
+    is_plain,
+    is_ragged_dir,
+    open_elements,
+    peek_header,
+)
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
-from npystream.formats.npy import read_header
-from npystream.sources import DECOMPRESS_ERRORS, GZIP_MAGIC
-from npystream.sources import read_upto as _read_upto
+from npystream.sources import DECOMPRESS_ERRORS
 
 __all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
 
@@ -60,258 +64,14 @@ SUPPORTED = (
     "ragged store -> object .npy (--to npy); .npz -> directory of .npy files (--to npz-dir); "
     "fixed-dtype .npy.gz or - (stdin) -> .npy (--to npy)"
 )
-_COPY_CHUNK = 1 << 20
 _PARTIAL_TAG = "partial"
 
 
-# --------------------------------------------------------------------------- #
-# streams that remember or replay what was read (for sniffing stdin / gzip)
-# --------------------------------------------------------------------------- #
-
-
-class _Replay(io.RawIOBase):
-    """Replay ``head`` then read the rest of ``f``; counts bytes delivered.
-
-    ``readinto`` fills the whole buffer unless the data ends (like
-    ``BufferedReader.read``): readers downstream then see full reads from a
-    pipe instead of 64 KiB dribbles.
-    """
-
-    def __init__(self, head: bytes, f: Any) -> None:
-        self._head = memoryview(head)
-        self._f = f
-        self._eof = False
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        total = 0
-        if len(self._head):
-            n = min(len(view), len(self._head))
-            view[:n] = self._head[:n]
-            self._head = self._head[n:]
-            total = n
-        readinto = getattr(self._f, "readinto", None)
-        while total < len(view) and not self._eof:
-            if readinto is not None:
-                n = readinto(view[total:]) or 0
-            else:
-                data = self._f.read(len(view) - total)
-                n = len(data)
-                view[total : total + n] = data
-            if n == 0:
-                self._eof = True
-            total += n
-        self.count += total
-        return total
-
-
-class _Recorder(io.RawIOBase):
-    """Read from ``f`` and keep a copy of everything read (used for small headers only)."""
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self.seen = bytearray()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        data = self._f.read(len(view))
-        view[: len(data)] = data
-        self.seen += data
-        return len(data)
-
-
-def _peek_header(f: Any, name: str) -> tuple[Any, Any]:
-    """Read the .npy header from stream ``f``; return (header, a stream replaying from byte 0)."""
-    rec = _Recorder(f)
-    header = read_header(io.BufferedReader(rec, buffer_size=1), max_header_size=10_000)
-    return header, io.BufferedReader(_Replay(bytes(rec.seen), f), buffer_size=_COPY_CHUNK)
-
-
-# --------------------------------------------------------------------------- #
-# what a source is
-# --------------------------------------------------------------------------- #
-
-
-@dataclass
-class SourceInfo:
-    """What SRC turned out to be: ``kind`` is 'object', 'fixed', 'ragged' or 'npz'."""
-
-    spec: str
-    kind: str
-    label: str
-    header: Any = None
-    count: int | None = None
-    size: int | None = None  # bytes on disk (compressed size for gzip / zip members)
-    path: str | None = None
-    member: str | None = None
-    compressed: bool = False
-    stream: Any = None  # stdin only: a replaying stream (can be consumed once)
-    from_stdin: bool = False  # "-" redirected from a regular file (read as that file)
-    counter: Any = None
-    identity: dict[str, Any] = field(default_factory=dict)
-
-    def open_stream(self) -> Any:
-        """A fresh binary stream of the (decompressed) .npy bytes, from byte 0."""
-        if self.stream is not None:
-            s, self.stream = self.stream, None
-            return s
-        if self.member is not None:
-            zf = zipfile.ZipFile(self.path)
-            return _ZipMemberStream(zf, self.member)
-        if self.compressed:
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb")  # noqa: SIM115 - returned to the caller
-
-
-class _ZipMemberStream(io.RawIOBase):
-    """A zip member's decompressed bytes; closes the archive with it."""
-
-    def __init__(self, zf: zipfile.ZipFile, member: str) -> None:
-        self._zf = zf
-        self._m = zf.open(member)
-        self.name = f"{zf.filename}:{member}"
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        return self._m.readinto(buf)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._m.close()
-            self._zf.close()
-        super().close()
-
-
-def _is_ragged_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json"))
-
-
-def _zip_member_name(zf: zipfile.ZipFile, name: str, archive: str) -> str:
-    names = zf.namelist()
-    for cand in (name, name + ".npy"):
-        if cand in names:
-            return cand
-    shown = ", ".join(n[:-4] if n.endswith(".npy") else n for n in names[:20])
-    raise FormatError(
-        f"no member {name!r} in the archive; it has: {shown}{' ...' if len(names) > 20 else ''}",
-        path=archive,
-    )
-
-
-def _stdin_regular_file() -> str | None:
-    """The path of the regular file stdin is redirected from, if it is still at byte 0."""
-    try:
-        fd = sys.stdin.fileno()
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or os.lseek(fd, 0, os.SEEK_CUR) != 0:
-            return None
-    except (OSError, ValueError, AttributeError):
-        return None
-    link = f"/proc/self/fd/{fd}"
-    real = os.path.realpath(link)
-    for cand in (real, link):
-        try:
-            if os.path.samestat(os.stat(cand), st):
-                return cand
-        except OSError:
-            continue
-    return None
-
-
-def describe_source(spec: str) -> SourceInfo:
-    """Open ``spec`` just enough to know what it is (reads at most a header)."""
-    spec = os.fspath(spec)
-    if spec == "-":
-        real = _stdin_regular_file()
-        if real is not None:  # `< file`: read the file itself (seekable: index, zero-copy)
-            info = describe_source(real)
-            info.label = f"<stdin: {real}>"
-            info.from_stdin = True
-            return info
-        raw = sys.stdin.buffer
-        head = _read_upto(raw, 2)
-        replay = _Replay(head, raw)
-        stream: Any = io.BufferedReader(replay, buffer_size=_COPY_CHUNK)
-        compressed = head == GZIP_MAGIC
-        if compressed:
-            stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        header, stream = _peek_header(stream, "<stdin>")
-        return SourceInfo(spec, "object" if header.pickled else "fixed", "<stdin>", header=header,
-                          count=header.count, stream=stream, compressed=compressed, counter=replay)
-    if os.path.isdir(spec):
-        if not _is_ragged_dir(spec):
-            raise FormatError("a directory but not a ragged store (no meta.json)", path=spec)
-        from npystream.formats.ragged import RaggedArray
-
-        count = len(RaggedArray(spec))
-        size = sum(e.stat().st_size for e in os.scandir(spec) if e.is_file())
-        return SourceInfo(spec, "ragged", spec, count=count, size=size, path=spec)
-    member = None
-    path = spec
-    if not os.path.exists(spec) and ":" in spec:
-        path, member = spec.rsplit(":", 1)
-    if not os.path.exists(path):
-        from npystream.errors import StoreNotFoundError
-
-        raise StoreNotFoundError("no such file or store", path=spec)
-    st = os.stat(path)
-    identity = {"path": os.path.abspath(path), "member": member, "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns}
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"PK":
-        with zipfile.ZipFile(path) as zf:
-            if member is None:
-                return SourceInfo(spec, "npz", path, size=st.st_size, path=path, identity=identity)
-            name = _zip_member_name(zf, member, path)
-            info = zf.getinfo(name)
-            with zf.open(name) as m:
-                header = read_header(m)
-        label = f"{path}:{name}"
-        return SourceInfo(spec, "object" if header.pickled else "fixed", label, header=header,
-                          count=header.count, size=info.compress_size, path=path, member=name,
-                          compressed=info.compress_type != zipfile.ZIP_STORED, identity=identity)
-    if member is not None:
-        raise FormatError(f"{path} is not a .npz archive, so {spec!r} names no member", path=path)
-    compressed = magic[:2] == GZIP_MAGIC
-    if compressed:
-        with gzip.open(path, "rb") as g:
-            header = read_header(g)
-    else:
-        header = read_header(path)
-    return SourceInfo(spec, "object" if header.pickled else "fixed", path, header=header,
-                      count=header.count, size=st.st_size, path=path, compressed=compressed,
-                      identity=identity)
-
-
-# Up to this many elements, the off-by-default _READ_RANGES path reads a plain file through
-# an ObjectArray's offset index (24 bytes per element: 48 MB at the limit).
-_INDEX_LIMIT = 2_000_000
-# Above this many elements a plain file is streamed without an index (see open_elements).
-_STREAM_ABOVE = 4_000_000
-_CHUNK = 64
 _WRITER_BUFFER = 1 << 20
-# Reading elements from the file instead of copying them out of the map (off: measured
-# slower here).  With _READ_RANGES, elements of at least _RANGE_MIN bytes that are zero-copy
-# views of the source file have their bytes read from it (RaggedWriter.append_from_file:
-# preadv into the writer's buffer, copy_file_range for elements larger than the buffer):
-# no page faults on the map and no copy in user space.  On the development VM (Linux 6.18,
-# ext4) it costs more kernel time than it saves; the 2 GB benchmark, user + system CPU of
-# the whole conversion, medians of 4-5 interleaved runs: copy out of the map 1.46-1.52 s,
-# preadv 1.56-1.65 s, copy_file_range per element 1.85 s (cp: 0.66-0.78 s).  Kept, tested
-# and switchable so that `benchmarks/bench_convert.py --rows ranges` can re-measure it on
-# other kernels and file systems.
-_RANGE_MIN = 4 << 10
-_READ_RANGES = False
+# Elements are copied out of the source's map.  Reading large ones from the file instead
+# (RaggedWriter.append_from_file: preadv, copy_file_range) was measured slower on Linux 6.18 /
+# ext4 (2 GB benchmark, user + system CPU: 1.46-1.52 s vs 1.56-1.65 s preadv, 1.85 s
+# copy_file_range) and is not used here.
 # The ragged writer's pwrite()s run on a helper thread while the next buffer fills
 # (RaggedWriter(write_behind=True); the C helper, npystream._speedups.WriteBehind, keeps up
 # to 3 writes queued and never needs the GIL).  2 GB benchmark, Python helper, medians of 6
@@ -319,169 +79,6 @@ _READ_RANGES = False
 # with both cores busy, 2.23 s vs 2.03 s (a second core is what it needs).  C helper, whole
 # processes, 3 interleaved runs each: 0.70-0.77 s (Python helper 0.96-1.13 s).
 _WRITE_BEHIND = True
-
-
-def open_elements(src: SourceInfo, *, trusted: bool = False, allowed_globals: Any = (),
-                  encoding: str = "ASCII", fix_imports: bool = True,
-                  start: int = 0, views: bool = False) -> Iterator[Any]:
-    """Iterate the elements of an object or ragged source, from element ``start``.
-
-    ``trusted``, ``allowed_globals``, ``encoding`` and ``fix_imports`` are the
-    safety policy of :func:`npystream.iter_objects` (a ragged store's
-    ``kind='object'`` elements are Python 3 pickles: ``encoding`` and
-    ``fix_imports`` do not apply to them).  A plain object ``.npy`` of more
-    than 4 million elements is read front to back without its offset index
-    (bounded memory whatever the count; a ``start`` is then reached by
-    decoding and dropping the elements before it).  Otherwise ``views=True``
-    allows read-only zero-copy views of the mapped file, aligned or not (for
-    consumers that copy each element at once, like the ragged writer), in one
-    pass through the offset index that begins at ``start`` without decoding
-    what comes before it (a resumed conversion), the map's pages dropped
-    behind the reader.  Otherwise elements are streamed one at a time and the
-    first ``start`` are decoded and dropped.
-    """
-    if src.kind == "ragged":
-        from npystream.formats.ragged import RaggedArray
-
-        r = RaggedArray(src.path, trusted=bool(trusted), allowed_globals=tuple(allowed_globals))
-        return iter(r[start:] if start else r)
-    if src.kind != "object":
-        raise UnsupportedError(f"{src.label} holds a fixed dtype, not objects")
-    opts = {"trusted": trusted, "allowed_globals": tuple(allowed_globals), "encoding": encoding,
-            "fix_imports": fix_imports}
-    plain = _plain(src)
-    from npystream.formats.pickle_walk import SafetyPolicy
-    from npystream.objects import iter_objects, iterate
-
-    if plain and src.count is not None and src.count > _STREAM_ABOVE:
-        # the offset index of a seekable file costs 16 bytes per element (64 MB at the
-        # limit): above it, read the file front to back as a stream, whose memory does not
-        # grow with the element count (slower: 6 million short strings 4.65-5.15 s and
-        # 50 MiB vs 2.80-2.86 s and 122 MiB through the index, 2026-12-07)
-        it = iterate(src.path, SafetyPolicy.make(**opts), stream_above=_STREAM_ABOVE)
-    elif views and plain:
-        # one pass, elements are zero-copy views of the map (about twice as fast as
-        # decoding copies: 2 GB benchmark 0.12-0.16 s vs 0.30-0.37 s for 20,000
-        # elements); the consumer copies each at once, so the pages behind the
-        # reader are dropped as it goes (the map's teardown at the end: 60 ms).  A
-        # start > 0 (resume) begins there through the offset index: the elements
-        # before it are neither decoded nor read, only their opcodes scanned
-        return iterate(src.path, SafetyPolicy.make(**opts), zero_copy="always", release_behind=True,
-                       start=start)
-    elif plain:
-        it = iter_objects(src.path, **opts)
-    else:  # a stream we open: closed with the iteration
-        stream = src.open_stream()
-        try:
-            it = closing_iter(iter_objects(stream, **opts), stream)
-        except BaseException:
-            stream.close()
-            raise
-    if start:
-        for _ in islice(it, start):
-            pass
-    return it
-
-
-def close_iter(it: Any) -> None:
-    """Close an iterator that has ``close()`` (a generator stopped early releases its source)."""
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
-def closing_iter(it: Iterator[Any], f: Any) -> Iterator[Any]:
-    """``it``, then ``f`` closed (when ``it`` ends, fails or is closed)."""
-    try:
-        yield from it
-    finally:
-        f.close()
-
-
-def _plain(src: SourceInfo) -> bool:
-    return src.stream is None and src.member is None and not src.compressed
-
-
-def _indexable(src: SourceInfo) -> bool:
-    """Whether an object source is read through its offset index (zero-copy views)."""
-    return _plain(src) and src.count is not None and src.count <= _INDEX_LIMIT
-
-
-class _IndexedSource:
-    """The elements of a plain object ``.npy`` from ``start``, as zero-copy views through its index.
-
-    With ``locate=True``, :attr:`fd` is an open descriptor of the source file
-    and :meth:`file_offset` says where a view's bytes lie in it (for
-    ``RaggedWriter.append_from_file``), or None when it is not a view of
-    the file.
-    """
-
-    def __init__(self, path: Any, start: int, opts: dict[str, Any], *, locate: bool) -> None:
-        from npystream.object_array import ObjectArray
-
-        self.fd: int | None = None
-        self._lo = self._hi = self._shift = 0
-        self._start = start
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if locate else None
-        try:
-            self._arr = ObjectArray(path, zero_copy="always", **opts)
-            try:
-                self._arr.build_index(save=False)  # reads a valid FILE.npy.nsidx; never writes beside the source
-                located = fd is not None and self._locate(fd)
-            except BaseException:
-                self._arr.close()
-                raise
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        if located:
-            self.fd = fd
-        elif fd is not None:
-            os.close(fd)
-
-    def _locate(self, fd: int) -> bool:
-        mapping = self._arr.file_mapping()
-        if mapping is None:
-            return False
-        where, base, address, size = mapping
-        st = os.fstat(fd)
-        try:
-            now = os.stat(where) if isinstance(where, str) else os.fstat(where)
-        except OSError:
-            return False
-        # the views point into a map of the file at `where`: copy from it only if it is the
-        # file our descriptor reads (not replaced in between) and holds the mapped bytes
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or st.st_size < base + size:
-            return False
-        self._lo, self._hi, self._shift = address, address + size, base - address
-        return True
-
-    def __iter__(self) -> Iterator[Any]:
-        arr = self._arr
-        n = arr.size
-        for i in range(self._start, n, _CHUNK):
-            chunk = arr.get(range(i, min(n, i + _CHUNK)))
-            yield from chunk
-            del chunk
-
-    def first(self) -> Any:
-        """The element at ``start`` (``_END`` when there is none)."""
-        arr = self._arr
-        return arr.get([self._start])[0] if self._start < arr.size else _END
-
-    def file_offset(self, x: Any) -> int | None:
-        """Where the bytes of ``x`` (a C-contiguous ndarray) lie in the file at :attr:`fd`, or None."""
-        p = x.__array_interface__["data"][0]
-        if self._lo <= p and p + x.nbytes <= self._hi:
-            return p + self._shift
-        return None
-
-    def close(self) -> None:
-        self._arr.close()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 # --------------------------------------------------------------------------- #
@@ -575,7 +172,7 @@ def _pick_target(src: SourceInfo, dst: str, to: str | None) -> str:
             raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
         return to
     low = dst.lower().rstrip("/\\")
-    if low.endswith(".ragged") or _is_ragged_dir(dst):
+    if low.endswith(".ragged") or is_ragged_dir(dst):
         return "ragged"
     if low.endswith(".npy"):
         return "npy"
@@ -659,7 +256,7 @@ def convert(
     safety = {"trusted": policy.trusted, "allowed_globals": tuple(sorted(policy.allowed_globals)),
               "encoding": policy.encoding, "fix_imports": policy.fix_imports}
     t0 = time.perf_counter()
-    if workers > 1 and not (info.kind == "object" and target == "ragged" and _plain(info)):
+    if workers > 1 and not (info.kind == "object" and target == "ragged" and is_plain(info)):
         workers = 1  # noted below: nothing to split
         parallel_note = "--workers applies to a plain object .npy -> ragged store; converted in one process"
     else:
@@ -721,8 +318,8 @@ def _compare_bytes(info: SourceInfo, dst: str) -> None:
         with open(dst, "rb") as f:
             offset = 0
             while True:
-                a = stream.read(_COPY_CHUNK)
-                b = f.read(_COPY_CHUNK)
+                a = stream.read(COPY_CHUNK)
+                b = f.read(COPY_CHUNK)
                 if a != b:
                     k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
                     raise FormatError(f"verification failed: bytes differ from the source's "
@@ -823,45 +420,35 @@ def _object_to_ragged(
             if writer is not None:
                 start = count = len(writer)
                 bar.add(start, 0)
-            if _READ_RANGES and info.kind == "object" and _indexable(info):  # off by default
-                indexed = _IndexedSource(info.path, start, safety, locate=True)
-                try:
-                    if writer is None:  # a new store: the first element decides the kind unless one was given
-                        first = indexed.first()
-                        writer = open_writer(kind if given or first is _END else _store_kind(first))
-                    count = _append_indexed(writer, indexed, bar, count, info.label, given)
-                finally:
-                    indexed.close()
-            else:
-                elements = open_elements(info, **safety, start=start, views=True)
-                try:
-                    if writer is None:  # a new store: the first element decides the kind unless one was given
-                        x = next(elements, _END)
-                        writer = open_writer(kind if given or x is _END else _store_kind(x))
-                        if x is not _END:
-                            _check_kind(writer.kind, x, 0, info.label, given)
-                            writer.append(x)
-                            count += 1
-                            bar.add(1, _nbytes(x))
-                    append = writer.append
-                    store_kind = writer.kind
-                    want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
-                    if bar.bar is None and want is not None:  # no progress bar: nothing to count
-                        for x in elements:
-                            if type(x) is not want:
-                                raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
-                            append(x)
-                        count = len(writer)
-                    else:
-                        add = bar.add
-                        for x in elements:
-                            if want is not None and type(x) is not want:
-                                raise _kind_mismatch(x, count, store_kind, info.label, given)
-                            append(x)
-                            count += 1
-                            add(1, _nbytes(x))
-                finally:  # an error stops early: release the source now, not when collected
-                    close_iter(elements)
+            elements = open_elements(info, **safety, start=start, views=True)
+            try:
+                if writer is None:  # a new store: the first element decides the kind unless one was given
+                    x = next(elements, _END)
+                    writer = open_writer(kind if given or x is _END else _store_kind(x))
+                    if x is not _END:
+                        _check_kind(writer.kind, x, 0, info.label, given)
+                        writer.append(x)
+                        count += 1
+                        bar.add(1, _nbytes(x))
+                append = writer.append
+                store_kind = writer.kind
+                want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
+                if bar.bar is None and want is not None:  # no progress bar: nothing to count
+                    for x in elements:
+                        if type(x) is not want:
+                            raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
+                        append(x)
+                    count = len(writer)
+                else:
+                    add = bar.add
+                    for x in elements:
+                        if want is not None and type(x) is not want:
+                            raise _kind_mismatch(x, count, store_kind, info.label, given)
+                        append(x)
+                        count += 1
+                        add(1, _nbytes(x))
+            finally:  # an error stops early: release the source now, not when collected
+                close_iter(elements)
         except _KindMismatch:
             _close_quietly(writer)
             raise
@@ -938,50 +525,6 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
                          resumed_from=start, notes=notes)
 
 
-def _append_indexed(writer: Any, indexed: _IndexedSource, bar: _Progress, count: int,
-                    label: str = "", given: bool = True) -> int:
-    """Append every element of ``indexed``; large views of the file are read from the file.
-
-    Returns ``count`` plus the number of elements appended.  Elements the
-    store's kind would change raise :class:`_KindMismatch`.
-    """
-    append = writer.append
-    kind = writer.kind
-
-    def checked(items: Any) -> Iterator[Any]:
-        for k, x in enumerate(items, count):
-            _check_kind(kind, x, k, label, given)
-            yield x
-
-    items = checked(indexed)
-    add = bar.add
-    fd = indexed.fd
-    if fd is None:
-        for x in items:
-            append(x)
-            count += 1
-            add(1, _nbytes(x))
-        return count
-    from_file = writer.append_from_file
-    file_offset = indexed.file_offset
-    ndarray = np.ndarray
-    least = _RANGE_MIN
-    for x in items:
-        if type(x) is ndarray and x.nbytes >= least:
-            offset = file_offset(x)
-            if offset is not None:
-                from_file(x, fd, offset)
-            else:
-                append(x)
-            count += 1
-            add(1, x.nbytes)
-            continue
-        append(x)
-        count += 1
-        add(1, _nbytes(x))
-    return count
-
-
 def _close_quietly(writer: Any) -> None:
     if writer is None:
         return
@@ -1013,11 +556,11 @@ def _ragged_to_npy(info: SourceInfo, dst: str, *, overwrite: bool, safety: dict[
 
 def _copy_npy(stream: Any, out: IO[bytes], label: str, bar: _Progress) -> tuple[Any, int]:
     """Copy one .npy from ``stream`` to ``out``, checking its length against its header."""
-    header, replay = _peek_header(stream, label)
+    header, replay = peek_header(stream, label)
     total = 0
     while True:
         try:
-            chunk = replay.read(_COPY_CHUNK)
+            chunk = replay.read(COPY_CHUNK)
         except DECOMPRESS_ERRORS as exc:  # a damaged stream, or garbage after the last gzip member
             raise FormatError(f"the compressed data is corrupt ({type(exc).__name__}: {exc})", path=label,
                               offset=total) from exc

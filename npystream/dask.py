@@ -500,7 +500,7 @@ def to_dask(
 
 
 def _to_dask(source: Any, chunks: Any, partition_bytes: int, options: dict[str, Any]) -> Any:
-    from npystream.formats.npz import NpzArchive
+    from npystream.archive import NpzArchive
     from npystream.formats.ragged import RaggedArray
     from npystream.object_array import ObjectArray
 
@@ -589,7 +589,7 @@ def _from_path(path: str, chunks: Any, partition_bytes: int, options: dict[str, 
         store = RaggedArray(path, safe=not options["trusted"], allowed_globals=options["allowed_globals"])
         return _ragged_bag(store, partition_bytes)
     if not os.path.exists(path) and ":" in path and os.path.isfile(path.rsplit(":", 1)[0]):
-        from npystream.formats.npz import NpzArchive
+        from npystream.archive import NpzArchive
 
         archive_path, member = path.rsplit(":", 1)
         with NpzArchive(os.path.abspath(archive_path)) as archive:

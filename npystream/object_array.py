@@ -46,7 +46,8 @@ For sources opened from a path, the index is saved beside the file as
 
 It is used only if the size, mtime, header bytes, element count and both
 format tags still match; otherwise it is ignored and rebuilt.  It is written
-to a temporary name in the same directory and renamed into place (atomic; not
+to a temporary name in the same directory and renamed into place
+(:func:`npystream._atomic.atomic_output`; not
 fsynced: an index cut short by a crash fails validation and is rebuilt);
 if the directory is read-only (or the disk full), the index simply stays in
 memory and reading carries on.  A damaged or foreign ``.nsidx`` is treated
@@ -85,7 +86,6 @@ import itertools
 import math
 import operator
 import os
-import tempfile
 import threading
 import weakref
 import zipfile
@@ -94,6 +94,7 @@ from typing import Any
 
 import numpy as np
 
+from npystream._atomic import atomic_output
 from npystream.errors import FormatError, NotSeekableError, TruncatedError
 from npystream.formats.npy import NpyHeader, read_header
 from npystream.sources import (
@@ -416,7 +417,6 @@ def save_index(
     if stat is None or _file_stat(path) != stat:
         return None
     ipath = index_path_for(path)
-    folder = os.path.dirname(os.path.abspath(ipath))
     meta = np.array(
         [NSIDX_VERSION, stat[0], stat[1], header.data_offset, header.count, len(header_raw)], dtype=np.int64
     )
@@ -427,26 +427,20 @@ def save_index(
     }
     for name, value in arrays.items():
         payload["i_" + name] = np.asarray(value)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(ipath) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            # no fsync: after a crash a short or empty .nsidx fails validation and is rebuilt
-            np.savez(f, **payload)
-        if _file_stat(path) != stat:  # the file changed under us: this index would be stale
-            os.unlink(tmp)
-            return None
-        os.replace(tmp, ipath)
-        tmp = None
-        return ipath
-    except OSError:
+        with atomic_output(ipath, overwrite=True) as tmp:
+            with open(tmp, "wb") as f:
+                # no fsync: after a crash a short or empty .nsidx fails validation and is rebuilt
+                np.savez(f, **payload)
+            if _file_stat(path) != stat:  # the file changed under us: this index would be stale
+                raise _StaleIndex
+    except (OSError, _StaleIndex):
         return None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    return ipath
+
+
+class _StaleIndex(Exception):
+    """The indexed file changed while its index was written (the index is dropped)."""
 
 
 # ---------------------------------------------------------------------------

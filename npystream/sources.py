@@ -10,7 +10,9 @@ knows how many bytes it has handed out (``tell``), and says what it can do:
 * ``size`` -- total length in bytes when known (``None`` for pipes and
   compressed streams).
 
-Sources know nothing of numpy formats.  :func:`open_source` turns whatever
+Sources know nothing of numpy formats.  :func:`sniff` is the one place that
+tells a container from its first bytes (zip, gzip, or anything else).
+:func:`open_source` turns whatever
 the user passed (path, ``"-"`` for stdin, binary file object, bytes, an
 existing source) into a source; gzip is recognised by its magic bytes and
 read as a forward-only stream (seeking inside gzip is emulated by
@@ -47,9 +49,16 @@ __all__ = [
     "source_name",
     "read_upto",
     "GZIP_MAGIC",
+    "ZIP_MAGICS",
+    "sniff",
+    "sniff_path",
+    "peek_head",
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
+# numpy's two zip prefixes (np.load): a local file header, or the end record of an empty archive.
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+HEAD_BYTES = 8  # enough for every magic any reader checks (.npy's is 6)
 # What gzip/zlib/zipfile raise on cut or corrupt compressed data (EOFError: cut gzip).
 _DECOMPRESS_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile)
 DECOMPRESS_ERRORS = _DECOMPRESS_ERRORS  # for readers that decompress outside a ByteSource (convert)
@@ -478,18 +487,60 @@ class WindowSource(_MapMixin, ByteSource):
         self._f.close()
 
 
-def _has_gzip_magic(f: IO[bytes]) -> bool:
-    """True when the next bytes of ``f`` are the gzip magic; never consumes them."""
+def sniff(head: bytes) -> str | None:
+    """The container a file's first bytes announce: ``"zip"``, ``"gzip"``, or None for anything else.
+
+    Zip is numpy's rule (:data:`ZIP_MAGICS`); a ``.npy`` is None here (its
+    magic is the format reader's business).
+
+    >>> sniff(b"PK\\x03\\x04rest"), sniff(b"\\x1f\\x8b\\x08"), sniff(b"\\x93NUMPY")
+    ('zip', 'gzip', None)
+    """
+    head = bytes(head[:4])
+    if head in ZIP_MAGICS:
+        return "zip"
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    return None
+
+
+def sniff_path(path: Any) -> tuple[str | None, bytes]:
+    """``(sniff(head), head)`` for the first :data:`HEAD_BYTES` bytes of a regular file.
+
+    ``(None, b"")`` for anything else:
+    ``"-"`` (stdin), directories and missing paths (the caller's reader
+    reports those).
+    """
+    path = os.fspath(path)
+    if path == "-" or not os.path.isfile(path):
+        return None, b""
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    return sniff(head), head
+
+
+def peek_head(f: Any, n: int = HEAD_BYTES) -> bytes:
+    """Up to ``n`` next bytes of binary file object ``f`` without consuming them, or ``b""``.
+
+    A seekable file is read and sought back; a buffered stream is peeked
+    (which waits for its first bytes); anything else, or an error, gives ``b""``.
+    """
     try:
         if _is_seekable(f):
             pos = f.tell()
-            head = read_upto(f, 2)
+            head = read_upto(f, n)
             f.seek(pos)
-            return head == GZIP_MAGIC
-        peek = getattr(f, "peek", None)
-        return peek is not None and peek(2)[:2] == GZIP_MAGIC
-    except (OSError, ValueError):
-        return False
+        else:
+            peek = getattr(f, "peek", None)
+            head = peek(n)[:n] if peek is not None else b""
+    except (OSError, ValueError, AttributeError):
+        return b""
+    return bytes(head) if isinstance(head, (bytes, bytearray, memoryview)) else b""
+
+
+def _has_gzip_magic(f: IO[bytes]) -> bool:
+    """True when the next bytes of ``f`` are the gzip magic; never consumes them."""
+    return sniff(peek_head(f)) == "gzip"
 
 
 def _is_seekable(f: IO[bytes]) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from npystream.conversion import close_iter, closing_iter
+from npystream.elements import close_iter, closing_iter
 from npystream.errors import UnsupportedError
 
 __all__ = ["verify", "VerifyResult", "iter_elements", "describe", "equal"]
@@ -145,7 +145,7 @@ def iter_elements(spec: Any, *, trusted: bool = False, allowed_globals: Any = ()
 
     The safety options are those of :func:`npystream.iter_objects`.
     """
-    from npystream.conversion import describe_source, open_elements
+    from npystream.elements import describe_source, open_elements
 
     info = describe_source(spec)
     if info.kind in ("object", "ragged"):

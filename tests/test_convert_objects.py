@@ -313,12 +313,12 @@ def test_progress_bar_on_stderr_with_element_total(tmp_path, capsys):
 
 
 def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch, index_builds):
-    """Above _STREAM_ABOVE elements a plain file is read front to back (no 16-byte-per-element
+    """Above elements.STREAM_ABOVE elements a plain file is read front to back (no 16-byte-per-element
     index is built): the same store, and --resume works from the stream too."""
-    import npystream.conversion as conversion
+    import npystream.elements as elements
 
     built = index_builds
-    monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10)
+    monkeypatch.setattr(elements, "STREAM_ABOVE", 10)
     p = tmp_path / "o.npy"
     arr = save_float32_arrays(p, 2500, 50, seed=5)
     npystream.convert(str(p), str(tmp_path / "s.ragged"), progress=False)
@@ -326,9 +326,9 @@ def test_many_elements_are_streamed_without_an_index(tmp_path, monkeypatch, inde
     r = npystream.RaggedArray(str(tmp_path / "s.ragged"))
     assert len(r) == 2500 and all(np.array_equal(a, b) for a, b in zip(arr, r))
     # from element 1000 (what --resume does): the first 1000 are read and dropped
-    got = list(conversion.open_elements(conversion.describe_source(str(p)), start=1000, views=True))
+    got = list(elements.open_elements(elements.describe_source(str(p)), start=1000, views=True))
     assert len(got) == 1500 and all(np.array_equal(a, b) for a, b in zip(arr[1000:], got))
     assert built == []
-    monkeypatch.setattr(conversion, "_STREAM_ABOVE", 10_000)  # below it: the indexed one-pass reader
+    monkeypatch.setattr(elements, "STREAM_ABOVE", 10_000)  # below it: the indexed one-pass reader
     npystream.convert(str(p), str(tmp_path / "t.ragged"), progress=False)
     assert built

@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 import npystream
 from npystream.errors import FormatError, NpyStreamError, TruncatedError
-from npystream.formats.npy import MAGIC, MAX_HEADER_SIZE, encode_header, read_header
+from npystream.formats.npy import MAGIC, MAX_HEADER_SIZE, encode_header, header_room, read_header
 
 GOOD = "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"
 
@@ -306,6 +306,32 @@ def test_encode_header_byte_identical(dtype, shape, fortran, version):
     assert len(got) % 64 == 0
     h = read_header(io.BytesIO(got))
     assert (h.shape, h.fortran_order, h.dtype) == (shape, fortran, np.dtype(dtype))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ndim"),
+    [(d, n) for d in ["<f8", "|O", [("\u512a", "<f4")]] for n in (0, 1, 3)]
+    + [([(f"f{i}", "<i2") for i in range(6000)], 1)],  # a version 2.0 header
+)
+def test_encode_header_sized(dtype, ndim):
+    """size=header_room(...): every shape up to int64 fits in the same room, and numpy reads the file."""
+    room = header_room(dtype, ndim)
+    assert room % 64 == 0
+    for shape in [(0,) * ndim, (2**63 - 1,) * ndim, tuple(range(1, ndim + 1))]:
+        head = encode_header(dtype, shape, grow=False, size=room)
+        assert len(head) == room
+        if 2**63 - 1 in shape:
+            continue  # the reader refuses a shape that overflows a file
+        h = read_header(io.BytesIO(head), max_header_size=room)
+        assert (h.shape, h.dtype, h.data_offset) == (shape, np.dtype(dtype), room)
+    with pytest.raises(ValueError, match="does not fit"):
+        encode_header(dtype, (2**63 - 1,) * 3, grow=False, size=64)
+    if np.dtype(dtype).hasobject:
+        return
+    shape = tuple(range(1, ndim + 1))
+    a = np.arange(int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype="u1").view(dtype).reshape(shape)
+    buf = io.BytesIO(encode_header(dtype, shape, grow=False, size=room) + a.tobytes())
+    np.testing.assert_array_equal(np.load(buf, max_header_size=room), a)
 
 
 def test_encode_header_room_to_grow():

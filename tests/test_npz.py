@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import npystream
+from npystream import NpzArchive
 from npystream.errors import (
     FormatError,
     NotSeekableError,
@@ -21,7 +22,6 @@ from npystream.errors import (
     UnsupportedError,
 )
 from npystream.formats.npy import read_header
-from npystream.formats.npz import NpzArchive
 from npystream.sources import StreamSource, WindowSource
 
 ARRAYS = {
@@ -171,17 +171,18 @@ def test_object_member_options_are_checked_and_passed_on(tmp_path):
         member.close()
 
 
-def test_object_members_without_the_object_reader(tmp_path, monkeypatch):
-    """Until the object reader is installed, a clear "not yet supported", not a wrong result."""
-    import sys
+def test_object_members_without_the_object_reader(tmp_path):
+    """The format-level archive does not unpickle: a clear error pointing at npystream.NpzArchive."""
+    from npystream.formats import npz
 
     path = tmp_path / "o.npz"
-    np.savez(path, o=np.array([1, "a"], dtype=object))
-    monkeypatch.setitem(sys.modules, "npystream.object_array", None)  # import fails
-    with NpzArchive(path) as archive:
+    np.savez(path, o=np.array([1, "a"], dtype=object), f=np.arange(3))
+    with npz.NpzArchive(path) as archive:
+        assert archive["f"].tolist() == [0, 1, 2]
         for call in (lambda a: a["o"], lambda a: a.load("o")):
-            with pytest.raises(UnsupportedError, match="not yet supported"):
+            with pytest.raises(UnsupportedError, match=r"npystream.NpzArchive\(path\)"):
                 call(archive)
+    assert issubclass(NpzArchive, npz.NpzArchive)
 
 
 def test_member_source_hook(stored, deflated):

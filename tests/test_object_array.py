@@ -437,12 +437,12 @@ def test_nsidx_read_only_directory(tmp_path, monkeypatch):
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(folder, os.W_OK):  # running as root: simulate the refusal instead
-            import tempfile
+            from npystream import _atomic
 
             def refuse(*a, **k):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(_atomic, "temp_name", refuse)
         with npystream.open(path) as arr:
             assert_same_element(arr[999], expected_elements(loaded)[999])
             assert "in memory" in repr(arr)
@@ -915,3 +915,29 @@ def test_nsidx_with_a_huge_declared_member_is_ignored_without_allocating(tmp_pat
     finally:
         tracemalloc.stop()
     assert peak < 50 << 20
+
+
+def test_file_mapping_locates_zero_copy_views(tmp_path):
+    """ObjectArray.file_mapping(): where zero-copy views live in the file (RaggedWriter.append_from_file's input)."""
+    rng = np.random.default_rng(9)
+    items = [rng.standard_normal(int(k), dtype=np.float32) for k in rng.integers(0, 30_000, 12)]
+    items[3] = items[3][:0]
+    src = tmp_path / "a.npy"
+    arr = np.empty(len(items), object)
+    for i, x in enumerate(items):
+        arr[i] = x
+    np.save(src, arr, allow_pickle=True)
+    data = src.read_bytes()
+    with ObjectArray(src, zero_copy="always") as arr:  # views, aligned or not
+        where, base, address, size = arr.file_mapping()
+        assert os.path.samefile(where, src) and base == 0 and size == len(data)
+        for i in range(len(items)):
+            x = arr[i]
+            if not x.nbytes:
+                continue
+            p = x.__array_interface__["data"][0]
+            assert address <= p and p + x.nbytes <= address + size
+            offset = base + p - address
+            assert data[offset : offset + x.nbytes] == items[i].tobytes()
+    with ObjectArray(src, zero_copy=False) as arr:
+        assert arr.file_mapping() is None

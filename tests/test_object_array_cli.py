@@ -113,12 +113,12 @@ def test_index_read_only_directory_fails_cleanly(tmp_path, capsys, monkeypatch):
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(folder, os.W_OK):  # root: simulate
-            import tempfile
+            from npystream import _atomic
 
             def refuse(*a, **k):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(_atomic, "temp_name", refuse)
         assert main(["index", str(path)]) == 1
         assert "could not be written" in capsys.readouterr().err
         assert os.listdir(folder) == ["r.npy"]

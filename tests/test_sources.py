@@ -332,3 +332,24 @@ def test_mapping_follows_the_open_file_not_the_path(tmp_path: Path) -> None:
         os.replace(replacement, path)
         arr = npystream.open(f)
         assert arr.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [(b"PK\x03\x04\x14\x00", "zip"), (b"PK\x05\x06", "zip"), (b"PK\x07\x08", None), (b"PK", None),
+     (b"\x1f\x8b\x08\x00", "gzip"), (b"\x1f", None), (b"\x93NUMPY\x01\x00", None), (b"", None)],
+)
+def test_sniff(head, kind, tmp_path):
+    """The one content sniffer: numpy's zip prefixes, the gzip magic; paths and file objects agree."""
+    from npystream.sources import peek_head, sniff, sniff_path
+
+    assert sniff(head) == kind
+    p = tmp_path / "f"
+    p.write_bytes(head + b"tail")
+    assert sniff_path(p) == (kind, (head + b"tail")[:8])
+    with open(p, "rb") as f:
+        f.read(0)
+        assert sniff(peek_head(f)) == kind
+        assert f.tell() == 0  # never consumed
+    assert sniff_path(tmp_path) == (None, b"")
+    assert sniff_path(tmp_path / "missing") == (None, b"")

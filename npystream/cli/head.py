@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import reprlib
 import sys
 from typing import Any
 
 import numpy as np
 
+from npystream.sources import sniff_path
+
 __all__ = ["register", "run", "describe_element"]
 
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def register(subparsers: Any) -> None:
@@ -118,14 +118,11 @@ def run(args: argparse.Namespace) -> int:
     from npystream.object_array import ObjectArray
 
     path = args.file
-    magic = b""
-    if path != "-" and os.path.isfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
+    kind, _ = sniff_path(path)
     from npystream.cli.convert import safety_options
 
     opts = safety_options(args)
-    if magic in _ZIP_MAGICS:
+    if kind == "zip":
         from npystream.formats.npz import NpzArchive
 
         with NpzArchive(path) as archive:

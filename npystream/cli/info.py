@@ -19,11 +19,10 @@ import numpy as np
 from npystream.errors import NpyStreamError, TruncatedError
 from npystream.formats.npy import NpyHeader, read_header
 from npystream.formats.npz import NpzArchive
-from npystream.sources import GZIP_MAGIC, open_source
+from npystream.sources import open_source, sniff_path
 
 __all__ = ["register", "run", "describe"]
 
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def register(subparsers: Any) -> None:
@@ -59,13 +58,6 @@ def _header_fields(h: NpyHeader) -> dict[str, Any]:
     }
 
 
-def _sniff(path: str) -> bytes:
-    if path == "-" or not os.path.isfile(path):
-        return b""
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
 def describe(path: str) -> dict[str, Any]:
     """A JSON-able description of one file or ragged store; raises NpyStreamError/OSError on a bad one."""
     if path != "-" and os.path.isdir(path):
@@ -73,8 +65,8 @@ def describe(path: str) -> dict[str, Any]:
 
         store = describe_store(path)
         return {**store, "path": path, "kind": "ragged", "kind_of_elements": store["kind"]}
-    magic = _sniff(path)
-    if magic in _ZIP_MAGICS:
+    kind, _ = sniff_path(path)
+    if kind == "zip":
         with NpzArchive(path) as archive:
             members = []
             for key in archive:
@@ -93,7 +85,7 @@ def describe(path: str) -> dict[str, Any]:
                     entry.update(_header_fields(m.header))
                 members.append(entry)
         return {"path": path, "kind": "npz", "members": members}
-    compression = "gzip" if magic[:2] == GZIP_MAGIC else None
+    compression = "gzip" if kind == "gzip" else None
     with open_source(path) as src:
         header = read_header(src)
         size = src.size if compression is None else None

@@ -58,7 +58,7 @@ import numpy as np
 
 from npystream.errors import FormatError, NotSeekableError, TruncatedError, UnsupportedError
 from npystream.formats.npy import MAX_HEADER_SIZE, NpyHeader, read_header
-from npystream.sources import ByteSource, MemorySource, StreamSource, open_source
+from npystream.sources import ByteSource, MemorySource, StreamSource, open_source, sniff
 
 __all__ = ["open_npy", "iter_batches", "batches_from_source", "read_array", "BatchIterator",
            "create_npy", "append_npy",
@@ -67,7 +67,6 @@ __all__ = ["open_npy", "iter_batches", "batches_from_source", "read_array", "Bat
 DEFAULT_BATCH_BYTES = 8 << 20  # 8 MiB: large enough to amortise per-block cost, small next to RAM
 _READ_CHUNK = 256 << 10  # bytes per readinto call when filling a block from a stream
 _MODES = {"r": "r", "readonly": "r", "r+": "r+", "readwrite": "r+", "c": "c", "copyonwrite": "c"}
-_ZIP_MAGIC = b"PK"
 
 
 def _is_int(x: object) -> bool:
@@ -370,9 +369,9 @@ def batches_from_source(
     try:
         if src.seekable:
             pos = src.tell()
-            head = src.read(2)
+            head = src.read(4)
             src.seek(pos)
-            if head == _ZIP_MAGIC:
+            if sniff(head) == "zip":
                 raise UnsupportedError(
                     "this is a zip archive (.npz), not a .npy: stream one member with "
                     "npystream.open(path).iter_batches(name, batch_size)",

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from npystream.errors import FormatError, TruncatedError
-from npystream.sources import ByteSource, open_source
+from npystream.errors import FormatError, TruncatedError, UnsupportedError
+from npystream.sources import ByteSource, open_source, sniff
 
 __all__ = [
     "MAGIC",
@@ -46,6 +46,7 @@ __all__ = [
     "parse_header",
     "encode_header",
     "encode_header_in_place",
+    "header_room",
     "open_with_header",
     "MAX_HEADER_SIZE",
     "ARRAY_ALIGN",
@@ -191,7 +192,7 @@ def _read_from(src: ByteSource, max_header_size: int) -> NpyHeader:
     if magic != MAGIC:
         hint = (
             "; it looks like a zip (.npz) archive: open it with npystream.open(path)"
-            if magic.startswith(b"PK")
+            if sniff(magic) == "zip"
             else ""
         )
         raise _fail(
@@ -281,6 +282,8 @@ def encode_header(
     *,
     version: tuple[int, int] | None = None,
     grow: bool = True,
+    extra_pad: int = 0,
+    size: int | None = None,
 ) -> bytes:
     """The full preamble (magic, version, length, dict, padding, newline) for an array.
 
@@ -290,10 +293,23 @@ def encode_header(
     when ``fortran_order``) can be rewritten in place with up to 21 digits and
     the header keeps its length (for writers that learn the count at the
     end); ``grow=False`` omits that padding.  ``version=None`` picks the
-    oldest version that can hold the header, as numpy does.
+    oldest version that can hold the header, as numpy does.  ``extra_pad``
+    adds that many spaces (a writer that shortens the data after the header
+    by that much keeps every offset).  ``size`` pads the preamble to exactly
+    that many bytes instead (see :func:`header_room`); a header that does
+    not fit raises ``ValueError``.
+
+    >>> import io
+    >>> buf = io.BytesIO(); np.save(buf, np.zeros((2, 3)))
+    >>> buf.getvalue().startswith(encode_header("<f8", (2, 3)))
+    True
+    >>> len(encode_header("<f8", (2, 3), grow=False, size=header_room("<f8", 2)))
+    128
     """
     shape = tuple(int(x) for x in shape)
     text = _dict_text(dtype, shape, fortran_order)
+    if size is not None:
+        return _encode_sized(text, size, version)
     if grow and shape:
         text += " " * max(0, GROWTH_DIGITS - len(repr(shape[-1 if fortran_order else 0])))
     versions = [version] if version is not None else [(1, 0), (2, 0), (3, 0)]
@@ -309,7 +325,7 @@ def encode_header(
             continue
         prefix = 8 + length_struct.size
         total = prefix + len(body) + 1
-        pad = ARRAY_ALIGN - total % ARRAY_ALIGN  # 1..64, exactly numpy's rule
+        pad = ARRAY_ALIGN - total % ARRAY_ALIGN + extra_pad  # 1..64, exactly numpy's rule
         hlen = len(body) + pad + 1
         if hlen >= 1 << (8 * length_struct.size):
             if version is not None:
@@ -318,6 +334,45 @@ def encode_header(
         return MAGIC + bytes(ver) + length_struct.pack(hlen) + body + b" " * pad + b"\n"
     raise ValueError("header does not fit any .npy version")  # pragma: no cover - 4 GiB header
 
+
+
+def _encode_sized(text: str, size: int, version: tuple[int, int] | None) -> bytes:
+    """``text`` as a preamble of exactly ``size`` bytes (the oldest version whose length field holds it)."""
+    for ver in [version] if version is not None else [(1, 0), (2, 0), (3, 0)]:
+        length_struct, encoding = _VERSIONS[ver]
+        try:
+            body = text.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        hlen = size - len(MAGIC) - 2 - length_struct.size
+        if hlen >= 1 << (8 * length_struct.size):
+            continue
+        if len(body) + 1 > hlen:
+            break
+        return MAGIC + bytes(ver) + length_struct.pack(hlen) + body + b" " * (hlen - len(body) - 1) + b"\n"
+    raise ValueError(f"the .npy header {text!r} does not fit in {size} bytes")
+
+
+def header_room(dtype: Any, ndim: int, fortran_order: bool = False) -> int:
+    """The length of a preamble that holds ``dtype`` with any ``ndim``-D shape of int64 sizes.
+
+    A multiple of 64.  Writers that rewrite the shape in place as data arrives
+    reserve this much (``encode_header(..., size=header_room(...))``).
+
+    >>> header_room("<f8", 1), header_room("<f8", 3)
+    (128, 128)
+    """
+    text = _dict_text(dtype, (_INT64_MAX,) * ndim, fortran_order)
+    for length_struct, encoding in _VERSIONS.values():
+        try:
+            body = text.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        need = len(MAGIC) + 2 + length_struct.size + len(body) + 1
+        size = need + (-need) % ARRAY_ALIGN
+        if size - len(MAGIC) - 2 - length_struct.size < 1 << (8 * length_struct.size):
+            return size
+    raise UnsupportedError("the dtype description is too long for a .npy header")  # pragma: no cover - 4 GiB
 
 
 def encode_header_in_place(header: NpyHeader, shape: tuple[int, ...]) -> bytes | None:

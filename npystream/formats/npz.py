@@ -57,7 +57,7 @@ __all__ = ["NpzArchive", "NpzMember"]
 
 _LOCAL = struct.Struct("<4s22xHH")  # signature, (skipped fixed fields), name length, extra length
 _LOCAL_MAGIC = b"PK\x03\x04"
-# Options passed on to ObjectArray for object-dtype members (see npystream.object_array).
+# Options passed on to ObjectArray for object-dtype members (see npystream.archive.NpzArchive).
 _OBJECT_OPTIONS = frozenset({"trusted", "allowed_globals", "encoding", "fix_imports", "zero_copy", "nsidx"})
 _METHODS = {
     zipfile.ZIP_STORED: "stored",
@@ -225,23 +225,21 @@ class NpzArchive(Mapping[str, np.ndarray]):
                 src.close()
 
     def _object_member(self, key: str, src: ByteSource, header: NpyHeader) -> Any:
-        """An :class:`~npystream.ObjectArray` over an object member; it takes ownership of ``src``.
+        """The reader of an object member; it takes ownership of ``src``.
 
-        Stored members give random access (and zero-copy views); deflated ones
-        stream.  The archive's safety options (``trusted``, ``allowed_globals``...)
-        apply.  Without the object reader installed: a clear "not yet supported".
+        Formats do not unpickle: this base refuses with a clear error, and
+        :class:`npystream.NpzArchive` (in :mod:`npystream.archive`, what
+        ``npystream.open`` returns) overrides it to return an
+        :class:`~npystream.ObjectArray` with the archive's safety options.
         """
-        try:
-            from npystream.object_array import ObjectArray
-        except ImportError:
-            src.close()
-            raise UnsupportedError(
-                f"member {key!r} holds Python objects (dtype {header.dtype}, {header.count} "
-                "elements, pickled); object members of .npz archives are not yet supported by "
-                "this installation: use np.load(path, allow_pickle=True) on a file you trust",
-                path=self.path,
-            ) from None
-        return ObjectArray(src, header=header, **self._object_options)
+        src.close()
+        raise UnsupportedError(
+            f"member {key!r} holds Python objects (dtype {header.dtype}, {header.count} "
+            "elements, pickled); npystream.formats.npz.NpzArchive maps fixed-dtype members only: "
+            "open the archive with npystream.open(path) or npystream.NpzArchive(path), which "
+            "read object members",
+            path=self.path,
+        )
 
     # -- explicit access -----------------------------------------------------
     def load(self, name: str, *, max_bytes: int | None = None) -> np.ndarray:

@@ -78,27 +78,22 @@ from typing import Any
 import numpy as np
 
 from npystream._atomic import atomic_output
+from npystream.formats.npy import encode_header
 
 __all__ = ["save_objects", "object_npy_header"]
 
 _BATCH = 1000
-_GROWTH_DIGITS = 21
-_ALIGN = 64
+_OBJECT = np.dtype(object)
 _RESERVED_INT = 10  # LONG1 opcode + 1 length byte + 8 payload bytes
 
 
 def object_npy_header(length: int, *, extra_pad: int = 0) -> bytes:
-    """numpy's own .npy 1.0 header for a 1-D object array of ``length`` elements.
+    """numpy's own .npy header for a 1-D object array of ``length`` elements.
 
     Same text, growth room and padding as ``np.save`` (``extra_pad`` more
     spaces before the newline, for the unknown-length rewrite).
     """
-    text = f"{{'descr': '|O', 'fortran_order': False, 'shape': ({int(length)},), }}"
-    text += " " * (_GROWTH_DIGITS - len(repr(int(length))))
-    body = text.encode("latin1")
-    hlen = len(body) + 1
-    padlen = _ALIGN - ((6 + 2 + 2 + hlen) % _ALIGN) + extra_pad
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", hlen + padlen) + body + b" " * padlen + b"\n"
+    return encode_header(_OBJECT, (int(length),), extra_pad=extra_pad)
 
 
 def _encode_int(proto: int, value: int) -> bytes:

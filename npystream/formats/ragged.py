@@ -136,6 +136,7 @@ from npystream.errors import (
     TruncatedError,
     UnsupportedError,
 )
+from npystream.formats.npy import ARRAY_ALIGN, encode_header, header_room
 
 try:  # pragma: no cover - always present on Linux/macOS
     import fcntl
@@ -154,8 +155,6 @@ META = "meta.json"
 VALUES = "values.npy"
 OFFSETS = "offsets.npy"
 SHAPES = "shapes.npy"
-_MAGIC = b"\x93NUMPY"
-_ALIGN = 64
 _U1 = np.dtype("|u1")
 _I8 = np.dtype("<i8")
 _LITTLE = sys.byteorder == "little"
@@ -282,46 +281,19 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> None:
         view = view[done:]
 
 
-def _header_text(descr: Any, shape: tuple[int, ...]) -> str:
-    return f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
-
-
 def _encode_part_header(dtype: np.dtype, shape: tuple[int, ...], total: int | None) -> bytes:
-    """A ``.npy`` preamble for a C-ordered part; ``total=None`` sizes it for any shape.
+    """A ``.npy`` preamble for a C-ordered part, ``total`` bytes long; ``total=None`` sizes it for any shape.
 
     The returned preamble is a multiple of 64 bytes.  With ``total=None`` the
     length fits the largest int64 in every dimension, so later rewrites with
     ``total=len(first)`` always fit in place.
     """
-    descr = np.lib.format.dtype_to_descr(dtype)
     if total is None:
-        widest = _header_text(descr, tuple([2**63 - 1] * len(shape)))
-        for ver, size, enc in (((1, 0), 2, "latin1"), ((2, 0), 4, "latin1"), ((3, 0), 4, "utf8")):
-            version = ver
-            try:
-                body = widest.encode(enc)
-            except UnicodeEncodeError:
-                continue
-            need = 8 + size + len(body) + 1
-            total = need + (-need) % _ALIGN
-            if total - 8 - size < (1 << (8 * size)):
-                break
-        else:  # pragma: no cover - a 4 GiB dtype description
-            raise UnsupportedError("the dtype description is too long for a .npy header")
-    else:
-        version = (1, 0) if total - 10 < 65536 else (2, 0)
-    size = 2 if version == (1, 0) else 4
-    enc = "utf8" if version == (3, 0) else "latin1"
+        total = header_room(dtype, len(shape))
     try:
-        body = _header_text(descr, tuple(shape)).encode(enc)
-    except UnicodeEncodeError:
-        version, size, enc = (3, 0), 4, "utf8"
-        body = _header_text(descr, tuple(shape)).encode(enc)
-    hlen = total - 8 - size
-    pad = hlen - len(body) - 1
-    if pad < 0:  # pragma: no cover - guarded by the sizing above
-        raise UnsupportedError("the .npy header outgrew its reserved room")
-    return _MAGIC + bytes(version) + hlen.to_bytes(size, "little") + body + b" " * pad + b"\n"
+        return encode_header(dtype, shape, grow=False, size=total)
+    except ValueError:  # pragma: no cover - guarded by header_room
+        raise UnsupportedError("the .npy header outgrew its reserved room") from None
 
 
 def _read_part_header(dir_fd: int, name: str, path: str) -> tuple[Any, int]:
@@ -551,7 +523,7 @@ def _check_header(header: Any, name: str, path: str, dtype: np.dtype, ndim: int,
         raise FormatError(
             f"part {name!r} has shape {header.shape}, expected {ndim} dimension(s)", path=full
         )
-    if header.data_offset % _ALIGN:
+    if header.data_offset % ARRAY_ALIGN:
         raise FormatError(
             f"part {name!r} data starts at byte {header.data_offset}, not 64-byte aligned",
             path=full,
