@@ -639,7 +639,8 @@ def _reduce_axis(ev: _Evaluator, kind: str, shape: tuple[int, ...], k: int, axis
         bax = None if axis < k else axis - k
         if kind in ("var", "std"):
             if bax is None:
-                nb, mb, m2b = 1, np.asarray(blk, dtype=mean.dtype), 0.0
+                mb = np.asarray(blk, dtype=mean.dtype)
+                nb, m2b = 1, np.where(np.isfinite(mb), 0.0, np.nan)  # numpy: (x - x)**2, NaN for NaN and inf
             else:
                 nb, mb, m2b = _moments(blk, bax)
             if first:

@@ -76,6 +76,9 @@ def small_elements(dt, nan=False):
     if dt.kind == "f":
         finite = hnp.from_dtype(dt, min_value=-4, max_value=4)
         return st.one_of(finite, st.just(np.nan)) if nan else finite
+    if dt.kind == "c":  # |z| <= 4 too: unbounded complex values overflow var/std's squares (1e264**2)
+        finite = st.complex_numbers(max_magnitude=4, allow_nan=False, allow_infinity=False)
+        return st.one_of(finite, st.just(complex(np.nan, 0))) if nan else finite
     return None
 
 
