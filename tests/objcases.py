@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,3 +625,32 @@ def assert_same_elements(got: Iterable[Any], expected: list[Any]) -> None:
         n = i + 1
     if n != len(expected):
         raise AssertionError(f"got {n} elements, expected {len(expected)}")
+
+
+def through_pipe(data: bytes, **options: Any) -> tuple[list[Any], BaseException | None]:
+    """Elements ``iter_objects(**options)`` reads from a real pipe fed by a writer thread; the exception that stopped them."""
+    import npystream
+
+    r, w = os.pipe()
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            try:
+                f.write(data)
+            except BrokenPipeError:
+                pass
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    got: list[Any] = []
+    exc: BaseException | None = None
+    try:
+        with os.fdopen(r, "rb") as f:
+            try:
+                for x in npystream.iter_objects(f, **options):
+                    got.append(x)
+            except Exception as e:  # noqa: BLE001 - the caller inspects it
+                exc = e
+    finally:
+        writer.join()
+    return got, exc

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import sys
-import threading
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from objcases import assert_same_elements, expected_elements, npy_preamble, obj_array
+from objcases import assert_same_elements, expected_elements, npy_preamble, obj_array, through_pipe
 
 import npystream
 from npystream import FormatError
@@ -38,31 +36,8 @@ def _expected(data: bytes) -> list:
     return expected_elements(np.load(io.BytesIO(data), allow_pickle=True))
 
 
-def _through_pipe(data: bytes, **kw) -> tuple[list, BaseException | None]:
-    """Elements read from a real pipe fed by a writer thread; the exception that stopped them, if any."""
-    r, w = os.pipe()
-
-    def write() -> None:
-        with os.fdopen(w, "wb") as f:
-            try:
-                f.write(data)
-            except BrokenPipeError:
-                pass
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    got: list = []
-    exc: BaseException | None = None
-    try:
-        with os.fdopen(r, "rb") as f:
-            try:
-                for x in npystream.iter_objects(f, **kw):
-                    got.append(x)
-            except Exception as e:  # noqa: BLE001 - the caller inspects it
-                exc = e
-    finally:
-        writer.join()
-    return got, exc
+def _through_pipe(data: bytes, **kw):
+    return through_pipe(data, **kw)
 
 
 def _one(x: object) -> np.ndarray:

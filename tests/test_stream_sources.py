@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import random
 import struct
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from objcases import assert_same_elements, expected_elements, obj_array
+from objcases import assert_same_elements, expected_elements, obj_array, through_pipe
 
 import npystream
 from npystream import FormatError, TruncatedError
@@ -55,22 +53,10 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _through_pipe(data: bytes, **kw) -> list:
-    r, w = os.pipe()
-
-    def write() -> None:
-        with os.fdopen(w, "wb") as f:
-            try:
-                f.write(data)
-            except BrokenPipeError:
-                pass
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        with os.fdopen(r, "rb") as f:
-            return list(npystream.iter_objects(f, **kw))
-    finally:
-        writer.join()
+    got, exc = through_pipe(data, **kw)
+    if exc is not None:
+        raise exc
+    return got
 
 
 def _every_source(data: bytes, tmp_path: Path, **kw) -> dict[str, object]:

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from objcases import assert_same_elements, expected_elements, obj_array
+from objcases import assert_same_elements, expected_elements, obj_array, through_pipe
 
 import npystream
 from npystream import NpyStreamError, TruncatedError
@@ -32,31 +31,8 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _through_pipe(data: bytes) -> tuple[list, BaseException | None]:
-    """Elements read from a real pipe fed by a writer thread; the exception that stopped them, if any."""
-    r, w = os.pipe()
-
-    def write() -> None:
-        with os.fdopen(w, "wb") as f:
-            try:
-                f.write(data)
-            except BrokenPipeError:
-                pass
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    got: list = []
-    exc: BaseException | None = None
-    try:
-        with os.fdopen(r, "rb") as f:
-            try:
-                for x in npystream.iter_objects(f):
-                    got.append(x)
-            except Exception as e:  # noqa: BLE001 - the caller inspects it
-                exc = e
-    finally:
-        writer.join()
-    return got, exc
+def _through_pipe(data: bytes):
+    return through_pipe(data)
 
 
 @pytest.fixture
