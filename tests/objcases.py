@@ -654,3 +654,13 @@ def through_pipe(data: bytes, **options: Any) -> tuple[list[Any], BaseException 
     finally:
         writer.join()
     return got, exc
+
+
+def assert_same_store(a: Any, b: Any) -> None:
+    """Two ragged stores hold the same bytes in every part (values, offsets, shapes, meta.json)."""
+    for part in ("values.npy", "offsets.npy", "shapes.npy", "meta.json"):
+        pa, pb = os.path.join(a, part), os.path.join(b, part)
+        assert os.path.exists(pa) == os.path.exists(pb), part
+        if os.path.exists(pa):
+            with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                assert fa.read() == fb.read(), part

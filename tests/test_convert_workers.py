@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from objcases import assert_same_store
 
 import npystream
 from npystream import parallel_convert
@@ -33,15 +34,6 @@ def _ints(n: int, seed: int = 0, dtype=np.int32) -> list:
     return [np.arange(int(k), dtype=dtype) for k in rng.integers(0, 12, n)]
 
 
-def _same_store(a, b) -> None:
-    for part in ("values.npy", "offsets.npy", "shapes.npy", "meta.json"):
-        pa, pb = os.path.join(a, part), os.path.join(b, part)
-        assert os.path.exists(pa) == os.path.exists(pb), part
-        if os.path.exists(pa):
-            with open(pa, "rb") as fa, open(pb, "rb") as fb:
-                assert fa.read() == fb.read(), part
-
-
 @pytest.mark.parametrize("elements", ["ints", "strings", "2d"])
 def test_workers_byte_identical(tmp_path, small_partitions, elements, capsys):
     elems = {
@@ -54,7 +46,7 @@ def test_workers_byte_identical(tmp_path, small_partitions, elements, capsys):
     assert main(["convert", str(src), str(tmp_path / "seq.ragged"), "-q"]) == 0
     assert main(["convert", str(src), str(tmp_path / "par.ragged"), "--workers", "2"]) == 0
     assert "converted" in capsys.readouterr().err
-    _same_store(tmp_path / "seq.ragged", tmp_path / "par.ragged")
+    assert_same_store(tmp_path / "seq.ragged", tmp_path / "par.ragged")
     assert sorted(os.listdir(tmp_path)) == ["o.npy", "par.ragged", "seq.ragged"]  # no index, no leftovers
 
 
@@ -67,7 +59,7 @@ def test_workers_verify_and_empty(tmp_path, small_partitions):
     np.save(empty, np.empty(0, dtype=object))
     convert(empty, tmp_path / "e1.ragged")
     convert(empty, tmp_path / "e2.ragged", workers=2)
-    _same_store(tmp_path / "e1.ragged", tmp_path / "e2.ragged")
+    assert_same_store(tmp_path / "e1.ragged", tmp_path / "e2.ragged")
 
 
 def test_workers_cast_error_same_element_as_one_process(tmp_path, small_partitions, capsys):
@@ -85,7 +77,7 @@ def test_workers_cast_error_same_element_as_one_process(tmp_path, small_partitio
     assert sorted(os.listdir(tmp_path)) == ["o.npy"]
     convert(src, tmp_path / "seq.ragged", cast="same_kind")
     convert(src, tmp_path / "par.ragged", cast="same_kind", workers=2)
-    _same_store(tmp_path / "seq.ragged", tmp_path / "par.ragged")
+    assert_same_store(tmp_path / "seq.ragged", tmp_path / "par.ragged")
 
 
 def test_workers_cast_error_at_a_partition_start(tmp_path, small_partitions):
@@ -122,7 +114,7 @@ def test_workers_resume(tmp_path, small_partitions, monkeypatch, capsys):
     res = convert(src, dst, workers=2, resume=True)
     assert 0 < res.resumed_from < res.elements == 6000
     convert(src, tmp_path / "seq.ragged")
-    _same_store(dst, tmp_path / "seq.ragged")
+    assert_same_store(dst, tmp_path / "seq.ragged")
     assert sorted(os.listdir(tmp_path)) == ["o.npy", "out.ragged", "seq.ragged"]
 
 
@@ -172,7 +164,7 @@ def test_dask_executor_same_bytes(tmp_path, small_partitions):
         safety={"trusted": False, "allowed_globals": ()}, kind="array", cast=None, durable=False,
         label=str(src), executor="dask")
     convert(src, tmp_path / "seq.ragged")
-    _same_store(tmp_path / "d.ragged", tmp_path / "seq.ragged")
+    assert_same_store(tmp_path / "d.ragged", tmp_path / "seq.ragged")
 
 
 @pytest.mark.slow

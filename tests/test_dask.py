@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+from objcases import assert_same_store
 
 import npystream
 from npystream.errors import (
@@ -279,15 +280,6 @@ def test_ragged_fixed_shape_as_array(client, tmp_path):
 # --------------------------------------------------------------------------- writers
 
 
-def _same_store_bytes(a, b) -> None:
-    for part in ("values.npy", "offsets.npy", "shapes.npy", "meta.json"):
-        pa, pb = os.path.join(a, part), os.path.join(b, part)
-        assert os.path.exists(pa) == os.path.exists(pb), part
-        if os.path.exists(pa):
-            with open(pa, "rb") as fa, open(pb, "rb") as fb:
-                assert fa.read() == fb.read(), part
-
-
 @once
 @pytest.mark.parametrize("kind", ["int32", "2d", "str", "object"])
 def test_to_ragged_byte_identical_to_save_ragged(client, tmp_path, kind):
@@ -302,7 +294,7 @@ def test_to_ragged_byte_identical_to_save_ragged(client, tmp_path, kind):
     bag = db.from_sequence(elems, npartitions=9)
     out = nd.to_ragged(bag, tmp_path / "par.ragged", **options)
     npystream.save_ragged(tmp_path / "seq.ragged", elems, durable=False, **options)
-    _same_store_bytes(tmp_path / "par.ragged", tmp_path / "seq.ragged")
+    assert_same_store(tmp_path / "par.ragged", tmp_path / "seq.ragged")
     assert len(out) == n
     assert sorted(os.listdir(tmp_path)) == ["par.ragged", "seq.ragged"]  # nothing left behind
 
@@ -314,11 +306,11 @@ def test_to_ragged_empty_partitions_and_empty_bag(client, tmp_path):
     nd.to_ragged(bag, tmp_path / "a.ragged")
     npystream.save_ragged(tmp_path / "b.ragged", [np.arange(i, dtype=np.int16) for i in range(40) if i < 5 or i > 33],
                           durable=False)
-    _same_store_bytes(tmp_path / "a.ragged", tmp_path / "b.ragged")
+    assert_same_store(tmp_path / "a.ragged", tmp_path / "b.ragged")
     empty = db.from_sequence(range(10), npartitions=3).filter(lambda i: False)
     nd.to_ragged(empty, tmp_path / "e.ragged")
     npystream.save_ragged(tmp_path / "f.ragged", [], durable=False)
-    _same_store_bytes(tmp_path / "e.ragged", tmp_path / "f.ragged")
+    assert_same_store(tmp_path / "e.ragged", tmp_path / "f.ragged")
 
 
 @once
@@ -336,7 +328,7 @@ def test_to_ragged_cast_error_names_partition_and_element(client, tmp_path):
     assert not os.path.exists(tmp_path / "par.ragged")
     nd.to_ragged(bag, tmp_path / "cast.ragged", cast="same_kind")
     npystream.save_ragged(tmp_path / "cast-seq.ragged", elems, cast="same_kind", durable=False)
-    _same_store_bytes(tmp_path / "cast.ragged", tmp_path / "cast-seq.ragged")
+    assert_same_store(tmp_path / "cast.ragged", tmp_path / "cast-seq.ragged")
 
 
 def _fail_at(i):
