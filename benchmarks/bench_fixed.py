@@ -35,7 +35,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -44,36 +43,7 @@ from benchdata import DATA as _DATA
 DATA_DIR = str(_DATA)
 
 
-def rss_anon_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
-
-
-class AnonPeak:
-    """Sample RssAnon in a thread; ``peak`` is the maximum seen, in KiB."""
-
-    def __init__(self, every: float = 0.002) -> None:
-        self.every = every
-        self.peak = rss_anon_kib()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon_kib())
-            time.sleep(self.every)
-
-    def __enter__(self) -> AnonPeak:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_anon_kib())
+from benchdata import AnonPeak, rss_anon_kib  # noqa: E402 - one sampler for every benchmark
 
 
 def make_data(size_gib: float, gz_mib: int) -> tuple[str, str]:
