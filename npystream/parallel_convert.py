@@ -70,7 +70,7 @@ def _source_array(path: str, stamp: tuple[int, int], options: dict[str, Any]) ->
     from npystream.dask import check_stamp, open_cached
 
     check_stamp(path, stamp, "a worker")
-    return open_cached(path, stamp, dict(options, zero_copy=True))
+    return open_cached(path, stamp, dict(options, zero_copy="always"))  # views even when unaligned: the writer copies them (as convert does)
 
 
 def _convert_part(task: tuple[Any, ...]) -> tuple[int, int]:
@@ -250,7 +250,7 @@ def convert_object_parallel(
     staging = temp_name(dst, PARTS_TAG)
     safety = dict(safety, allowed_globals=tuple(sorted(map(str, safety.get("allowed_globals", ())))))
     record = dict(identity, kind=kind, cast=cast, **dict(safety, allowed_globals=list(safety["allowed_globals"])))
-    arr = ObjectArray(path, **safety, zero_copy=True)
+    arr = ObjectArray(path, **safety, zero_copy="always")  # the writer copies each element once
     pool: Any = None
     ok = False
     tmp = temp_name(dst)
