@@ -40,8 +40,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import numpy as np
-
 from npystream._atomic import atomic_output, commit, refuse_existing, remove_path, temp_name
 from npystream.elements import (
     COPY_CHUNK,
@@ -54,6 +52,7 @@ from npystream.elements import (
     peek_header,
 )
 from npystream.errors import CastError, FormatError, TruncatedError, UnsupportedError
+from npystream.formats.ragged import KIND_TYPES, KindMismatch, check_kind, kind_for
 from npystream.sources import DECOMPRESS_ERRORS
 
 __all__ = ["convert", "ConvertResult", "SUPPORTED", "describe_source", "open_elements"]
@@ -336,37 +335,6 @@ def _partial_paths(dst: str) -> tuple[str, str]:
     return tmp, tmp + ".json"
 
 
-class _KindMismatch(CastError):
-    """An element the store's kind would change (a list or a numpy scalar in a store of arrays...)."""
-
-
-# what reading an element back from a ragged store of each kind gives (kind='object': anything)
-_KIND_TYPES = {"array": np.ndarray, "str": str, "bytes": bytes}
-
-
-def _store_kind(x: Any) -> str:
-    """The ragged kind that gives ``x`` back as it is: 'array', 'str', 'bytes' or 'object'."""
-    if type(x) is np.ndarray and not x.dtype.hasobject:
-        return "array"
-    return {str: "str", bytes: "bytes"}.get(type(x), "object")
-
-
-def _kind_mismatch(x: Any, index: int, kind: str, label: str, given: bool) -> _KindMismatch:
-    origin = "given" if given else "chosen from element 0"
-    return _KindMismatch(
-        f"{_describe(x)}, which a ragged store of kind {kind!r} ({origin}) would not give back as it "
-        "is; pass kind='object' (`npystream convert --kind object`) to store every element pickled, "
-        "as it is",
-        path=label, index=index,
-    )
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, np.ndarray):
-        return f"a {type(x).__name__} of dtype {x.dtype} and {x.ndim} dimensions"
-    return f"a {type(x).__module__}.{type(x).__qualname__}".replace("builtins.", "")
-
-
 def _object_to_ragged(
     info: SourceInfo, dst: str, *, overwrite: bool, resume: bool, safety: dict[str, Any],
     kind: str | None, cast: str | None, durable: bool, show: bool,
@@ -424,32 +392,32 @@ def _object_to_ragged(
             try:
                 if writer is None:  # a new store: the first element decides the kind unless one was given
                     x = next(elements, _END)
-                    writer = open_writer(kind if given or x is _END else _store_kind(x))
+                    writer = open_writer(kind if given or x is _END else kind_for(x))
                     if x is not _END:
-                        _check_kind(writer.kind, x, 0, info.label, given)
+                        check_kind(x, 0, writer.kind, path=info.label, given=given)
                         writer.append(x)
                         count += 1
                         bar.add(1, _nbytes(x))
                 append = writer.append
                 store_kind = writer.kind
-                want = _KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
+                want = KIND_TYPES.get(store_kind or "")  # None: kind='object' keeps anything
                 if bar.bar is None and want is not None:  # no progress bar: nothing to count
                     for x in elements:
                         if type(x) is not want:
-                            raise _kind_mismatch(x, len(writer), store_kind, info.label, given)
+                            check_kind(x, len(writer), store_kind, path=info.label, given=given)
                         append(x)
                     count = len(writer)
                 else:
                     add = bar.add
                     for x in elements:
                         if want is not None and type(x) is not want:
-                            raise _kind_mismatch(x, count, store_kind, info.label, given)
+                            check_kind(x, count, store_kind, path=info.label, given=given)
                         append(x)
                         count += 1
                         add(1, _nbytes(x))
             finally:  # an error stops early: release the source now, not when collected
                 close_iter(elements)
-        except _KindMismatch:
+        except KindMismatch:
             _close_quietly(writer)
             raise
         except CastError as exc:
@@ -494,12 +462,6 @@ def _object_to_ragged(
 _END = object()
 
 
-def _check_kind(kind: str | None, x: Any, index: int, label: str, given: bool) -> None:
-    want = _KIND_TYPES.get(kind or "")
-    if want is not None and type(x) is not want:
-        raise _kind_mismatch(x, index, kind or "", label, given)
-
-
 def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show: bool, safety: dict[str, Any],
                                kind: str | None, **options: Any) -> ConvertResult:
     from npystream.parallel_convert import convert_object_parallel
@@ -511,13 +473,13 @@ def _object_to_ragged_parallel(info: SourceInfo, dst: str, *, workers: int, show
             first = next(elements, _END)
         finally:
             close_iter(elements)
-        kind = None if first is _END else _store_kind(first)  # nothing to read: the writer's default, as in one process
+        kind = None if first is _END else kind_for(first)  # nothing to read: the writer's default, as in one process
     bar = _Progress(info.count, show, "convert")
     per_element = (info.size or 0) / max(info.count or 1, 1)  # partitions report elements: MB/s on average
     try:
         count, start, notes = convert_object_parallel(
             info.path, dst, workers=workers, identity=info.identity, label=info.label, safety=safety,
-            kind=kind, element_type=_KIND_TYPES.get(kind),
+            kind=kind, kind_given=given,
             progress=lambda n: bar.add(n, int(n * per_element)), **options)
     finally:
         bar.close()

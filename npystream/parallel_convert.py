@@ -43,6 +43,7 @@ import numpy as np
 
 from npystream._atomic import refuse_existing, remove_path, temp_name
 from npystream.errors import CastError, FormatError, NpyStreamError
+from npystream.formats.ragged import KindMismatch, check_kind
 
 __all__ = ["convert_object_parallel", "PARTS_TAG"]
 
@@ -81,15 +82,12 @@ def _convert_part(task: tuple[Any, ...]) -> tuple[int, int]:
     path, stamp, options, k, lo, hi, part, writer_options = task
 
     writer_options = dict(writer_options)
-    want = writer_options.pop("element_type", None)
+    kind_given = writer_options.pop("kind_given", True)
 
     def items(arr: Any, start: int) -> Any:
+        kind = writer_options.get("kind")
         for i, x in enumerate(arr.iter_range(start, hi), start):
-            if want is not None and type(x) is not want:  # the store would not give it back as it is
-                raise CastError(
-                    f"element {i} is a {type(x).__module__}.{type(x).__qualname__}, which a ragged store of "
-                    f"kind {writer_options.get('kind')!r} (chosen from element 0 or given) would not give "
-                    "back as it is", index=i)
+            check_kind(x, i - lo, kind, path=path, given=kind_given)  # the one-process rule; write_part adds lo
             yield x
 
     def body() -> int:
@@ -221,7 +219,7 @@ def convert_object_parallel(
     resume: bool,
     safety: dict[str, Any],
     kind: str | None,
-    element_type: type | None = None,
+    kind_given: bool = True,
     cast: str | None,
     durable: bool,
     label: str,
@@ -287,7 +285,7 @@ def convert_object_parallel(
         progress(resumed)
         options = dict(safety)
         writer_options = {"kind": kind, "cast": cast, "durable": False, "buffer_size": _WRITER_BUFFER,
-                          "element_type": element_type}
+                          "kind_given": kind_given}
         _SOURCE = arr
         pool = _ForkPool(workers) if executor == "pool" else _DaskPool(workers)
 
@@ -298,6 +296,8 @@ def convert_object_parallel(
             errors = [(k, r) for k, r in zip(ks, results) if isinstance(r, BaseException)]
             if errors:
                 k, exc = min(errors, key=lambda e: e[0])
+                if isinstance(exc, KindMismatch):  # says itself what to pass
+                    raise KindMismatch(exc.message, path=label, index=exc.index) from None
                 if isinstance(exc, CastError):
                     raise CastError(f"{exc.message}; {_HINT}", path=label, index=exc.index) from None
                 raise exc

@@ -220,3 +220,19 @@ def test_workers_dead_worker_is_an_error_not_a_hang(tmp_path, small_partitions, 
     with pytest.raises(npystream.NpyStreamError, match="worker process died"):
         convert(src, tmp_path / "out.ragged", workers=2)
     assert sorted(os.listdir(tmp_path)) == ["o.npy"]
+
+
+def test_workers_refuse_a_changed_element_as_one_process(tmp_path, small_partitions):
+    """A list among arrays: the same KindMismatch (class, element, message) with and without workers."""
+    from npystream.formats.ragged import KindMismatch
+
+    elems = _ints(2500) + [[1, 2]] + _ints(10)
+    src = tmp_path / "o.npy"
+    _save(src, elems)
+    with pytest.raises(KindMismatch) as seq:
+        convert(src, tmp_path / "a.ragged")
+    with pytest.raises(KindMismatch) as par:
+        convert(src, tmp_path / "b.ragged", workers=2)
+    assert par.value.index == seq.value.index == 2500
+    assert par.value.message.endswith(seq.value.message)  # the same text, after the partition's name
+    assert sorted(os.listdir(tmp_path)) == ["o.npy"]

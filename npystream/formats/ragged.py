@@ -179,6 +179,41 @@ _NO_COPY_RANGE = frozenset(
 
 
 # --------------------------------------------------------------------------- #
+# kinds: what reading an element back gives
+# --------------------------------------------------------------------------- #
+
+# kind -> the type every element of a store of that kind reads back as ('object': anything)
+KIND_TYPES: dict[str, type] = {"array": np.ndarray, "str": str, "bytes": bytes}
+
+
+def kind_for(x: Any) -> str:
+    """The store kind that gives ``x`` back as it is: 'array', 'str', 'bytes' or 'object'."""
+    if type(x) is np.ndarray and not x.dtype.hasobject:
+        return "array"
+    return {str: "str", bytes: "bytes"}.get(type(x), "object")
+
+
+class KindMismatch(CastError):
+    """An element a store's kind would change (a list or a numpy scalar in a store of arrays...)."""
+
+
+def check_kind(x: Any, index: int, kind: str | None, *, path: str, given: bool) -> None:
+    """Raise :class:`KindMismatch` if a store of ``kind`` would not give ``x`` back as it is."""
+    want = KIND_TYPES.get(kind or "")
+    if want is not None and type(x) is not want:
+        if isinstance(x, np.ndarray):
+            what = f"a {type(x).__name__} of dtype {x.dtype} and {x.ndim} dimensions"
+        else:
+            what = f"a {type(x).__module__}.{type(x).__qualname__}".replace("builtins.", "")
+        origin = "given" if given else "chosen from element 0"
+        raise KindMismatch(
+            f"{what}, which a ragged store of kind {kind!r} ({origin}) would not give back as it is; pass "
+            "kind='object' (`npystream convert --kind object`) to store every element pickled, as it is",
+            path=path, index=index,
+        )
+
+
+# --------------------------------------------------------------------------- #
 # small helpers
 # --------------------------------------------------------------------------- #
 

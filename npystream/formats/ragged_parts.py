@@ -107,9 +107,9 @@ def write_part(elements: Iterable[Any] | Callable[[int], Iterable[Any]], path: s
         writer.abort()
         local = exc.index
         if first is not None and local is not None:
-            raise CastError(f"{where}: {exc.message}", path=exc.path, index=first + local) from None
+            raise type(exc)(f"{where}: {exc.message}", path=exc.path, index=first + local) from None
         at = f", element {local} of the partition" if local is not None else ""
-        raise CastError(f"{where}{at}: {exc.message}", path=exc.path) from None
+        raise type(exc)(f"{where}{at}: {exc.message}", path=exc.path) from None
     except BaseException:
         writer.salvage()
         raise
