@@ -119,6 +119,29 @@ def _quiet_worker() -> None:
             pass
 
 
+def _collect(jobs: list[Any], on_done: Callable[[Any], None], dead: Any = ()) -> list[Any]:
+    """Every job's result in order (``on_done`` called on each), or the exception it raised.
+
+    ``dead`` is the pool's "a worker process died" exception: that job gets a
+    clear :class:`~npystream.errors.NpyStreamError` instead.
+    """
+    out: list[Any] = []
+    for job in jobs:
+        try:
+            value = job.result()
+        except dead:
+            out.append(NpyStreamError(
+                "a worker process died (killed, or out of memory?) before its partition was written; run "
+                "again (with --resume to keep the finished partitions), or with fewer --workers"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller, which picks one
+            out.append(exc)
+            continue
+        on_done(value)
+        out.append(value)
+    return out
+
+
 class _ForkPool:
     """``run(fn, tasks)`` on forked processes; every task runs even if one fails (errors returned).
 
@@ -136,22 +159,7 @@ class _ForkPool:
     def run(self, fn: Callable[[Any], Any], tasks: list[Any], on_done: Callable[[Any], None]) -> list[Any]:
         from concurrent.futures.process import BrokenProcessPool
 
-        pending = [self.pool.submit(fn, t) for t in tasks]
-        out: list[Any] = []
-        for job in pending:
-            try:
-                value = job.result()
-            except BrokenProcessPool:
-                out.append(NpyStreamError(
-                    "a worker process died (killed, or out of memory?) before its partition was written; run "
-                    "again (with --resume to keep the finished partitions), or with fewer --workers"))
-                continue
-            except Exception as exc:  # noqa: BLE001 - handed back to the caller, which picks one
-                out.append(exc)
-                continue
-            on_done(value)
-            out.append(value)
-        return out
+        return _collect([self.pool.submit(fn, t) for t in tasks], on_done, dead=BrokenProcessPool)
 
     def close(self, ok: bool) -> None:
         if ok:
@@ -179,17 +187,7 @@ class _DaskPool:
         self.client = Client(self.cluster)
 
     def run(self, fn: Callable[[Any], Any], tasks: list[Any], on_done: Callable[[Any], None]) -> list[Any]:
-        futures = [self.client.submit(fn, t, pure=False) for t in tasks]
-        out: list[Any] = []
-        for fut in futures:
-            try:
-                value = fut.result()
-            except Exception as exc:  # noqa: BLE001 - handed back to the caller, which picks one
-                out.append(exc)
-                continue
-            on_done(value)
-            out.append(value)
-        return out
+        return _collect([self.client.submit(fn, t, pure=False) for t in tasks], on_done)
 
     def close(self, ok: bool) -> None:
         self.client.close()

@@ -33,18 +33,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", help="cast every input to this dtype (e.g. float64); streamed, not copied")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--durable", action="store_true", help="fsync DST before renaming it into place")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")
-    g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    from npystream.cli.convert import add_progress_options
+
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Join the files; print one summary line on stderr."""
     from npystream._atomic import signals_as_exceptions
+    from npystream.cli.convert import progress_option
     from npystream.concatenation import ConcatArray
 
-    progress = False if args.quiet else (True if args.progress else None)
+    progress = progress_option(args)
     t0 = time.perf_counter()
     with signals_as_exceptions():
         view = ConcatArray(args.src, axis=args.axis, dtype=args.dtype)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["register", "run", "add_safety_options", "safety_options"]
+__all__ = ["register", "run", "add_safety_options", "safety_options", "add_progress_options", "progress_option"]
 
 
 def add_safety_options(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,18 @@ def add_safety_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default="ASCII",
                    help="how Python 2 str pickles decode, as np.load: 'latin1' (numeric arrays written by "
                    "Python 2), 'bytes' or the default 'ASCII'")
+
+
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--progress``, spelled one way for every command that writes (convert, concat)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")
+    g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+
+
+def progress_option(args: argparse.Namespace) -> bool | None:
+    """``progress=`` for the writers: False (quiet), True (forced) or None (a bar on a terminal)."""
+    return False if args.quiet else (True if args.progress else None)
 
 
 def safety_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,9 +80,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--verify", action="store_true", help="compare DST with SRC element by element afterwards")
     p.add_argument("--workers", type=_positive, default=1, metavar="N",
                    help="convert a plain object .npy to a ragged store on N local processes (default 1)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary line")
-    g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from npystream._atomic import signals_as_exceptions
     from npystream.conversion import convert
 
-    progress = False if args.quiet else (True if args.progress else None)
+    progress = progress_option(args)
     with signals_as_exceptions():
         res = convert(
             args.src, args.dst, to=args.to, overwrite=args.overwrite, resume=args.resume,
